@@ -1,0 +1,112 @@
+// Helpers shared by the CPU kernels: layouts, accumulation types, BatchNorm parameters in the
+// accumulation type, and deterministic per-channel batch statistics.
+#pragma once
+
+#include <cmath>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+namespace effkernels::cpu {
+
+// fp32 accumulation for fp32/fp16/bf16, fp64 for fp64 (gradcheck).
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+inline at::ScalarType stat_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The memory format outputs are returned in: the input's (contiguous or channels_last).
+inline at::MemoryFormat output_format(const at::Tensor& x) { return x.suggest_memory_format(); }
+
+// A view of x whose channels are innermost (stride(1) == 1), copying only when needed.
+// N/H/W strides stay arbitrary, so channel slices of an NHWC tensor are used in place.
+inline at::Tensor channels_innermost(const at::Tensor& x) {
+  if (x.stride(1) == 1 || x.size(1) == 1) return x;
+  return x.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// A fresh NHWC (channels_last) tensor of the given NCHW sizes.
+inline at::Tensor empty_nhwc(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return at::empty(sizes, opts.memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+// Returns t (computed NHWC) in memory format `fmt`.
+inline at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt) {
+  return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+}
+
+// A 1-D tensor as a contiguous tensor of the accumulation dtype.
+inline at::Tensor acc_vector(const at::Tensor& t, at::ScalarType acc) {
+  return t.to(acc).contiguous();
+}
+
+// Deterministic per-channel mean and biased variance. The caller splits the M = count
+// positions into chunks fixed by the problem (never by the thread count), fills each chunk's
+// partials with add_chunk (any thread, any order), then finalize combines them in chunk order
+// with Chan's formula in double precision: the same bits for any number of threads.
+struct ChannelStats {
+  int64_t channels = 0;
+  std::vector<double> count, mean, m2;  // [chunk][channel]
+
+  ChannelStats(int64_t num_chunks, int64_t channels_)
+      : channels(channels_),
+        count(num_chunks, 0.0),
+        mean(num_chunks * channels_, 0.0),
+        m2(num_chunks * channels_, 0.0) {}
+
+  // values: `n` positions x `channels`, row stride `ld` (elements); two passes over the chunk.
+  template <typename A>
+  void add_chunk(int64_t chunk, const A* values, int64_t n, int64_t ld) {
+    count[chunk] = static_cast<double>(n);
+    double* mu = &mean[chunk * channels];
+    double* s2 = &m2[chunk * channels];
+    if (n == 0) return;
+    std::vector<A> sum(channels, A(0));
+    for (int64_t i = 0; i < n; ++i) {
+      const A* row = values + i * ld;
+      for (int64_t c = 0; c < channels; ++c) sum[c] += row[c];
+    }
+    std::vector<A> chunk_mean(channels);
+    for (int64_t c = 0; c < channels; ++c) chunk_mean[c] = sum[c] / A(n);
+    std::vector<A> sq(channels, A(0));
+    for (int64_t i = 0; i < n; ++i) {
+      const A* row = values + i * ld;
+      for (int64_t c = 0; c < channels; ++c) {
+        const A d = row[c] - chunk_mean[c];
+        sq[c] += d * d;
+      }
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      mu[c] = chunk_mean[c];
+      s2[c] = sq[c];
+    }
+  }
+
+  // mean_out, var_out: `channels` values each (biased variance).
+  template <typename A>
+  void finalize(A* mean_out, A* var_out) const {
+    const int64_t chunks = static_cast<int64_t>(count.size());
+    for (int64_t c = 0; c < channels; ++c) {
+      double n = 0.0, mu = 0.0, s2 = 0.0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        const double nb = count[k];
+        if (nb == 0.0) continue;
+        const double mb = mean[k * channels + c];
+        const double delta = mb - mu;
+        const double total = n + nb;
+        mu += delta * nb / total;
+        s2 += m2[k * channels + c] + delta * delta * n * nb / total;
+        n = total;
+      }
+      mean_out[c] = static_cast<A>(mu);
+      var_out[c] = static_cast<A>(n > 0.0 ? s2 / n : 0.0);
+    }
+  }
+};
+
+}  // namespace effkernels::cpu

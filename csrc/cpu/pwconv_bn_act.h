@@ -1,0 +1,28 @@
+// CPU pointwise (1x1) conv + BatchNorm + activation (+ residual), forward and backward
+// (csrc/cpu/pwconv_bn_act.cpp). Exposed for reuse by the other CPU ops.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace effkernels::cpu {
+
+// Returns (out, mean, var) as dwconv_bn_act does; out = act(bn(conv1x1(x)) + residual).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
+    const std::string& act, bool training, double eps);
+
+// Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias, grad_residual); grad_residual is
+// an empty (0,) tensor when residual is None, else in residual's memory format.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
+    const at::Tensor& var, const std::optional<at::Tensor>& residual, const std::string& act,
+    bool training, double eps);
+
+}  // namespace effkernels::cpu

@@ -1,0 +1,136 @@
+// Activations and their derivatives, written once for the CPU and CUDA kernels.
+//
+// Every derivative is taken with respect to the pre-activation `z` and follows PyTorch's own
+// backward formulas at the kinks (relu: z > 0; relu6/hardtanh: 0 < z < 6; hardswish:
+// z < -3 -> 0, z <= 3 -> z/3 + 1/2, else 1; hardsigmoid: -3 < z < 3 -> 1/6), so that our
+// gradients equal autograd's on the reference bit-for-bit in structure.
+#pragma once
+
+#include <cmath>
+
+#include "effkernels/macros.h"
+
+namespace effkernels {
+
+enum class Act : int {
+  Identity = 0,
+  ReLU = 1,
+  ReLU6 = 2,
+  HSwish = 3,
+  SiLU = 4,
+  HSigmoid = 5,
+  Sigmoid = 6,
+};
+
+constexpr int kNumActs = 7;
+
+template <typename T>
+EFFK_HD T effk_exp(T v) {
+#if defined(__CUDA_ARCH__)
+  return exp(v);
+#else
+  return std::exp(v);
+#endif
+}
+
+template <typename T>
+EFFK_HD T sigmoid(T z) {
+  return T(1) / (T(1) + effk_exp(-z));
+}
+
+// act(z) with the activation known at compile time (the kernels' hot path).
+template <Act A, typename T>
+EFFK_HD T act_forward(T z) {
+  if constexpr (A == Act::Identity) {
+    return z;
+  } else if constexpr (A == Act::ReLU) {
+    return z > T(0) ? z : T(0);
+  } else if constexpr (A == Act::ReLU6) {
+    return z > T(6) ? T(6) : (z > T(0) ? z : T(0));
+  } else if constexpr (A == Act::HSwish) {
+    const T r = z + T(3);
+    return z * (r > T(6) ? T(6) : (r > T(0) ? r : T(0))) / T(6);
+  } else if constexpr (A == Act::SiLU) {
+    return z * sigmoid(z);
+  } else if constexpr (A == Act::HSigmoid) {
+    const T r = z + T(3);
+    return (r > T(6) ? T(6) : (r > T(0) ? r : T(0))) / T(6);
+  } else {
+    return sigmoid(z);
+  }
+}
+
+// d act(z) / dz, matching PyTorch's backward kernels at the kinks.
+template <Act A, typename T>
+EFFK_HD T act_derivative(T z) {
+  if constexpr (A == Act::Identity) {
+    return T(1);
+  } else if constexpr (A == Act::ReLU) {
+    return z > T(0) ? T(1) : T(0);
+  } else if constexpr (A == Act::ReLU6) {
+    return (z > T(0) && z < T(6)) ? T(1) : T(0);
+  } else if constexpr (A == Act::HSwish) {
+    return z < T(-3) ? T(0) : (z <= T(3) ? z / T(3) + T(0.5) : T(1));
+  } else if constexpr (A == Act::SiLU) {
+    const T s = sigmoid(z);
+    return s * (T(1) + z * (T(1) - s));
+  } else if constexpr (A == Act::HSigmoid) {
+    return (z > T(-3) && z < T(3)) ? T(1) / T(6) : T(0);
+  } else {
+    const T s = sigmoid(z);
+    return s * (T(1) - s);
+  }
+}
+
+// Runtime-selected versions, for code that is not performance critical (tests, small tensors).
+template <typename T>
+EFFK_HD T act_forward(Act a, T z) {
+  switch (a) {
+    case Act::ReLU: return act_forward<Act::ReLU>(z);
+    case Act::ReLU6: return act_forward<Act::ReLU6>(z);
+    case Act::HSwish: return act_forward<Act::HSwish>(z);
+    case Act::SiLU: return act_forward<Act::SiLU>(z);
+    case Act::HSigmoid: return act_forward<Act::HSigmoid>(z);
+    case Act::Sigmoid: return act_forward<Act::Sigmoid>(z);
+    default: return z;
+  }
+}
+
+template <typename T>
+EFFK_HD T act_derivative(Act a, T z) {
+  switch (a) {
+    case Act::ReLU: return act_derivative<Act::ReLU>(z);
+    case Act::ReLU6: return act_derivative<Act::ReLU6>(z);
+    case Act::HSwish: return act_derivative<Act::HSwish>(z);
+    case Act::SiLU: return act_derivative<Act::SiLU>(z);
+    case Act::HSigmoid: return act_derivative<Act::HSigmoid>(z);
+    case Act::Sigmoid: return act_derivative<Act::Sigmoid>(z);
+    default: return T(1);
+  }
+}
+
+}  // namespace effkernels
+
+// Turns a runtime Act into a compile-time constant `ACT` visible inside the body:
+//   EFFK_DISPATCH_ACT(act, [&] { kernel<ACT>(...); });
+#define EFFK_ACT_CASE(NAME, BODY)                    \
+  case ::effkernels::Act::NAME: {                    \
+    constexpr ::effkernels::Act ACT = ::effkernels::Act::NAME; \
+    return BODY();                                   \
+  }
+
+#define EFFK_DISPATCH_ACT(ACT_VALUE, BODY)   \
+  [&] {                                      \
+    switch (ACT_VALUE) {                     \
+      EFFK_ACT_CASE(ReLU, BODY)              \
+      EFFK_ACT_CASE(ReLU6, BODY)             \
+      EFFK_ACT_CASE(HSwish, BODY)            \
+      EFFK_ACT_CASE(SiLU, BODY)              \
+      EFFK_ACT_CASE(HSigmoid, BODY)          \
+      EFFK_ACT_CASE(Sigmoid, BODY)           \
+      default: {                             \
+        constexpr ::effkernels::Act ACT = ::effkernels::Act::Identity; \
+        return BODY();                       \
+      }                                      \
+    }                                        \
+  }()

@@ -1,0 +1,38 @@
+// Argument validation shared by every C++ backend, so that a direct torch.ops.effkernels call
+// is as safe as the Python API. Messages name the op, the argument and the expectation.
+#pragma once
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+#include "effkernels/activation.h"
+
+namespace effkernels {
+
+struct DwGeometry {
+  int64_t N, C, H, W;     // input
+  int64_t K;              // kernel size (square)
+  int64_t Ho, Wo;         // output
+  int64_t stride, pad, dil;
+};
+
+// Checks the BatchNorm parameter/statistics tensors: 1-D, `channels` long, same device as x.
+// Running statistics are required when !training.
+void check_bn_args(const char* op, const at::Tensor& x, int64_t channels,
+                   const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                   const std::optional<at::Tensor>& running_mean,
+                   const std::optional<at::Tensor>& running_var, bool training);
+
+// x: (N, C, H, W) floating; weight: (C, 1, k, k) with 1 <= k <= 11, same dtype/device as x.
+DwGeometry check_dwconv_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                             int64_t channels, int64_t stride,
+                             int64_t padding, int64_t dilation);
+
+void check_float_input(const char* op, const char* name, const at::Tensor& t, int64_t dim);
+void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x);
+
+// Batch statistics of a single value per channel are refused, as F.batch_norm does.
+void check_training_count(const char* op, int64_t count_per_channel, bool training);
+
+}  // namespace effkernels

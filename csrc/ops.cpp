@@ -1,0 +1,49 @@
+// The effkernels operator set, declared once. Backends only register implementations:
+//   csrc/cpu/*.cpp    TORCH_LIBRARY_IMPL(effkernels, CPU, m)
+//   csrc/cuda/*.cu    TORCH_LIBRARY_IMPL(effkernels, CUDA, m)
+// Autograd (forward op -> *_backward op) and fake kernels are registered in Python
+// (effkernels/_registration.py). The ops are functional: in training mode they return the batch
+// mean and biased variance they normalised with, and the caller updates the running statistics.
+#include <torch/library.h>
+
+TORCH_LIBRARY(effkernels, m) {
+  m.def(
+      "dwconv_bn_act(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, int stride, int padding, int dilation, "
+      "str act, bool training, float eps) -> (Tensor out, Tensor mean, Tensor var)");
+  m.def(
+      "dwconv_bn_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor mean, Tensor var, int stride, int padding, int dilation, str act, "
+      "bool training, float eps) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, "
+      "Tensor grad_bn_bias)");
+
+  m.def(
+      "pwconv_bn_act(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, Tensor? residual, str act, bool training, "
+      "float eps) -> (Tensor out, Tensor mean, Tensor var)");
+  m.def(
+      "pwconv_bn_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor mean, Tensor var, Tensor? residual, str act, bool training, "
+      "float eps) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, "
+      "Tensor grad_bn_bias, Tensor grad_residual)");
+
+  m.def(
+      "mixconv_bn_act(Tensor x, Tensor[] weights, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, int stride, int dilation, str act, "
+      "bool training, float eps) -> (Tensor out, Tensor mean, Tensor var)");
+  m.def(
+      "mixconv_bn_act_backward(Tensor grad_out, Tensor x, Tensor[] weights, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor mean, Tensor var, int stride, int dilation, str act, "
+      "bool training, float eps) -> (Tensor grad_x, Tensor[] grad_weights, "
+      "Tensor grad_bn_weight, Tensor grad_bn_bias)");
+
+  // The inverted-residual block. Each stage is a list [weight, bn_weight, bn_bias,
+  // running_mean, running_var]; `expand` is empty when the expansion ratio is 1 and `se` is
+  // [reduce_weight, reduce_bias, expand_weight, expand_bias] or empty. `stats` holds (mean, var)
+  // per BatchNorm, in block order. For now the block composes the ops above (see
+  // csrc/inverted_residual.cpp); its fused kernels come with the GPU and fused-CPU backends.
+  m.def(
+      "inverted_residual(Tensor x, Tensor[] expand, Tensor[] depthwise, Tensor[] se, "
+      "Tensor[] project, int stride, int dilation, str act, str se_act, str se_gate, bool skip, "
+      "bool training, float eps) -> (Tensor out, Tensor[] stats)");
+}

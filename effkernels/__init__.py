@@ -1,0 +1,23 @@
+"""effkernels: fused kernels for efficient CNNs (depthwise-separable convs, inverted residuals,
+MixConv, squeeze-excite) behind PyTorch's dispatcher, with autograd and torch.compile support.
+
+    import effkernels
+    effkernels.available_backends("cpu")    # {"cpu": "available", "cuda": "<why not>", ...}
+    with effkernels.backend("reference"):   # or effkernels.set_backend(...)
+        y = effkernels.ops.dwconv_bn_act(x, w, g, b, rm, rv, act="relu6")
+"""
+from . import _extension
+from ._backend import available_backends, backend, get_backend, set_backend
+from . import ops, reference
+
+if _extension.loaded():
+    from . import _registration  # noqa: F401  (fake kernels and autograd for the C++ ops)
+
+__version__ = "0.1.0"
+__all__ = ["ops", "reference", "available_backends", "backend", "get_backend", "set_backend",
+           "extension_error"]
+
+
+def extension_error():
+    """Why effkernels._C is not loaded (None when it is)."""
+    return _extension.load_error

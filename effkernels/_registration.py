@@ -1,0 +1,149 @@
+"""Fake (meta) kernels and autograd for the C++ ops declared in csrc/ops.cpp.
+
+Imported once the library is loaded. Each forward op's gradient is its *_backward op; the
+backward ops refuse double backward with a clear error instead of silently returning zeros.
+"""
+from __future__ import annotations
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+lib = "effkernels"
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _out_size(size, k, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """An empty tensor with t's (suggested) memory format, as the C++ kernels return."""
+    shape = t.shape if shape is None else shape
+    fmt = suggest_memory_format(t) if t.dim() == 4 else torch.contiguous_format
+    return t.new_empty(shape, dtype=dtype or t.dtype, memory_format=fmt)
+
+
+def _stats(x, channels):
+    mean = x.new_empty((channels,), dtype=_stat_dtype(x))
+    return mean, torch.empty_like(mean)
+
+
+# ---- fake kernels ---------------------------------------------------------------------------
+
+@torch.library.register_fake(f"{lib}::dwconv_bn_act")
+def _dw_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+             dilation, act, training, eps):
+    n, c, h, w = x.shape
+    k = weight.shape[-1]
+    torch._check(weight.shape[0] == c, lambda: "dwconv_bn_act: weight must have C channels")
+    out = _like(x, (n, c, _out_size(h, k, stride, padding, dilation),
+                    _out_size(w, k, stride, padding, dilation)))
+    return (out, *_stats(x, c))
+
+
+@torch.library.register_fake(f"{lib}::dwconv_bn_act_backward")
+def _dw_bwd_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, padding, dilation,
+                 act, training, eps):
+    return _like(x), torch.empty_like(weight), torch.empty_like(bn_weight), \
+        torch.empty_like(bn_bias)
+
+
+@torch.library.register_fake(f"{lib}::pwconv_bn_act")
+def _pw_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, act, training,
+             eps):
+    n, _, h, w = x.shape
+    cout = weight.shape[0]
+    torch._check(weight.shape[1] == x.shape[1], lambda: "pwconv_bn_act: weight must have Cin")
+    return (_like(x, (n, cout, h, w)), *_stats(x, cout))
+
+
+@torch.library.register_fake(f"{lib}::pwconv_bn_act_backward")
+def _pw_bwd_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, residual, act, training,
+                 eps):
+    grad_residual = _like(residual) if residual is not None else x.new_empty((0,))
+    return _like(x), torch.empty_like(weight), torch.empty_like(bn_weight), \
+        torch.empty_like(bn_bias), grad_residual
+
+
+@torch.library.register_fake(f"{lib}::mixconv_bn_act")
+def _mix_fake(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, dilation, act,
+              training, eps):
+    n, c, h, w = x.shape
+    out = _like(x, (n, c, (h - 1) // stride + 1, (w - 1) // stride + 1))
+    return (out, *_stats(x, c))
+
+
+@torch.library.register_fake(f"{lib}::mixconv_bn_act_backward")
+def _mix_bwd_fake(grad_out, x, weights, bn_weight, bn_bias, mean, var, stride, dilation, act,
+                  training, eps):
+    return _like(x), [torch.empty_like(w) for w in weights], torch.empty_like(bn_weight), \
+        torch.empty_like(bn_bias)
+
+
+# ---- autograd -------------------------------------------------------------------------------
+
+def _setup(ctx, inputs, output, residual=None, n_params=6):
+    """Shared by the three conv ops: inputs are (x, weight(s), bn_weight, bn_bias,
+    running_mean, running_var, [residual,] *params); save what the backward op takes."""
+    x, weight, bn_weight, bn_bias = inputs[:4]
+    _, mean, var = output
+    is_list = isinstance(weight, (list, tuple))
+    weights = list(weight) if is_list else [weight]
+    ctx.n_weights = len(weights) if is_list else None
+    ctx.has_residual = residual is not None
+    extra = [residual] if residual is not None else []
+    ctx.save_for_backward(x, bn_weight, bn_bias, mean, var, *extra, *weights)
+    ctx.params = inputs[n_params:]
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _saved(ctx):
+    x, bn_weight, bn_bias, mean, var, *rest = ctx.saved_tensors
+    residual = rest.pop(0) if ctx.has_residual else None
+    weight = rest if ctx.n_weights is not None else rest[0]
+    return x, weight, bn_weight, bn_bias, mean, var, residual
+
+
+def _dw_backward(ctx, grad_out, _grad_mean, _grad_var):
+    x, weight, bn_weight, bn_bias, mean, var, _ = _saved(ctx)
+    grads = torch.ops.effkernels.dwconv_bn_act_backward(
+        grad_out, x, weight, bn_weight, bn_bias, mean, var, *ctx.params)
+    return (*grads, None, None) + (None,) * len(ctx.params)
+
+
+def _mix_backward(ctx, grad_out, _grad_mean, _grad_var):
+    x, weights, bn_weight, bn_bias, mean, var, _ = _saved(ctx)
+    grads = torch.ops.effkernels.mixconv_bn_act_backward(
+        grad_out, x, weights, bn_weight, bn_bias, mean, var, *ctx.params)
+    return (*grads, None, None) + (None,) * len(ctx.params)
+
+
+def _pw_setup(ctx, inputs, output):
+    _setup(ctx, inputs, output, residual=inputs[6], n_params=7)
+
+
+def _pw_backward(ctx, grad_out, _grad_mean, _grad_var):
+    x, weight, bn_weight, bn_bias, mean, var, residual = _saved(ctx)
+    dx, dw, dg, db, dres = torch.ops.effkernels.pwconv_bn_act_backward(
+        grad_out, x, weight, bn_weight, bn_bias, mean, var, residual, *ctx.params)
+    return (dx, dw, dg, db, None, None, dres if residual is not None else None) + \
+        (None,) * len(ctx.params)
+
+
+def _refuse_double_backward(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"effkernels::{name}: double backward (the gradient of a gradient) is not "
+            "supported; use the reference backend (effkernels.backend('reference')) for it")
+    return backward
+
+
+torch.library.register_autograd(f"{lib}::dwconv_bn_act", _dw_backward, setup_context=_setup)
+torch.library.register_autograd(f"{lib}::mixconv_bn_act", _mix_backward, setup_context=_setup)
+torch.library.register_autograd(f"{lib}::pwconv_bn_act", _pw_backward, setup_context=_pw_setup)
+for _name in ("dwconv_bn_act", "pwconv_bn_act", "mixconv_bn_act"):
+    torch.library.register_autograd(f"{lib}::{_name}_backward",
+                                    _refuse_double_backward(f"{_name}_backward"))

@@ -1,0 +1,228 @@
+"""The public functional API. Each function checks its arguments, picks the backend for the
+input (see effkernels.backend), runs the op and, in training mode, updates the running
+statistics in place exactly as F.batch_norm does. Gradients flow to x, the conv weights,
+bn_weight, bn_bias (and residual) in both modes.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import _backend, _checks, reference
+
+_ops = None  # torch.ops.effkernels, bound on first use
+
+
+def _cpp():
+    global _ops
+    if _ops is None:
+        _ops = torch.ops.effkernels
+    return _ops
+
+
+def _affine(bn_weight, bn_bias, channels: int, x: torch.Tensor):
+    """BatchNorm(affine=False) is the affine case with weight 1 and bias 0."""
+    if bn_weight is None:
+        bn_weight = torch.ones(channels, device=x.device, dtype=x.dtype)
+    if bn_bias is None:
+        bn_bias = torch.zeros(channels, device=x.device, dtype=x.dtype)
+    return bn_weight, bn_bias
+
+
+@torch.no_grad()
+def _update_running(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
+    if running_mean is None or count == 0:
+        return
+    unbiased = var * (count / (count - 1))
+    running_mean.copy_(running_mean * (1 - momentum) + mean.to(running_mean.dtype) * momentum)
+    running_var.copy_(running_var * (1 - momentum) + unbiased.to(running_var.dtype) * momentum)
+
+
+def _call(impl: str, name: str, *args):
+    if impl in ("cpu", "cuda"):
+        return getattr(_cpp(), name)(*args)
+    if impl == "triton":
+        from . import triton_kernels
+
+        return getattr(triton_kernels, name)(*args)
+    raise AssertionError(impl)
+
+
+def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
+                  bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                  running_var: Optional[torch.Tensor], *, stride: int = 1,
+                  padding: Optional[int] = None, dilation: int = 1, act: str = "relu6",
+                  training: bool = False, momentum: float = 0.1, eps: float = 1e-5
+                  ) -> torch.Tensor:
+    """ACT(F.batch_norm(F.conv2d(x, weight, None, stride, padding, dilation, groups=C),
+    running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)).
+
+    weight: (C, 1, k, k), 1 <= k <= 11; stride 1 or 2; padding None = dilation*(k-1)//2.
+    The output has x's memory format (contiguous or channels_last).
+    """
+    op = "dwconv_bn_act"
+    _checks.tensor(op, "x", x, 4)
+    channels = x.shape[1]
+    k = weight.shape[-1] if isinstance(weight, torch.Tensor) else 0
+    if padding is None:
+        padding = dilation * (k - 1) // 2
+    _checks.depthwise(op, x, weight, channels, stride, padding, dilation)
+    _checks.bn(op, x, channels, bn_weight, bn_bias, running_mean, running_var, training)
+    _checks.act(op, "act", act)
+    ho = (x.shape[2] + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    wo = (x.shape[3] + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    count = x.shape[0] * ho * wo
+    _checks.training_count(op, count, training)
+    impl = _backend.resolve(x)
+    if impl == "reference":
+        return reference.dwconv_bn_act(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+            padding=padding, dilation=dilation, act=act, training=training, momentum=momentum,
+            eps=eps)
+    bn_weight, bn_bias = _affine(bn_weight, bn_bias, channels, x)
+    out, mean, var = _call(impl, op, x, weight, bn_weight, bn_bias, running_mean, running_var,
+                           stride, padding, dilation, act, training, eps)
+    if training:
+        _update_running(running_mean, running_var, mean, var, count, momentum)
+    return out
+
+
+def pwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
+                  bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                  running_var: Optional[torch.Tensor], *, act: str = "relu6",
+                  residual: Optional[torch.Tensor] = None, training: bool = False,
+                  momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """ACT(BN(conv1x1(x)) + residual); weight (Cout, Cin, 1, 1); residual (N, Cout, H, W)."""
+    op = "pwconv_bn_act"
+    _checks.tensor(op, "x", x, 4)
+    _checks.tensor(op, "weight", weight, 4, like=x)
+    cout, cin = weight.shape[0], weight.shape[1]
+    if cin != x.shape[1] or weight.shape[2] != 1 or weight.shape[3] != 1:
+        raise ValueError(f"{op}: weight must have shape (Cout, Cin, 1, 1) with Cin == "
+                         f"{x.shape[1]}; got {tuple(weight.shape)}")
+    if residual is not None:
+        _checks.tensor(op, "residual", residual, 4, like=x)
+        expected = (x.shape[0], cout, x.shape[2], x.shape[3])
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"{op}: residual must have shape {expected}; got "
+                             f"{tuple(residual.shape)}")
+    _checks.bn(op, x, cout, bn_weight, bn_bias, running_mean, running_var, training)
+    _checks.act(op, "act", act)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    _checks.training_count(op, count, training)
+    impl = _backend.resolve(x)
+    if impl == "reference":
+        return reference.pwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                       act=act, residual=residual, training=training,
+                                       momentum=momentum, eps=eps)
+    bn_weight, bn_bias = _affine(bn_weight, bn_bias, cout, x)
+    out, mean, var = _call(impl, op, x, weight, bn_weight, bn_bias, running_mean, running_var,
+                           residual, act, training, eps)
+    if training:
+        _update_running(running_mean, running_var, mean, var, count, momentum)
+    return out
+
+
+def mixconv_bn_act(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                   bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                   running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], *,
+                   stride: int = 1, dilation: int = 1, act: str = "relu6",
+                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5
+                   ) -> torch.Tensor:
+    """MixNet's mixed depthwise conv + BN + act: channel group i (C_i consecutive channels) is
+    convolved with weights[i] of shape (C_i, 1, k_i, k_i), padded by dilation*(k_i-1)//2; one
+    BatchNorm over all C channels. sum(C_i) must equal C."""
+    op = "mixconv_bn_act"
+    _checks.tensor(op, "x", x, 4)
+    weights = list(weights)
+    if not weights:
+        raise ValueError(f"{op}: weights must hold at least one (C_i, 1, k_i, k_i) tensor")
+    total = 0
+    for i, w in enumerate(weights):
+        _checks.tensor(op, f"weights[{i}]", w, 4, like=x)
+        k = w.shape[-1]
+        if k % 2 == 0:
+            raise ValueError(f"{op}: weights[{i}] must have an odd kernel size (the groups' "
+                             f"outputs must align); got {k}")
+        _checks.depthwise(op, x, w, w.shape[0], stride, dilation * (k - 1) // 2, dilation,
+                          name=f"weights[{i}]")
+        total += w.shape[0]
+    if total != x.shape[1]:
+        raise ValueError(f"{op}: the weights' channel counts must sum to C == {x.shape[1]}; "
+                         f"got {[w.shape[0] for w in weights]}")
+    channels = x.shape[1]
+    _checks.bn(op, x, channels, bn_weight, bn_bias, running_mean, running_var, training)
+    _checks.act(op, "act", act)
+    ho = (x.shape[2] - 1) // stride + 1
+    wo = (x.shape[3] - 1) // stride + 1
+    count = x.shape[0] * ho * wo
+    _checks.training_count(op, count, training)
+    impl = _backend.resolve(x)
+    if impl == "reference":
+        return reference.mixconv_bn_act(x, weights, bn_weight, bn_bias, running_mean,
+                                        running_var, stride=stride, dilation=dilation, act=act,
+                                        training=training, momentum=momentum, eps=eps)
+    bn_weight, bn_bias = _affine(bn_weight, bn_bias, channels, x)
+    out, mean, var = _call(impl, op, x, weights, bn_weight, bn_bias, running_mean, running_var,
+                           stride, dilation, act, training, eps)
+    if training:
+        _update_running(running_mean, running_var, mean, var, count, momentum)
+    return out
+
+
+def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
+                      depthwise: Sequence[torch.Tensor], se: Sequence[torch.Tensor],
+                      project: Sequence[torch.Tensor], *, stride: int = 1, dilation: int = 1,
+                      act: str = "relu6", se_act: str = "relu", se_gate: str = "sigmoid",
+                      skip: Optional[bool] = None, training: bool = False,
+                      momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """The inverted-residual block: expand 1x1+BN+act -> depthwise kxk+BN+act -> [SE] ->
+    project 1x1+BN -> [+ x].
+
+    expand, depthwise, project: [weight, bn_weight, bn_bias, running_mean, running_var]
+    (expand empty for expansion ratio 1); se: [] or [reduce_weight, reduce_bias,
+    expand_weight, expand_bias] (1x1 convs with bias; SE computes x * se_gate(expand(
+    se_act(reduce(mean_hw(x)))))). skip None: add x when stride == 1 and Cin == Cout.
+    """
+    op = "inverted_residual"
+    _checks.tensor(op, "x", x, 4)
+    expand, depthwise, se, project = list(expand), list(depthwise), list(se), list(project)
+    for name, stage in (("expand", expand), ("depthwise", depthwise), ("project", project)):
+        if len(stage) != 5 and not (name == "expand" and len(stage) == 0):
+            raise ValueError(f"{op}: {name} must be [weight, bn_weight, bn_bias, running_mean, "
+                             f"running_var]{' or empty' if name == 'expand' else ''}; got "
+                             f"{len(stage)} tensors")
+    if len(se) not in (0, 4):
+        raise ValueError(f"{op}: se must be [] or [reduce_weight, reduce_bias, expand_weight, "
+                         f"expand_bias]; got {len(se)} tensors")
+    for name in ("act", "se_act", "se_gate"):
+        _checks.act(op, name, locals()[name])
+    if skip is None:
+        skip = stride == 1 and x.shape[1] == project[0].shape[0]
+    impl = _backend.resolve(x)
+    if impl == "reference":
+        return reference.inverted_residual(x, expand, depthwise, se, project, stride=stride,
+                                           dilation=dilation, act=act, se_act=se_act,
+                                           se_gate=se_gate, skip=skip, training=training,
+                                           momentum=momentum, eps=eps)
+    if impl == "triton":
+        raise NotImplementedError(f"{op}: the Triton block is not implemented yet")
+    out, stats = _cpp().inverted_residual(x, expand, depthwise, se, project, stride, dilation,
+                                          act, se_act, se_gate, skip, training, eps)
+    if training:
+        stages = ([expand] if expand else []) + [depthwise, project]
+        counts = _stage_counts(x, expand, depthwise, stride, dilation)
+        for i, (stage, count) in enumerate(zip(stages, counts)):
+            _update_running(stage[3], stage[4], stats[2 * i], stats[2 * i + 1], count, momentum)
+    return out
+
+
+def _stage_counts(x, expand, depthwise, stride, dilation) -> List[int]:
+    n, _, h, w = x.shape
+    k = depthwise[0].shape[-1]
+    pad = dilation * (k - 1) // 2
+    ho = (h + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    wo = (w + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    return ([n * h * w] if expand else []) + [n * ho * wo, n * ho * wo]

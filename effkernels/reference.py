@@ -1,0 +1,106 @@
+"""Plain-PyTorch implementations of every effkernels op.
+
+This is the oracle: the tests compare every backend against these functions run in float64, the
+benchmarks verify against them, and the `reference` backend calls them. Each one is written as
+the op's definition, with no cleverness, using F.batch_norm so that running statistics are
+updated exactly as PyTorch does (in place, unbiased variance in the running estimate).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("identity", "relu", "relu6", "hswish", "silu", "hsigmoid", "sigmoid")
+
+
+def activation(name: str, z: torch.Tensor) -> torch.Tensor:
+    if name == "identity":
+        return z
+    if name == "relu":
+        return F.relu(z)
+    if name == "relu6":
+        return F.relu6(z)
+    if name == "hswish":
+        return F.hardswish(z)
+    if name == "silu":
+        return F.silu(z)
+    if name == "hsigmoid":
+        return F.hardsigmoid(z)
+    if name == "sigmoid":
+        return torch.sigmoid(z)
+    raise ValueError(f"act must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+
+
+def _bn(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps):
+    return F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+
+
+def dwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
+                  padding=None, dilation=1, act="relu6", training=False, momentum=0.1, eps=1e-5):
+    """ACT(BN(depthwise_conv(x))), weight (C, 1, k, k), padding None -> dilation*(k-1)//2."""
+    k = weight.shape[-1]
+    if padding is None:
+        padding = dilation * (k - 1) // 2
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups=x.shape[1])
+    return activation(act, _bn(y, bn_weight, bn_bias, running_mean, running_var, training,
+                               momentum, eps))
+
+
+def pwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, act="relu6",
+                  residual: Optional[torch.Tensor] = None, training=False, momentum=0.1,
+                  eps=1e-5):
+    """ACT(BN(conv1x1(x)) + residual), weight (Cout, Cin, 1, 1)."""
+    z = _bn(F.conv2d(x, weight), bn_weight, bn_bias, running_mean, running_var, training,
+            momentum, eps)
+    if residual is not None:
+        z = z + residual
+    return activation(act, z)
+
+
+def mixconv_bn_act(x, weights: Sequence[torch.Tensor], bn_weight, bn_bias, running_mean,
+                   running_var, *, stride=1, dilation=1, act="relu6", training=False,
+                   momentum=0.1, eps=1e-5):
+    """MixNet's mixed depthwise conv: channel group i convolved with weights[i] (C_i, 1, k_i, k_i)
+    padded by dilation*(k_i-1)//2; the groups are concatenated and share one BatchNorm."""
+    splits = [w.shape[0] for w in weights]
+    parts = [
+        F.conv2d(xi, w, None, stride, dilation * (w.shape[-1] - 1) // 2, dilation,
+                 groups=w.shape[0])
+        for xi, w in zip(torch.split(x, splits, dim=1), weights)
+    ]
+    y = torch.cat(parts, dim=1)
+    return activation(act, _bn(y, bn_weight, bn_bias, running_mean, running_var, training,
+                               momentum, eps))
+
+
+def squeeze_excite(x, reduce_weight, reduce_bias, expand_weight, expand_bias, *, act="relu",
+                   gate="sigmoid"):
+    """x * gate(conv_expand(act(conv_reduce(mean_hw(x))))), the SE module of timm/torchvision."""
+    s = x.mean((2, 3), keepdim=True)
+    s = activation(act, F.conv2d(s, reduce_weight, reduce_bias))
+    s = F.conv2d(s, expand_weight, expand_bias)
+    return x * activation(gate, s)
+
+
+def inverted_residual(x, expand: Sequence[torch.Tensor], depthwise: Sequence[torch.Tensor],
+                      se: Sequence[torch.Tensor], project: Sequence[torch.Tensor], *, stride=1,
+                      dilation=1, act="relu6", se_act="relu", se_gate="sigmoid", skip=None,
+                      training=False, momentum=0.1, eps=1e-5):
+    """expand pw+BN+act -> dw+BN+act -> [SE] -> project pw+BN -> [+ x].
+
+    expand/depthwise/project: [weight, bn_weight, bn_bias, running_mean, running_var]; expand
+    may be empty (expansion ratio 1); se: [] or [reduce_w, reduce_b, expand_w, expand_b].
+    skip None means "when stride == 1 and the channel counts match", as in MobileNetV2.
+    """
+    bn_kw = dict(training=training, momentum=momentum, eps=eps)
+    if skip is None:
+        skip = stride == 1 and x.shape[1] == project[0].shape[0]
+    h = x
+    if len(expand):
+        h = pwconv_bn_act(h, *expand, act=act, **bn_kw)
+    h = dwconv_bn_act(h, *depthwise, stride=stride, dilation=dilation, act=act, **bn_kw)
+    if len(se):
+        h = squeeze_excite(h, *se, act=se_act, gate=se_gate)
+    return pwconv_bn_act(h, *project, act="identity", residual=x if skip else None, **bn_kw)
