@@ -5,6 +5,7 @@ a C++-only one otherwise. Switches (environment):
                              1: require CUDA (error otherwise); 0: never.
   TORCH_CUDA_ARCH_LIST       e.g. "8.0;9.0" (the default when unset).
   MAX_JOBS                   parallel compile jobs (ninja).
+  EFFK_NO_EXTENSION=1        install the Python package only (the Makefile builds in place).
   EFFK_DEBUG=1               -O0 -g host code.
 
 Decided from the torch build and the toolkit, never from torch.cuda.is_available(): a GPU-less
@@ -77,7 +78,10 @@ def make_extensions():
     return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
-ext_modules, build_ext = make_extensions()
+if os.environ.get("EFFK_NO_EXTENSION") == "1":  # register the package only (see Makefile)
+    ext_modules, build_ext = [], None
+else:
+    ext_modules, build_ext = make_extensions()
 
 setup(
     name="effkernels",
@@ -87,7 +91,7 @@ setup(
     packages=["effkernels", "effkernels.triton_kernels"],
     package_dir={"effkernels": "effkernels", "effkernels.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": build_ext} if build_ext else {},
     install_requires=["torch>=2.6"],
     extras_require={"triton": ["triton"], "bench": ["onnx", "onnxruntime", "matplotlib"]},
 )

@@ -3,7 +3,7 @@
 // (the CMake library is for C++ users and has no Python entry point).
 #include <Python.h>
 
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "effkernels operator library",
                                    -1, nullptr};
   PyObject* m = PyModule_Create(&module_def);

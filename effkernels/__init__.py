@@ -11,7 +11,9 @@ from ._backend import available_backends, backend, get_backend, set_backend
 from . import ops, reference
 
 if _extension.loaded():
-    from . import _registration  # noqa: F401  (fake kernels and autograd for the C++ ops)
+    from . import _registration
+
+    _registration.register("effkernels")  # fake kernels and autograd for the C++ ops
 
 __version__ = "0.1.0"
 __all__ = ["ops", "reference", "available_backends", "backend", "get_backend", "set_backend",

@@ -30,6 +30,7 @@ def _has_kernels(dispatch_key: str) -> bool:
     )
 
 
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once, as a constant
 def _why_not(name: str, device_type: str) -> Optional[str]:
     """None if backend `name` can run tensors on `device_type`, else the reason it cannot."""
     if name == "reference":

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 _C = None
 load_error: str | None = None
 

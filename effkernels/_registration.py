@@ -1,14 +1,15 @@
-"""Fake (meta) kernels and autograd for the C++ ops declared in csrc/ops.cpp.
+"""Fake (meta) kernels and autograd for the effkernels ops: the C++ ops declared in
+csrc/ops.cpp (namespace `effkernels`, registered when the library is loaded) and the Triton
+backend's ops with the same signatures (namespace `effkernels_triton`, effkernels/_triton_ops.py).
 
-Imported once the library is loaded. Each forward op's gradient is its *_backward op; the
-backward ops refuse double backward with a clear error instead of silently returning zeros.
+Each forward op's gradient is its *_backward op in the same namespace; the backward ops refuse
+double backward with a clear error instead of silently returning zeros.
 """
 from __future__ import annotations
 
 import torch
 from torch._prims_common import suggest_memory_format
 
-lib = "effkernels"
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -23,7 +24,7 @@ def _like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """An empty tensor with t's (suggested) memory format, as the C++ kernels return."""
     shape = t.shape if shape is None else shape
     fmt = suggest_memory_format(t) if t.dim() == 4 else torch.contiguous_format
-    return t.new_empty(shape, dtype=dtype or t.dtype, memory_format=fmt)
+    return torch.empty(shape, dtype=dtype or t.dtype, device=t.device, memory_format=fmt)
 
 
 def _stats(x, channels):
@@ -33,7 +34,6 @@ def _stats(x, channels):
 
 # ---- fake kernels ---------------------------------------------------------------------------
 
-@torch.library.register_fake(f"{lib}::dwconv_bn_act")
 def _dw_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
              dilation, act, training, eps):
     n, c, h, w = x.shape
@@ -44,14 +44,12 @@ def _dw_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, p
     return (out, *_stats(x, c))
 
 
-@torch.library.register_fake(f"{lib}::dwconv_bn_act_backward")
 def _dw_bwd_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, padding, dilation,
                  act, training, eps):
     return _like(x), torch.empty_like(weight), torch.empty_like(bn_weight), \
         torch.empty_like(bn_bias)
 
 
-@torch.library.register_fake(f"{lib}::pwconv_bn_act")
 def _pw_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, act, training,
              eps):
     n, _, h, w = x.shape
@@ -60,7 +58,6 @@ def _pw_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
     return (_like(x, (n, cout, h, w)), *_stats(x, cout))
 
 
-@torch.library.register_fake(f"{lib}::pwconv_bn_act_backward")
 def _pw_bwd_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, residual, act, training,
                  eps):
     grad_residual = _like(residual) if residual is not None else x.new_empty((0,))
@@ -68,7 +65,6 @@ def _pw_bwd_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, residual, a
         torch.empty_like(bn_bias), grad_residual
 
 
-@torch.library.register_fake(f"{lib}::mixconv_bn_act")
 def _mix_fake(x, weights, bn_weight, bn_bias, running_mean, running_var, stride, dilation, act,
               training, eps):
     n, c, h, w = x.shape
@@ -76,7 +72,6 @@ def _mix_fake(x, weights, bn_weight, bn_bias, running_mean, running_var, stride,
     return (out, *_stats(x, c))
 
 
-@torch.library.register_fake(f"{lib}::mixconv_bn_act_backward")
 def _mix_bwd_fake(grad_out, x, weights, bn_weight, bn_bias, mean, var, stride, dilation, act,
                   training, eps):
     return _like(x), [torch.empty_like(w) for w in weights], torch.empty_like(bn_weight), \
@@ -100,6 +95,10 @@ def _setup(ctx, inputs, output, residual=None, n_params=6):
     ctx.mark_non_differentiable(mean, var)
 
 
+def _backward_op(ctx, name):
+    return getattr(getattr(torch.ops, ctx.namespace), f"{name}_backward")
+
+
 def _saved(ctx):
     x, bn_weight, bn_bias, mean, var, *rest = ctx.saved_tensors
     residual = rest.pop(0) if ctx.has_residual else None
@@ -109,14 +108,14 @@ def _saved(ctx):
 
 def _dw_backward(ctx, grad_out, _grad_mean, _grad_var):
     x, weight, bn_weight, bn_bias, mean, var, _ = _saved(ctx)
-    grads = torch.ops.effkernels.dwconv_bn_act_backward(
+    grads = _backward_op(ctx, "dwconv_bn_act")(
         grad_out, x, weight, bn_weight, bn_bias, mean, var, *ctx.params)
     return (*grads, None, None) + (None,) * len(ctx.params)
 
 
 def _mix_backward(ctx, grad_out, _grad_mean, _grad_var):
     x, weights, bn_weight, bn_bias, mean, var, _ = _saved(ctx)
-    grads = torch.ops.effkernels.mixconv_bn_act_backward(
+    grads = _backward_op(ctx, "mixconv_bn_act")(
         grad_out, x, weights, bn_weight, bn_bias, mean, var, *ctx.params)
     return (*grads, None, None) + (None,) * len(ctx.params)
 
@@ -127,23 +126,41 @@ def _pw_setup(ctx, inputs, output):
 
 def _pw_backward(ctx, grad_out, _grad_mean, _grad_var):
     x, weight, bn_weight, bn_bias, mean, var, residual = _saved(ctx)
-    dx, dw, dg, db, dres = torch.ops.effkernels.pwconv_bn_act_backward(
+    dx, dw, dg, db, dres = _backward_op(ctx, "pwconv_bn_act")(
         grad_out, x, weight, bn_weight, bn_bias, mean, var, residual, *ctx.params)
     return (dx, dw, dg, db, None, None, dres if residual is not None else None) + \
         (None,) * len(ctx.params)
 
 
-def _refuse_double_backward(name):
+def _refuse_double_backward(qualname):
     def backward(ctx, *grads):
         raise RuntimeError(
-            f"effkernels::{name}: double backward (the gradient of a gradient) is not "
-            "supported; use the reference backend (effkernels.backend('reference')) for it")
+            f"{qualname}: double backward (the gradient of a gradient) is not supported; use "
+            "the reference backend (effkernels.backend('reference')) for it")
     return backward
 
 
-torch.library.register_autograd(f"{lib}::dwconv_bn_act", _dw_backward, setup_context=_setup)
-torch.library.register_autograd(f"{lib}::mixconv_bn_act", _mix_backward, setup_context=_setup)
-torch.library.register_autograd(f"{lib}::pwconv_bn_act", _pw_backward, setup_context=_pw_setup)
-for _name in ("dwconv_bn_act", "pwconv_bn_act", "mixconv_bn_act"):
-    torch.library.register_autograd(f"{lib}::{_name}_backward",
-                                    _refuse_double_backward(f"{_name}_backward"))
+_FAKES = {
+    "dwconv_bn_act": _dw_fake, "dwconv_bn_act_backward": _dw_bwd_fake,
+    "pwconv_bn_act": _pw_fake, "pwconv_bn_act_backward": _pw_bwd_fake,
+    "mixconv_bn_act": _mix_fake, "mixconv_bn_act_backward": _mix_bwd_fake,
+}
+_AUTOGRAD = {
+    "dwconv_bn_act": (_dw_backward, _setup),
+    "pwconv_bn_act": (_pw_backward, _pw_setup),
+    "mixconv_bn_act": (_mix_backward, _setup),
+}
+
+
+def register(namespace: str) -> None:
+    """Fake kernels and autograd for the conv ops of `namespace` (same signatures)."""
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+    for name, (backward, setup) in _AUTOGRAD.items():
+        def setup_context(ctx, inputs, output, setup=setup):
+            ctx.namespace = namespace
+            setup(ctx, inputs, output)
+        torch.library.register_autograd(f"{namespace}::{name}", backward,
+                                        setup_context=setup_context)
+        torch.library.register_autograd(f"{namespace}::{name}_backward",
+                                        _refuse_double_backward(f"{namespace}::{name}_backward"))

@@ -44,9 +44,9 @@ def _call(impl: str, name: str, *args):
     if impl in ("cpu", "cuda"):
         return getattr(_cpp(), name)(*args)
     if impl == "triton":
-        from . import triton_kernels
+        from . import _triton_backend
 
-        return getattr(triton_kernels, name)(*args)
+        return getattr(_triton_backend.ops(), name)(*args)
     raise AssertionError(impl)
 
 
@@ -208,7 +208,13 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
                                            se_gate=se_gate, skip=skip, training=training,
                                            momentum=momentum, eps=eps)
     if impl == "triton":
-        raise NotImplementedError(f"{op}: the Triton block is not implemented yet")
+        # No fused Triton block yet: the block's definition over the Triton ops (each updates
+        # its own running statistics).
+        return reference.inverted_residual(x, expand, depthwise, se, project, stride=stride,
+                                           dilation=dilation, act=act, se_act=se_act,
+                                           se_gate=se_gate, skip=skip, training=training,
+                                           momentum=momentum, eps=eps, pw=pwconv_bn_act,
+                                           dw=dwconv_bn_act)
     out, stats = _cpp().inverted_residual(x, expand, depthwise, se, project, stride, dilation,
                                           act, se_act, se_gate, skip, training, eps)
     if training:

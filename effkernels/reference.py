@@ -87,20 +87,24 @@ def squeeze_excite(x, reduce_weight, reduce_bias, expand_weight, expand_bias, *,
 def inverted_residual(x, expand: Sequence[torch.Tensor], depthwise: Sequence[torch.Tensor],
                       se: Sequence[torch.Tensor], project: Sequence[torch.Tensor], *, stride=1,
                       dilation=1, act="relu6", se_act="relu", se_gate="sigmoid", skip=None,
-                      training=False, momentum=0.1, eps=1e-5):
+                      training=False, momentum=0.1, eps=1e-5, pw=None, dw=None):
     """expand pw+BN+act -> dw+BN+act -> [SE] -> project pw+BN -> [+ x].
 
     expand/depthwise/project: [weight, bn_weight, bn_bias, running_mean, running_var]; expand
     may be empty (expansion ratio 1); se: [] or [reduce_w, reduce_b, expand_w, expand_b].
     skip None means "when stride == 1 and the channel counts match", as in MobileNetV2.
+    pw/dw: the pointwise and depthwise implementations to compose (default: this module's);
+    a backend without a fused block composes its own ops with this definition.
     """
+    pw = pw or pwconv_bn_act
+    dw = dw or dwconv_bn_act
     bn_kw = dict(training=training, momentum=momentum, eps=eps)
     if skip is None:
         skip = stride == 1 and x.shape[1] == project[0].shape[0]
     h = x
     if len(expand):
-        h = pwconv_bn_act(h, *expand, act=act, **bn_kw)
-    h = dwconv_bn_act(h, *depthwise, stride=stride, dilation=dilation, act=act, **bn_kw)
+        h = pw(h, *expand, act=act, **bn_kw)
+    h = dw(h, *depthwise, stride=stride, dilation=dilation, act=act, **bn_kw)
     if len(se):
         h = squeeze_excite(h, *se, act=se_act, gate=se_gate)
-    return pwconv_bn_act(h, *project, act="identity", residual=x if skip else None, **bn_kw)
+    return pw(h, *project, act="identity", residual=x if skip else None, **bn_kw)

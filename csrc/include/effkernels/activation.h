@@ -2,8 +2,8 @@
 //
 // Every derivative is taken with respect to the pre-activation `z` and follows PyTorch's own
 // backward formulas at the kinks (relu: z > 0; relu6/hardtanh: 0 < z < 6; hardswish:
-// z < -3 -> 0, z <= 3 -> z/3 + 1/2, else 1; hardsigmoid: -3 < z < 3 -> 1/6), so that our
-// gradients equal autograd's on the reference bit-for-bit in structure.
+// z <= -3 -> 0, z < 3 -> z/3 + 1/2, else 1; hardsigmoid: -3 < z < 3 -> 1/6), so that our
+// gradients equal autograd's on the reference exactly at the kinks too.
 #pragma once
 
 #include <cmath>
@@ -70,7 +70,7 @@ EFFK_HD T act_derivative(T z) {
   } else if constexpr (A == Act::ReLU6) {
     return (z > T(0) && z < T(6)) ? T(1) : T(0);
   } else if constexpr (A == Act::HSwish) {
-    return z < T(-3) ? T(0) : (z <= T(3) ? z / T(3) + T(0.5) : T(1));
+    return z <= T(-3) ? T(0) : (z < T(3) ? z / T(3) + T(0.5) : T(1));
   } else if constexpr (A == Act::SiLU) {
     const T s = sigmoid(z);
     return s * (T(1) + z * (T(1) - s));

@@ -1,15 +1,14 @@
 // Host-side argument checks with messages that name the argument and the expectation.
 #pragma once
 
-#include <string>
-
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include "effkernels/activation.h"
 
 namespace effkernels {
 
-inline Act parse_act(const std::string& op, const std::string& name) {
+inline Act parse_act(const char* op, c10::string_view name) {
   if (name == "identity") return Act::Identity;
   if (name == "relu") return Act::ReLU;
   if (name == "relu6") return Act::ReLU6;

@@ -1,0 +1,50 @@
+# The two commands of the README: `make test` and `make bench`. Each sets up .venv/ (Python 3.11,
+# the pinned requirements.txt), builds the extension, then tests or benchmarks.
+SHELL := /bin/bash
+PYTHON_BASE ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+
+export CUDA_HOME ?= $(wildcard /usr/local/cuda)
+export MAX_JOBS ?= 2
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: test bench build deps test-python test-triton ctest kernels-report clean
+
+deps: $(VENV)/.deps
+
+$(VENV)/.deps: requirements.txt
+	@test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+# The editable install registers the package once (EFFK_NO_EXTENSION: no build inside pip's
+# throw-away build dir); build_ext --inplace then builds incrementally with ninja in build/.
+build: deps
+	@test -f $(VENV)/.editable || { EFFK_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e . && touch $(VENV)/.editable; }
+	$(PY) setup.py -q build_ext --inplace
+
+test: build test-python test-triton ctest
+
+test-python:
+	$(PYTEST) tests -n 2 -q -rs --ignore=tests/triton
+
+# Triton kernels run on CPU tensors in the interpreter, in a process of their own.
+test-triton:
+	TRITON_INTERPRET=1 $(PYTEST) tests/triton -q -rs
+
+ctest: deps
+	bash tests/cpp/run_ctest.sh $(PY)
+
+# Ahead-of-time compile of every Triton kernel for sm_80/sm_90: registers, spills, smem.
+kernels-report: build
+	$(PY) -m bench.kernels_report
+
+bench: build
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+clean:
+	rm -rf build cmake-build effkernels/_C*.so
