@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, int64_t padding,
-    int64_t dilation, const std::string& act, bool training, double eps);
+    int64_t dilation, c10::string_view act, bool training, double eps);
 
 // Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias), each with its input's dtype;
 // grad_x in x's memory format.
@@ -25,6 +25,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_backwar
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
     const at::Tensor& var, int64_t stride, int64_t padding, int64_t dilation,
-    const std::string& act, bool training, double eps);
+    c10::string_view act, bool training, double eps);
 
 }  // namespace effkernels::cpu

@@ -15,14 +15,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
-    const std::string& act, bool training, double eps);
+    c10::string_view act, bool training, double eps);
 
 // Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias, grad_residual); grad_residual is
 // an empty (0,) tensor when residual is None, else in residual's memory format.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
-    const at::Tensor& var, const std::optional<at::Tensor>& residual, const std::string& act,
+    const at::Tensor& var, const std::optional<at::Tensor>& residual, c10::string_view act,
     bool training, double eps);
 
 }  // namespace effkernels::cpu

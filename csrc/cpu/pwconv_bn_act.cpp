@@ -1,0 +1,1171 @@
+// CPU pointwise (1x1) conv + BatchNorm + activation (+ residual), forward and backward.
+//
+// A 1x1 conv on NHWC data is a GEMM: out[M = N*H*W][Cout] = x[M][Cin] @ W^T. The GEMM is ours:
+//   * W (BN scale folded in) is packed into panels [Cin][NR] of NR output channels (a transpose
+//     in registers), per thread and per group of panels, so that a panel stays in cache;
+//   * a register-blocked micro-kernel keeps MR x NR fp32 (fp64 for double) accumulators in
+//     vector registers and reads x rows in place (dense fp32/fp64 NHWC; other dtypes and
+//     strides are copied per tile): per k, NR/VW vector loads of W and MR broadcast-FMAs each;
+//   * each (tile x panel) block of results goes from L1 to the epilogue (BN shift, residual,
+//     activation, cast, store), so the output is written once.
+// The micro-kernel and the epilogues are written once with GCC vector extensions and compiled
+// for AVX-512, AVX2+FMA and the baseline (SSE2) by `flatten` wrappers carrying a target
+// attribute; the ISA is chosen at run time (cpu_isa()). No -march flag is needed.
+//
+// Training: the batch statistics are needed before the first output is written, so the forward
+// runs the GEMM twice (recompute rather than store): a statistics pass (unscaled W; two-pass
+// moments of the fp32/fp64 accumulators through ChannelStats, one chunk per pixel tile), then
+// the eval pass with the batch statistics folded in. The statistics never see fp16/bf16
+// values, but the output is (sum_k x w*scale) + (beta - mean*scale): fine unless
+// |mean| >> std, where (y - mean) would cancel more gracefully.
+//
+// Determinism: the tiles depend on M only; every output element is one FMA chain over k in a
+// fixed order whatever the panel shape, block or thread; every reduction (BN statistics,
+// gradient sums, grad_weight over pixel chunks) combines fixed partials in a fixed order. So
+// the bits do not depend on the thread count (the work split may: it only balances threads).
+// They may differ between ISAs (vector width of the epilogues' math, FMA contraction).
+//
+// Layout: NHWC first. x (any N/H/W strides with unit channel stride) is read in place; an NCHW
+// x is first copied to NHWC (one extra read+write of x), and an NCHW result costs one more
+// transposing copy of the output (in_format), as do NCHW residual/grad_out inputs.
+#include "pwconv_bn_act.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <torch/library.h>
+
+#include "cpu_common.h"
+#include "effkernels/activation.h"
+#include "effkernels/checks.h"
+#include "effkernels/conv_geometry.h"
+#include "effkernels/op_checks.h"
+
+namespace effkernels::cpu {
+namespace {
+
+constexpr const char* kOp = "pwconv_bn_act";
+constexpr const char* kBwdOp = "pwconv_bn_act_backward";
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ---- run-time ISA dispatch -------------------------------------------------------------------
+
+enum class Isa : int { Base = 0, Avx2 = 1, Avx512 = 2 };
+
+// Vector width in bytes and number of vector registers the micro-kernel may plan for.
+constexpr int isa_bytes(Isa isa) { return isa == Isa::Avx512 ? 64 : isa == Isa::Avx2 ? 32 : 16; }
+constexpr int isa_regs(Isa isa) { return isa == Isa::Avx512 ? 32 : 16; }
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define EFFK_PW_X86 1
+#define EFFK_PW_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2"), flatten))
+#define EFFK_PW_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2"), flatten))
+#else
+#define EFFK_PW_X86 0
+#endif
+
+Isa detect_isa() {
+  Isa isa = Isa::Base;
+#if EFFK_PW_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = Isa::Avx2;
+  if (isa == Isa::Avx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    isa = Isa::Avx512;
+#endif
+  // EFFK_CPU_ISA=base|avx2|avx512 caps the choice, so that tests can cover the narrower paths.
+  if (const char* env = std::getenv("EFFK_CPU_ISA")) {
+    const std::string_view want(env);
+    const Isa cap = want == "base" ? Isa::Base : want == "avx2" ? Isa::Avx2 : Isa::Avx512;
+    isa = std::min(isa, cap);
+  }
+  return isa;
+}
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+// A kernel K is a struct with `using Args = ...;` and `template <Isa> static void run(const
+// Args&)`. The wrappers below compile K::run for one ISA: `flatten` inlines everything it
+// calls, so the whole body (vector-extension code, auto-vectorised loops) is generated with
+// that ISA's instructions.
+template <class K>
+using KernelFn = void (*)(const typename K::Args&);
+
+#if EFFK_PW_X86
+template <class K>
+EFFK_PW_AVX512 void run_avx512(const typename K::Args& args) {
+  K::template run<Isa::Avx512>(args);
+}
+template <class K>
+EFFK_PW_AVX2 void run_avx2(const typename K::Args& args) {
+  K::template run<Isa::Avx2>(args);
+}
+#endif
+template <class K>
+__attribute__((flatten)) void run_base(const typename K::Args& args) {
+  K::template run<Isa::Base>(args);
+}
+
+// The entry point of kernel K compiled for ISA I (only valid pairs are instantiated).
+template <Isa I, class K>
+KernelFn<K> isa_entry() {
+#if EFFK_PW_X86
+  if constexpr (I == Isa::Avx512)
+    return &run_avx512<K>;
+  else if constexpr (I == Isa::Avx2)
+    return &run_avx2<K>;
+  else
+#endif
+    return &run_base<K>;
+}
+
+template <class K>
+KernelFn<K> select_kernel(Isa isa) {
+#if EFFK_PW_X86
+  if (isa == Isa::Avx512) return isa_entry<Isa::Avx512, K>();
+  if (isa == Isa::Avx2) return isa_entry<Isa::Avx2, K>();
+#endif
+  return isa_entry<Isa::Base, K>();
+}
+
+// ---- small helpers ---------------------------------------------------------------------------
+
+// A 64-byte aligned buffer owned by one call.
+template <class A>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n)
+      : p_(static_cast<A*>(c10::alloc_cpu(static_cast<size_t>(std::max<int64_t>(n, 1)) *
+                                          sizeof(A)))) {}
+  Scratch(Scratch&& o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
+  ~Scratch() { c10::free_cpu(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  A* get() const { return p_; }
+
+ private:
+  A* p_;
+};
+
+// Per-thread scratch memory, grown on demand and kept across calls: a fresh large buffer per
+// call is a fresh mmap, whose page faults cost as much as a small layer's GEMM. Three slots,
+// one per concurrent use inside a parallel region.
+template <class A>
+A* thread_scratch(int slot, int64_t n) {
+  struct Buffers {
+    std::array<void*, 3> ptr{};
+    std::array<size_t, 3> bytes{};
+    ~Buffers() {
+      for (void* q : ptr) c10::free_cpu(q);
+    }
+  };
+  thread_local Buffers b;
+  const size_t want = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(A);
+  if (b.bytes[slot] < want) {
+    c10::free_cpu(std::exchange(b.ptr[slot], nullptr));
+    b.bytes[slot] = 0;
+    b.ptr[slot] = c10::alloc_cpu(want);  // may throw: the slot is empty, not dangling
+    b.bytes[slot] = want;
+  }
+  return static_cast<A*>(b.ptr[slot]);
+}
+
+// Rows of a channels-innermost 4-D tensor: pixel p = (n, h, w) starts at
+// base + n*sN + h*sH + w*sW. `flat` when that is simply base + p*step (contiguous NHWC, and
+// channel slices of it), which avoids the divisions.
+template <class S>
+struct Rows {
+  S* base = nullptr;
+  int64_t HW = 1, W = 1, sN = 0, sH = 0, sW = 0, step = 0;
+  bool flat = true;
+
+  S* row(int64_t p) const {
+    if (flat) return base + p * step;
+    const int64_t n = p / HW, q = p - n * HW, h = q / W, w = q - h * W;
+    return base + n * sN + h * sH + w * sW;
+  }
+};
+
+template <class S>
+Rows<S> rows_of(const at::Tensor& t) {
+  Rows<S> r;
+  r.base = static_cast<S*>(t.data_ptr());
+  const int64_t N = t.size(0), H = t.size(2), W = t.size(3);
+  r.HW = H * W;
+  r.W = W;
+  r.sN = t.stride(0);
+  r.sH = t.stride(2);
+  r.sW = t.stride(3);
+  r.step = W > 1 ? r.sW : H > 1 ? r.sH : r.sN;
+  r.flat = (W == 1 || r.sW == r.step) && (H == 1 || r.sH == r.step * W) &&
+           (N == 1 || r.sN == r.step * H * W);
+  return r;
+}
+
+// A dense [rows][ld] matrix viewed as Rows.
+template <class S>
+Rows<S> dense_rows(S* base, int64_t ld) {
+  Rows<S> r;
+  r.base = base;
+  r.step = ld;
+  return r;
+}
+
+// ---- the micro-kernel ------------------------------------------------------------------------
+
+template <class A, int Bytes>
+struct Vec {
+  typedef A type __attribute__((vector_size(Bytes)));
+};
+
+// Accumulator rows of a block for a panel of NV vectors: what the register file holds next to
+// the NV loaded W vectors and one broadcast, and no more than 12 so that the 12 row offsets of
+// the in-place x rows stay in general registers (no spills in the k loop).
+constexpr int micro_rows(int regs, int nv) {
+  return nv == 1 ? 12 : nv == 2 ? (regs == 32 ? 12 : 6) : (regs == 32 ? 8 : 4);
+}
+// Tile heights are multiples of 12: whole blocks for MR 12, 6 and 4 (MR 8 ends a tile with a
+// tail block), and finer than 24 so that the tiles of small problems stay even.
+constexpr int64_t kRowQuantum = 12;
+
+// c[MR][NR] (row stride ldc) = a[MR][K] (row stride lda) @ b[K][NR] (a packed W panel).
+// x rows are read in place and broadcast; each k costs NV vector loads and MR*NV FMAs.
+// Once per cache line of k it also prefetches that line of the next block's rows (`next`,
+// same stride, reusing the row offsets of the broadcasts): the hardware prefetcher does not
+// follow MR short strided streams, and x streamed from L3 or memory otherwise halves the FMA
+// rate.
+template <class A, int Bytes, int MR, int NV>
+inline void micro_kernel(int64_t K, const A* __restrict a, int64_t lda, const A* __restrict b,
+                         A* __restrict c, int64_t ldc, const A* next) {
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(A));
+  using V = typename Vec<A, Bytes>::type;
+  constexpr int VW = Bytes / static_cast<int>(sizeof(A));
+  constexpr int NR = NV * VW;
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = V{};
+  for (int64_t k = 0; k < K; ++k, b += NR) {
+    if (k % kLine == 0) {
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) __builtin_prefetch(next + r * lda + k, 0, 3);
+    }
+    V w[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) std::memcpy(&w[j], b + j * VW, sizeof(V));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const A s = a[r * lda + k];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] += s * w[j];  // contracted to FMA
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) std::memcpy(c + r * ldc + j * VW, &acc[r][j], sizeof(V));
+}
+
+template <class A>
+struct GemmArgs {
+  int64_t K;     // reduction length
+  const A* a;    // rows x K, row stride lda; readable up to round_up(rows, MR) rows
+  int64_t lda, rows;
+  const A* b;    // one packed panel [K][NR]
+  A* c;          // round_up(rows, MR) x NR results, row stride ldc
+  int64_t ldc;
+};
+
+// All rows of a tile against one panel: full MR blocks, then one block of MR, MR/2 or MR/4
+// rows for the remainder, so that a 49-row tile computes 51 rows rather than 60.
+template <class A, int Bytes, int NV>
+struct GemmKernel {
+  using Args = GemmArgs<A>;
+  template <Isa I>
+  static void run(const Args& g) {
+    constexpr int MR = micro_rows(isa_regs(I), NV), MR2 = (MR + 1) / 2, MR4 = (MR + 3) / 4;
+    // `next` may point past the tile (or the tensor): prefetches never fault.
+    int64_t r = 0;
+    for (; r + MR <= g.rows; r += MR)
+      micro_kernel<A, Bytes, MR, NV>(g.K, g.a + r * g.lda, g.lda, g.b, g.c + r * g.ldc, g.ldc,
+                                     g.a + (r + MR) * g.lda);
+    const int64_t rem = g.rows - r;
+    const A* a = g.a + r * g.lda;
+    A* c = g.c + r * g.ldc;
+    if (rem > MR2)
+      micro_kernel<A, Bytes, MR, NV>(g.K, a, g.lda, g.b, c, g.ldc, a + MR * g.lda);
+    else if (rem > MR4)
+      micro_kernel<A, Bytes, MR2, NV>(g.K, a, g.lda, g.b, c, g.ldc, a + MR2 * g.lda);
+    else if (rem > 0)
+      micro_kernel<A, Bytes, MR4, NV>(g.K, a, g.lda, g.b, c, g.ldc, a + MR4 * g.lda);
+  }
+};
+
+template <class A>
+struct GemmPlan {
+  void (*fn)(const GemmArgs<A>&);
+  int MR, NR;
+  double cost;  // relative time per output column, measured on Zen 4 (planning only)
+};
+
+template <class A, Isa I, int Bytes, int NV>
+GemmPlan<A> make_plan(double cost) {
+  return {isa_entry<I, GemmKernel<A, Bytes, NV>>(), micro_rows(isa_regs(I), NV),
+          NV * Bytes / static_cast<int>(sizeof(A)), cost};
+}
+
+// Candidate panel shapes. One full-width vector per panel row (NR = VW) does half the FMAs
+// per broadcast and ran ~30% slower per column; AVX-512 also offers 3 x 256-bit (NR 24 for
+// fp32, for channel counts like 24), ~12% slower per column than zmm. They are used when they
+// pad much less. Every shape gives the same bits: each output is one FMA chain over k.
+template <class A, Isa I>
+std::array<GemmPlan<A>, 4> shapes_for() {
+  constexpr int B = isa_bytes(I);
+  std::array<GemmPlan<A>, 4> opts{make_plan<A, I, B, 2>(1.0), make_plan<A, I, B, 3>(1.0),
+                                  make_plan<A, I, B, 1>(1.3), make_plan<A, I, B, 2>(1.0)};
+  if constexpr (I == Isa::Avx512) opts[3] = make_plan<A, I, 32, 3>(1.12);
+  return opts;
+}
+
+template <class A>
+std::array<GemmPlan<A>, 4> panel_shapes(Isa isa) {
+#if EFFK_PW_X86
+  if (isa == Isa::Avx512) return shapes_for<A, Isa::Avx512>();
+  if (isa == Isa::Avx2) return shapes_for<A, Isa::Avx2>();
+#endif
+  return shapes_for<A, Isa::Base>();
+}
+
+// The fastest shape for `ncols` columns, ignoring thread balance.
+template <class A>
+GemmPlan<A> plan_gemm(Isa isa, int64_t ncols) {
+  const std::array<GemmPlan<A>, 4> opts = panel_shapes<A>(isa);
+  auto cost = [&](const GemmPlan<A>& o) {
+    return static_cast<double>(round_up(ncols, o.NR)) * o.cost;
+  };
+  GemmPlan<A> best = opts[0];
+  for (const GemmPlan<A>& o : opts)
+    if (cost(o) < cost(best)) best = o;
+  return best;
+}
+
+// ---- packing ---------------------------------------------------------------------------------
+
+// In-register transpose of VW vectors of VW lanes: log2(VW) rounds of two-source shuffles that
+// swap the off-diagonal HxH blocks of each pair of rows i, i+H.
+// (Results through references: a function returning a 64-byte vector by value draws a
+// -Wpsabi note where it is also instantiated outside the AVX-512 code.)
+template <int VW, int H, class V, size_t... L>
+EFFK_INLINE void shuffle_pair(const V& a, const V& b, V& lo, V& hi, std::index_sequence<L...>) {
+  lo = __builtin_shufflevector(a, b, ((L & H) ? VW + L - H : L)...);
+  hi = __builtin_shufflevector(a, b, ((L & H) ? VW + L : L + H)...);
+}
+template <int VW, int H, class V>
+EFFK_INLINE void transpose_rounds(V* v) {
+  if constexpr (H >= 1) {
+#pragma GCC unroll 16
+    for (int i = 0; i < VW; ++i) {
+      if (i & H) continue;
+      const V a = v[i], b = v[i + H];
+      shuffle_pair<VW, H>(a, b, v[i], v[i + H], std::make_index_sequence<VW>{});
+    }
+    transpose_rounds<VW, H / 2>(v);
+  }
+}
+
+// dst[c][r] = scale[r] * src[r][c] for r < R, c < C (src row stride lds, unit column stride),
+// zero elsewhere in dst's Cp x Rp (row stride ldd). Packs W into panels (r = output channel,
+// c = k) and dy^T for grad_weight. VW x VW register blocks; scalar code on the edges.
+template <class S, class A>
+struct TransposeArgs {
+  const S* src;
+  int64_t lds, R, C;
+  const A* scale;  // may be null
+  A* dst;
+  int64_t ldd, Rp, Cp;
+};
+
+template <class S, class A>
+struct TransposeKernel {
+  using Args = TransposeArgs<S, A>;
+  template <Isa I>
+  static void run(const Args& t) {
+    constexpr int VW = isa_bytes(I) / static_cast<int>(sizeof(A));
+    using V = typename Vec<A, isa_bytes(I)>::type;
+    for (int64_t r0 = 0; r0 < t.Rp; r0 += VW) {
+      for (int64_t c0 = 0; c0 < t.Cp; c0 += VW) {
+        if (r0 + VW <= t.R && c0 + VW <= t.C && r0 + VW <= t.Rp && c0 + VW <= t.Cp) {
+          V v[VW];
+          const S* s = t.src + r0 * t.lds + c0;  // running pointers: no per-row addresses
+#pragma GCC unroll 16
+          for (int i = 0; i < VW; ++i, s += t.lds) {
+            if constexpr (std::is_same_v<S, A>) {
+              std::memcpy(&v[i], s, sizeof(V));
+            } else {
+              A lanes[VW];
+              for (int l = 0; l < VW; ++l) lanes[l] = static_cast<A>(s[l]);
+              std::memcpy(&v[i], lanes, sizeof(V));
+            }
+          }
+          if (t.scale) {
+#pragma GCC unroll 16
+            for (int i = 0; i < VW; ++i) v[i] *= t.scale[r0 + i];
+          }
+          transpose_rounds<VW, VW / 2>(v);
+          A* d = t.dst + c0 * t.ldd + r0;
+#pragma GCC unroll 16
+          for (int i = 0; i < VW; ++i, d += t.ldd) std::memcpy(d, &v[i], sizeof(V));
+        } else {
+          for (int64_t c = c0; c < std::min<int64_t>(c0 + VW, t.Cp); ++c)
+            for (int64_t r = r0; r < std::min<int64_t>(r0 + VW, t.Rp); ++r) {
+              A v = A(0);
+              if (r < t.R && c < t.C) {
+                v = static_cast<A>(t.src[r * t.lds + c]);
+                if (t.scale) v *= t.scale[r];
+              }
+              t.dst[c * t.ldd + r] = v;
+            }
+        }
+      }
+    }
+  }
+};
+
+// Panels j in [j0, j1) of B[K][ncols], whose rows are source rows (row(k) -> B[k][0], columns
+// cs elements apart), -> dst[j - j0][K][NR], zero past ncols. A copy: no transpose needed.
+template <class S, class A, class RowFn>
+void rows_to_panels(const RowFn& row, int64_t cs, int64_t K, int64_t ncols, int NR, int64_t j0,
+                    int64_t j1, A* dst) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t c0 = j * NR, n = std::min<int64_t>(NR, ncols - c0);
+    for (int64_t k = 0; k < K; ++k) {
+      const S* s = row(k) + c0 * cs;
+      A* d = dst + ((j - j0) * K + k) * NR;
+      if (cs == 1) {
+        for (int64_t l = 0; l < n; ++l) d[l] = static_cast<A>(s[l]);
+      } else {
+        for (int64_t l = 0; l < n; ++l) d[l] = static_cast<A>(s[l * cs]);
+      }
+      for (int64_t l = n; l < NR; ++l) d[l] = A(0);
+    }
+  }
+}
+
+// Packs panels of the conv weight (Cout, Cin, 1, 1) on demand: panel j = B[k = ci][NR output
+// channels] (a transpose of W's rows), each output channel multiplied by scale[co] when given
+// (the folded BatchNorm).
+template <class T, class A>
+struct WeightPanels {
+  at::Tensor w;  // unit stride over Cin
+  const A* scale;
+  void (*transpose)(const TransposeArgs<T, A>&);
+  int NR;
+
+  WeightPanels(const at::Tensor& weight, Isa isa, int nr, const A* scale_)
+      : w(weight.stride(1) == 1 ? weight : weight.contiguous()),
+        scale(scale_),
+        transpose(select_kernel<TransposeKernel<T, A>>(isa)),
+        NR(nr) {}
+
+  // Panels [j0, j1) -> dst[j - j0][Cin][NR].
+  void operator()(int64_t j0, int64_t j1, A* dst) const {
+    const int64_t Cout = w.size(0), Cin = w.size(1), s0 = w.stride(0);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t c0 = j * NR;
+      transpose({w.const_data_ptr<T>() + c0 * s0, s0, std::min<int64_t>(NR, Cout - c0), Cin,
+                 scale ? scale + c0 : nullptr, dst + (j - j0) * Cin * NR, NR, NR, Cin});
+    }
+  }
+};
+
+// Prefetches a rows x ncols block of a channels-innermost tensor (write: for ownership). Called
+// before a block's GEMM, so that the epilogue's residual/grad_out reads and output stores,
+// scattered over `rows` rows, find their lines in cache (as they would not for a
+// hardware prefetcher) instead of stalling once per line.
+template <class S>
+void prefetch_block(const Rows<S>& t, int64_t row0, int64_t rows, int64_t col0, int64_t ncols,
+                    bool write) {
+  if (t.base == nullptr) return;
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(S));
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* p = t.row(row0 + r) + col0;
+    for (int64_t l = 0; l < ncols; l += kLine) {
+      if (write)
+        __builtin_prefetch(p + l, 1);
+      else
+        __builtin_prefetch(p + l, 0);
+    }
+    __builtin_prefetch(p + ncols - 1, write ? 1 : 0);  // a block may straddle one more line
+  }
+}
+
+// ---- tiling over pixel rows ------------------------------------------------------------------
+
+constexpr int64_t kMaxTileRows = 96;  // a tile of x rows stays in L2 even for Cin ~ 1000
+
+// Work decomposition of C[M][ncols] = rows @ B: tiles of pixel rows x groups of panels.
+// Statistics passes need tiles that depend on M only (they are the BN/gradient-sum chunks);
+// otherwise the tiles, the panel shape and the grouping only balance the threads' work, and
+// cannot change any bit of the result.
+struct TilePlan {
+  int64_t M = 0, K = 0, ncols = 0;
+  int MR = 1, NR = 1;
+  int64_t tile_rows = 0, ntiles = 0, npanels = 0, panels_per_item = 1, col_items = 1, items = 0;
+};
+
+template <class A>
+struct Plan {
+  GemmPlan<A> gemm;
+  TilePlan tiles;
+};
+
+// Rows the micro-kernels compute for `rows` rows: full MR blocks and one MR, MR/2 or MR/4 tail.
+int64_t computed_rows(int64_t rows, int MR) {
+  const int64_t rem = rows % MR, mr2 = (MR + 1) / 2, mr4 = (MR + 3) / 4;
+  return rows - rem + (rem == 0 ? 0 : rem > mr2 ? MR : rem > mr4 ? mr2 : mr4);
+}
+
+// The largest per-thread share of the work when at::parallel_for splits `items` (group-major:
+// item = group * ntiles + tile) into equal contiguous ranges, in units of computed row x column.
+double max_share(const TilePlan& t, int64_t threads) {
+  const int64_t chunk = ceil_div(t.items, std::min(threads, t.items));
+  double worst = 0.0;
+  for (int64_t b = 0; b < t.items; b += chunk) {
+    double work = 0.0;
+    for (int64_t i = b; i < std::min(t.items, b + chunk); ++i) {
+      const int64_t g = i / t.ntiles, tile = i % t.ntiles;
+      const int64_t rows = std::min(t.tile_rows, t.M - tile * t.tile_rows);
+      const int64_t panels = std::min(t.panels_per_item, t.npanels - g * t.panels_per_item);
+      work += static_cast<double>(computed_rows(rows, t.MR) * panels * t.NR);
+    }
+    worst = std::max(worst, work);
+  }
+  return worst;
+}
+
+template <class A>
+Plan<A> plan_tiles(Isa isa, int64_t M, int64_t K, int64_t ncols, bool chunk_tiles) {
+  const int64_t threads = std::max(1, at::get_num_threads());
+  // Chunk tiles: even, a multiple of 12 rows, at most kMaxTileRows. Free tiles may also split
+  // a small M evenly over the threads.
+  std::vector<int64_t> heights{round_up(ceil_div(M, ceil_div(M, kMaxTileRows)), kRowQuantum)};
+  if (!chunk_tiles)
+    for (const int64_t n : {threads, 2 * threads, 4 * threads})
+      if (ceil_div(M, n) >= 12 && ceil_div(M, n) < heights[0]) heights.push_back(ceil_div(M, n));
+  Plan<A> best{};
+  double best_cost = 0.0;
+  for (const GemmPlan<A>& g : panel_shapes<A>(isa)) {
+    for (const int64_t h : heights) {
+      TilePlan t;
+      t.M = M;
+      t.K = K;
+      t.ncols = ncols;
+      t.MR = g.MR;
+      t.NR = g.NR;
+      t.tile_rows = h;
+      t.ntiles = ceil_div(M, h);
+      t.npanels = ceil_div(ncols, g.NR);
+      // Many tiles: one group of all panels. Few: also try one panel per group.
+      for (const int64_t groups : {int64_t(1), t.npanels}) {
+        if (groups > 1 && t.ntiles >= 16 * threads) break;
+        t.col_items = groups;
+        t.panels_per_item = ceil_div(t.npanels, groups);
+        t.items = groups * t.ntiles;
+        const double cost = max_share(t, threads) * g.cost *
+                            (groups > 1 ? 1.02 : 1.0);  // x is re-read per group
+        if (best_cost == 0.0 || cost < best_cost) {
+          best_cost = cost;
+          best = {g, t};
+        }
+      }
+    }
+  }
+  return best;
+}
+
+// Runs C = rows(src) @ B and hands every tile_rows x NR block to
+// consume(tile, row0, rows, panel, block) while it is still in L1/L2; prepare(row0, rows,
+// col0, ncols) runs before the block's GEMM (to prefetch what the epilogue will touch).
+// Items run column group by column group: each thread packs the panels of its group
+// (pack(j0, j1, dst)) once into its own buffer, which stays in cache, and a big W is read once
+// overall rather than packed to memory and read back. Dense rows of the accumulation type
+// (fp32/fp64 NHWC) are read in place; other tiles (fp16/bf16, strided rows, a last tile whose
+// final block would read past the end) are first copied, converted and zero-padded.
+template <class S, class A, class Pack, class Prepare, class Consume>
+void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
+                const GemmPlan<A>& gemm, const Prepare& prepare, const Consume& consume) {
+  // Padded copy stride: K*sizeof(A) a multiple of 4 KiB would put all rows in one cache set.
+  const int64_t ldp = p.K % 64 == 0 ? p.K + 16 : p.K;
+  at::parallel_for(0, p.items, 1, [&](int64_t begin, int64_t end) {
+    A* panels = thread_scratch<A>(0, p.panels_per_item * p.K * p.NR);
+    // A tile's GEMM writes (and a copied tile holds) whole blocks: round_up(rows, MR) rows.
+    const int64_t rows_alloc = round_up(p.tile_rows, p.MR);
+    A* block = thread_scratch<A>(1, rows_alloc * p.NR);
+    A* copy = nullptr;
+    int64_t packed = -1, copied = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t ci = item / p.ntiles, t = item % p.ntiles;
+      const int64_t j0 = ci * p.panels_per_item;
+      const int64_t j1 = std::min(p.npanels, j0 + p.panels_per_item);
+      if (ci != packed) {
+        pack(j0, j1, panels);
+        packed = ci;
+      }
+      const int64_t row0 = t * p.tile_rows, rows = std::min(p.tile_rows, p.M - row0);
+      const int64_t rows_pad = round_up(rows, p.MR);
+      const A* a = nullptr;
+      int64_t lda = 0;
+      if constexpr (std::is_same_v<S, A>) {
+        if (src.flat && row0 + rows_pad <= p.M) {
+          a = src.row(row0);
+          lda = src.step;
+        }
+      }
+      if (a == nullptr) {
+        if (!copy) copy = thread_scratch<A>(2, rows_alloc * ldp);
+        if (t != copied) {
+          A* d = copy;
+          for (int64_t r = 0; r < rows_pad; ++r, d += ldp) {
+            if (r < rows) {
+              const S* s = src.row(row0 + r);
+              for (int64_t k = 0; k < p.K; ++k) d[k] = static_cast<A>(s[k]);
+            } else {
+              std::fill(d, d + p.K, A(0));
+            }
+          }
+          copied = t;
+        }
+        a = copy;
+        lda = ldp;
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        prepare(row0, rows, j * p.NR, std::min<int64_t>(p.NR, p.ncols - j * p.NR));
+        gemm.fn({p.K, a, lda, rows, panels + (j - j0) * p.K * p.NR, block, p.NR});
+        consume(t, row0, rows, j, block);
+      }
+    }
+  });
+}
+
+// ---- epilogues -------------------------------------------------------------------------------
+
+// out = act(c + shift (+ residual)) for a block of rows x ncols results at column col0.
+template <class T, class A>
+struct FwdEpilogueArgs {
+  const A* c;
+  int64_t ldc, row0, rows, col0, ncols;
+  const A* shift;  // per output channel
+  Rows<T> out;
+  Rows<const T> res;
+};
+
+// One row of the epilogue. GCC honours __restrict on parameters (not on local pointers), which
+// is what lets these loops vectorise without run-time alias checks.
+template <Act ACT, bool RES, class T, class A>
+EFFK_INLINE void fwd_epilogue_row(int64_t n, const A* __restrict c, const A* __restrict shift,
+                                  const T* __restrict res, T* __restrict out) {
+  for (int64_t l = 0; l < n; ++l) {
+    A z = c[l] + shift[l];
+    if constexpr (RES) z += static_cast<A>(res[l]);
+    out[l] = static_cast<T>(act_forward<ACT>(z));
+  }
+}
+
+template <class T, Act ACT, bool RES>
+struct FwdEpilogue {
+  using A = acc_type<T>;
+  using Args = FwdEpilogueArgs<T, A>;
+  template <Isa>
+  static void run(const Args& e) {
+    for (int64_t r = 0; r < e.rows; ++r) {
+      const int64_t p = e.row0 + r;
+      fwd_epilogue_row<ACT, RES>(e.ncols, e.c + r * e.ldc, e.shift + e.col0,
+                                 RES ? e.res.row(p) + e.col0 : nullptr, e.out.row(p) + e.col0);
+    }
+  }
+};
+
+template <class T>
+using FwdEpilogueFn = void (*)(const FwdEpilogueArgs<T, acc_type<T>>&);
+
+template <class T>
+FwdEpilogueFn<T> select_fwd_epilogue(Isa isa, Act act, bool res) {
+  return EFFK_DISPATCH_ACT(act, [&] {
+    // (parenthesised: the template commas would split the macro argument)
+    return (res ? select_kernel<FwdEpilogue<T, ACT, true>>(isa)
+                : select_kernel<FwdEpilogue<T, ACT, false>>(isa));
+  });
+}
+
+// Backward, first pass, on a block of y = conv(x): xhat = (y - mean) * invstd,
+// z = gamma * xhat + beta (+ residual), g = grad_out * act'(z). Stores g and xhat (fp32/fp64),
+// g as grad_residual, and adds this block's rows to the tile's sums of g and g * xhat.
+template <class T, class A>
+struct BwdEpilogueArgs {
+  const A* c;
+  int64_t ldc, row0, rows, col0, ncols;
+  const A *mean, *invstd, *gamma, *beta;  // per output channel
+  Rows<const T> grad_out, res;
+  Rows<T> grad_res;
+  A *g, *xhat;  // [M][ld]
+  int64_t ld;
+  A *sum_g, *sum_gx;  // this tile's partial sums, per output channel
+};
+
+template <Act ACT, bool RES, class T, class A>
+EFFK_INLINE void bwd_epilogue_row(int64_t n, const A* __restrict y, const A* __restrict mean,
+                                  const A* __restrict invstd, const A* __restrict gamma,
+                                  const A* __restrict beta, const T* __restrict grad_out,
+                                  const T* __restrict res, A* __restrict g_out,
+                                  A* __restrict xhat_out, T* __restrict grad_res,
+                                  A* __restrict sum_g, A* __restrict sum_gx) {
+  for (int64_t l = 0; l < n; ++l) {
+    const A xh = (y[l] - mean[l]) * invstd[l];
+    A z = gamma[l] * xh + beta[l];
+    if constexpr (RES) z += static_cast<A>(res[l]);
+    const A g = static_cast<A>(grad_out[l]) * act_derivative<ACT>(z);
+    g_out[l] = g;
+    xhat_out[l] = xh;
+    if constexpr (RES) grad_res[l] = static_cast<T>(g);
+    sum_g[l] += g;
+    sum_gx[l] += g * xh;
+  }
+}
+
+// Backward, second pass: dy = a * g + b * xhat + c for one row, in place of g.
+template <class A>
+EFFK_INLINE void dy_row(int64_t n, A* __restrict g, const A* __restrict xhat,
+                        const A* __restrict a, const A* __restrict b, const A* __restrict c) {
+  for (int64_t l = 0; l < n; ++l) g[l] = a[l] * g[l] + b[l] * xhat[l] + c[l];
+}
+
+template <class T, Act ACT, bool RES>
+struct BwdEpilogue {
+  using A = acc_type<T>;
+  using Args = BwdEpilogueArgs<T, A>;
+  template <Isa>
+  static void run(const Args& e) {
+    const int64_t c0 = e.col0;
+    for (int64_t r = 0; r < e.rows; ++r) {
+      const int64_t p = e.row0 + r;
+      bwd_epilogue_row<ACT, RES>(e.ncols, e.c + r * e.ldc, e.mean + c0, e.invstd + c0,
+                                 e.gamma + c0, e.beta + c0, e.grad_out.row(p) + c0,
+                                 RES ? e.res.row(p) + c0 : nullptr, e.g + p * e.ld + c0,
+                                 e.xhat + p * e.ld + c0,
+                                 RES ? e.grad_res.row(p) + c0 : nullptr, e.sum_g + c0,
+                                 e.sum_gx + c0);
+    }
+  }
+};
+
+template <class T>
+using BwdEpilogueFn = void (*)(const BwdEpilogueArgs<T, acc_type<T>>&);
+
+template <class T>
+BwdEpilogueFn<T> select_bwd_epilogue(Isa isa, Act act, bool res) {
+  return EFFK_DISPATCH_ACT(act, [&] {
+    // (parenthesised: the template commas would split the macro argument)
+    return (res ? select_kernel<BwdEpilogue<T, ACT, true>>(isa)
+                : select_kernel<BwdEpilogue<T, ACT, false>>(isa));
+  });
+}
+
+// ---- forward ---------------------------------------------------------------------------------
+
+struct Problem {
+  int64_t N, Cin, H, W, Cout, M;
+  Act act;
+  bool training;
+  double eps;
+};
+
+template <class A>
+at::Tensor stat_tensor(const std::vector<A>& v) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())},
+                           at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+  std::copy(v.begin(), v.end(), t.data_ptr<A>());
+  return t;
+}
+
+// Batch mean and biased variance of y = conv(x), from the fp32/fp64 GEMM accumulators.
+template <class T, class A>
+void batch_stats(const Problem& pb, const Rows<const T>& xr, const at::Tensor& weight, Isa isa,
+                 std::vector<A>& mean, std::vector<A>& var) {
+  const auto [gemm, tp] = plan_tiles<A>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/true);
+  const WeightPanels<T, A> wp(weight, isa, gemm.NR, nullptr);
+  // One ChannelStats per panel (chunk = tile): a channel's result depends only on the tiles.
+  std::vector<ChannelStats> stats;
+  stats.reserve(tp.npanels);
+  for (int64_t j = 0; j < tp.npanels; ++j)
+    stats.emplace_back(tp.ntiles, std::min<int64_t>(gemm.NR, pb.Cout - j * gemm.NR));
+  tiled_gemm<T, A>(
+      tp, xr, wp, gemm, [](int64_t, int64_t, int64_t, int64_t) {},
+      [&](int64_t t, int64_t, int64_t rows, int64_t j, const A* block) {
+        stats[j].add_chunk(t, block, rows, gemm.NR);
+      });
+  for (int64_t j = 0; j < tp.npanels; ++j)
+    stats[j].finalize(mean.data() + j * gemm.NR, var.data() + j * gemm.NR);
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const Problem& pb, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual) {
+  using A = acc_type<T>;
+  const at::ScalarType acc = stat_dtype(x);
+  const bool has_res = residual.has_value() && residual->defined();
+  at::Tensor out = empty_nhwc({pb.N, pb.Cout, pb.H, pb.W}, x.options());
+  const at::Tensor xi = channels_innermost(x);
+  const Rows<const T> xr = rows_of<const T>(xi);
+  const Isa isa = cpu_isa();
+
+  std::vector<A> mean(static_cast<size_t>(pb.Cout), A(0)), var(mean);
+  at::Tensor mean_t, var_t;
+  if (pb.training) {
+    if (pb.M > 0) batch_stats<T, A>(pb, xr, weight, isa, mean, var);
+    mean_t = stat_tensor(mean);
+    var_t = stat_tensor(var);
+  } else {
+    mean_t = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true);
+    var_t = running_var->to(acc, /*non_blocking=*/false, /*copy=*/true);
+    std::copy_n(mean_t.const_data_ptr<A>(), pb.Cout, mean.begin());
+    std::copy_n(var_t.const_data_ptr<A>(), pb.Cout, var.begin());
+  }
+  if (pb.M == 0 || pb.Cout == 0) return {in_format(out, output_format(x)), mean_t, var_t};
+
+  // Fold BN: scale goes into the packed weights, shift into the epilogue.
+  const at::Tensor gamma = acc_vector(bn_weight, acc), beta = acc_vector(bn_bias, acc);
+  const A* gd = gamma.const_data_ptr<A>();
+  const A* bd = beta.const_data_ptr<A>();
+  std::vector<A> scale(static_cast<size_t>(pb.Cout)), shift(scale);
+  for (int64_t c = 0; c < pb.Cout; ++c) {
+    const BnAffine<A> f = fold_bn<A>(gd[c], bd[c], mean[c], var[c], static_cast<A>(pb.eps));
+    scale[c] = f.scale;
+    shift[c] = f.shift;
+  }
+  const auto [gemm, tp] = plan_tiles<A>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/false);
+  const WeightPanels<T, A> wp(weight, isa, gemm.NR, scale.data());
+
+  FwdEpilogueArgs<T, A> base{};
+  base.shift = shift.data();
+  base.out = dense_rows<T>(out.data_ptr<T>(), pb.Cout);
+  at::Tensor res_i;
+  if (has_res) {
+    res_i = channels_innermost(*residual);
+    base.res = rows_of<const T>(res_i);
+  }
+  const FwdEpilogueFn<T> epilogue = select_fwd_epilogue<T>(isa, pb.act, has_res);
+  auto prefetch = [&](int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+    prefetch_block(base.out, row0, rows, col0, ncols, /*write=*/true);
+    if (has_res) prefetch_block(base.res, row0, rows, col0, ncols, /*write=*/false);
+  };
+  tiled_gemm<T, A>(tp, xr, wp, gemm, prefetch,
+                   [&](int64_t, int64_t row0, int64_t rows, int64_t j, const A* block) {
+                     FwdEpilogueArgs<T, A> e = base;
+                     e.c = block;
+                     e.ldc = gemm.NR;
+                     e.row0 = row0;
+                     e.rows = rows;
+                     e.col0 = j * gemm.NR;
+                     e.ncols = std::min<int64_t>(gemm.NR, pb.Cout - e.col0);
+                     epilogue(e);
+                   });
+  return {in_format(out, output_format(x)), mean_t, var_t};
+}
+
+// ---- backward --------------------------------------------------------------------------------
+
+constexpr int64_t kGradWeightChunk = 256;  // pixel rows per grad_weight partial
+
+// grad_weight[co][ci] = sum_m dy[m][co] * x[m][ci]: a GEMM with the pixels as the reduction,
+// rows = output channels (dy^T of a chunk, transposed once per chunk), panels = x's input
+// channels (rows of x copied). Partials per fixed chunk of pixels are summed in chunk order.
+template <class T, class A>
+void grad_weight_gemm(const Problem& pb, const Rows<const T>& xr, const A* dy, Isa isa,
+                      A* grad_w) {
+  const GemmPlan<A> gemm = plan_gemm<A>(isa, pb.Cin);
+  const int NR = gemm.NR;
+  const int64_t cin_pad = round_up(pb.Cin, NR), cout_pad = round_up(pb.Cout, gemm.MR);
+  const int64_t npanels = cin_pad / NR;
+  int64_t chunk = kGradWeightChunk;  // grown (by problem size only) to bound partials memory
+  while (ceil_div(pb.M, chunk) * cout_pad * cin_pad > (int64_t(1) << 24)) chunk *= 2;
+  const int64_t nchunks = ceil_div(pb.M, chunk), ldt = chunk + 16;
+  Scratch<A> partial(nchunks * cout_pad * cin_pad);
+  const auto transpose = select_kernel<TransposeKernel<A, A>>(isa);
+
+  at::parallel_for(0, nchunks * npanels, 1, [&](int64_t begin, int64_t end) {
+    A* dyt = thread_scratch<A>(0, cout_pad * ldt);
+    A* xpanel = thread_scratch<A>(1, chunk * NR);
+    int64_t transposed = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t ch = item / npanels, j = item % npanels;
+      const int64_t m0 = ch * chunk, rows = std::min(chunk, pb.M - m0);
+      if (ch != transposed) {
+        transpose({dy + m0 * pb.Cout, pb.Cout, rows, pb.Cout, nullptr, dyt, ldt, rows,
+                   cout_pad});
+        transposed = ch;
+      }
+      rows_to_panels<T, A>([&](int64_t k) { return xr.row(m0 + k); }, 1, rows, pb.Cin, NR, j,
+                           j + 1, xpanel);
+      gemm.fn({rows, dyt, ldt, pb.Cout, xpanel,
+               partial.get() + ch * cout_pad * cin_pad + j * NR, cin_pad});
+    }
+  });
+  at::parallel_for(0, pb.Cout, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t co = c0; co < c1; ++co)
+      for (int64_t ci = 0; ci < pb.Cin; ++ci) {
+        A s = A(0);
+        for (int64_t ch = 0; ch < nchunks; ++ch)
+          s += partial.get()[(ch * cout_pad + co) * cin_pad + ci];
+        grad_w[co * pb.Cin + ci] = s;
+      }
+  });
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const Problem& pb, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean_in,
+    const at::Tensor& var_in, const std::optional<at::Tensor>& residual) {
+  using A = acc_type<T>;
+  const at::ScalarType acc = stat_dtype(x);
+  const bool has_res = residual.has_value() && residual->defined();
+  const auto acc_opts = x.options().dtype(acc);
+  at::Tensor grad_x = empty_nhwc({pb.N, pb.Cin, pb.H, pb.W}, x.options());
+  at::Tensor grad_res = has_res ? empty_nhwc({pb.N, pb.Cout, pb.H, pb.W}, x.options())
+                                : at::empty({0}, x.options());
+  at::Tensor grad_w = at::zeros({pb.Cout, pb.Cin}, acc_opts);
+  at::Tensor grad_gamma = at::zeros({pb.Cout}, acc_opts);
+  at::Tensor grad_beta = at::zeros({pb.Cout}, acc_opts);
+  auto finish = [&] {
+    return std::make_tuple(
+        in_format(grad_x, output_format(x)),
+        grad_w.to(weight.scalar_type()).view({pb.Cout, pb.Cin, 1, 1}),
+        grad_gamma.to(bn_weight.scalar_type()), grad_beta.to(bn_bias.scalar_type()),
+        has_res ? in_format(grad_res, output_format(*residual)) : grad_res);
+  };
+  if (pb.M == 0 || pb.Cout == 0) {
+    grad_x.zero_();
+    return finish();
+  }
+  const Isa isa = cpu_isa();
+  const at::Tensor gamma = acc_vector(bn_weight, acc), beta = acc_vector(bn_bias, acc);
+  const at::Tensor mean = acc_vector(mean_in, acc), var = acc_vector(var_in, acc);
+  std::vector<A> invstd(static_cast<size_t>(pb.Cout));
+  const A* vd = var.const_data_ptr<A>();
+  for (int64_t c = 0; c < pb.Cout; ++c) invstd[c] = inv_std<A>(vd[c], static_cast<A>(pb.eps));
+
+  // Pass 1: recompute y = conv(x) tile by tile; g, xhat, grad_residual and per-tile sums.
+  const at::Tensor xi = channels_innermost(x);
+  const Rows<const T> xr = rows_of<const T>(xi);
+  const auto [gemm, tp] = plan_tiles<A>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/true);
+  const WeightPanels<T, A> wp(weight, isa, gemm.NR, nullptr);
+  at::Tensor g_buf = at::empty({pb.M, pb.Cout}, acc_opts);
+  at::Tensor xhat_buf = at::empty({pb.M, pb.Cout}, acc_opts);
+  at::Tensor sums = at::zeros({2, tp.ntiles, pb.Cout}, acc_opts);
+  const at::Tensor go_i = channels_innermost(grad_out);
+  at::Tensor res_i;
+  BwdEpilogueArgs<T, A> base{};
+  base.mean = mean.const_data_ptr<A>();
+  base.invstd = invstd.data();
+  base.gamma = gamma.const_data_ptr<A>();
+  base.beta = beta.const_data_ptr<A>();
+  base.grad_out = rows_of<const T>(go_i);
+  if (has_res) {
+    res_i = channels_innermost(*residual);
+    base.res = rows_of<const T>(res_i);
+    base.grad_res = dense_rows<T>(grad_res.data_ptr<T>(), pb.Cout);
+  }
+  base.g = g_buf.data_ptr<A>();
+  base.xhat = xhat_buf.data_ptr<A>();
+  base.ld = pb.Cout;
+  A* sum_g = sums.data_ptr<A>();
+  A* sum_gx = sum_g + tp.ntiles * pb.Cout;
+  const BwdEpilogueFn<T> epilogue = select_bwd_epilogue<T>(isa, pb.act, has_res);
+  auto prefetch = [&](int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+    prefetch_block(base.grad_out, row0, rows, col0, ncols, /*write=*/false);
+    if (has_res) prefetch_block(base.res, row0, rows, col0, ncols, /*write=*/false);
+  };
+  tiled_gemm<T, A>(tp, xr, wp, gemm, prefetch,
+                   [&](int64_t t, int64_t row0, int64_t rows, int64_t j, const A* block) {
+                     BwdEpilogueArgs<T, A> e = base;
+                     e.c = block;
+                     e.ldc = gemm.NR;
+                     e.row0 = row0;
+                     e.rows = rows;
+                     e.col0 = j * gemm.NR;
+                     e.ncols = std::min<int64_t>(gemm.NR, pb.Cout - e.col0);
+                     e.sum_g = sum_g + t * pb.Cout;
+                     e.sum_gx = sum_gx + t * pb.Cout;
+                     epilogue(e);
+                   });
+
+  // dbeta = sum g, dgamma = sum g * xhat (tile partials in tile order), then the coefficients
+  // of dy = a * g + b * xhat + c.
+  std::vector<A> ca(static_cast<size_t>(pb.Cout)), cb(ca), cc(ca);
+  A* dgamma = grad_gamma.data_ptr<A>();
+  A* dbeta = grad_beta.data_ptr<A>();
+  for (int64_t c = 0; c < pb.Cout; ++c) {
+    double sg = 0.0, sgx = 0.0;
+    for (int64_t t = 0; t < tp.ntiles; ++t) {
+      sg += sum_g[t * pb.Cout + c];
+      sgx += sum_gx[t * pb.Cout + c];
+    }
+    dbeta[c] = static_cast<A>(sg);
+    dgamma[c] = static_cast<A>(sgx);
+    const BnBackwardCoeffs<A> k = bn_backward_coeffs<A>(
+        base.gamma[c], invstd[c], static_cast<A>(sg), static_cast<A>(sgx),
+        static_cast<A>(pb.M), pb.training);
+    ca[c] = k.a;
+    cb[c] = k.b;
+    cc[c] = k.c;
+  }
+  // Pass 2: dy in place of g.
+  A* dy = g_buf.data_ptr<A>();
+  const A* xh = xhat_buf.const_data_ptr<A>();
+  at::parallel_for(0, pb.M, std::max<int64_t>(1, 32768 / pb.Cout), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      dy_row(pb.Cout, dy + m * pb.Cout, xh + m * pb.Cout, ca.data(), cb.data(), cc.data());
+  });
+  xhat_buf = at::Tensor();
+
+  // grad_x = dy @ W: the forward machinery with panels over input channels and a plain store.
+  if (pb.Cin > 0) {
+    const auto [gx, tx] = plan_tiles<A>(isa, pb.M, pb.Cout, pb.Cin, /*chunk_tiles=*/false);
+    const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
+    const T* w = weight.const_data_ptr<T>();
+    // B[k = co][col = ci]: rows of W, copied.
+    auto wt_panels = [&](int64_t j0, int64_t j1, A* dst) {
+      rows_to_panels<T, A>([&](int64_t k) { return w + k * s0; }, s1, pb.Cout, pb.Cin, gx.NR,
+                           j0, j1, dst);
+    };
+    const std::vector<A> zero(static_cast<size_t>(pb.Cin), A(0));
+    FwdEpilogueArgs<T, A> xbase{};
+    xbase.shift = zero.data();
+    xbase.out = dense_rows<T>(grad_x.data_ptr<T>(), pb.Cin);
+    const FwdEpilogueFn<T> store = select_fwd_epilogue<T>(isa, Act::Identity, false);
+    auto prefetch = [&](int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+      prefetch_block(xbase.out, row0, rows, col0, ncols, /*write=*/true);
+    };
+    tiled_gemm<A, A>(tx, dense_rows<const A>(dy, pb.Cout), wt_panels, gx, prefetch,
+                     [&](int64_t, int64_t row0, int64_t rows, int64_t j, const A* block) {
+                       FwdEpilogueArgs<T, A> e = xbase;
+                       e.c = block;
+                       e.ldc = gx.NR;
+                       e.row0 = row0;
+                       e.rows = rows;
+                       e.col0 = j * gx.NR;
+                       e.ncols = std::min<int64_t>(gx.NR, pb.Cin - e.col0);
+                       store(e);
+                     });
+    grad_weight_gemm<T, A>(pb, xr, dy, isa, grad_w.data_ptr<A>());
+  }
+  return finish();
+}
+
+// ---- argument checks -------------------------------------------------------------------------
+
+Problem check_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& residual, c10::string_view act,
+                     bool training, double eps) {
+  check_float_input(op, "x", x, 4);
+  check_float_input(op, "weight", weight, 4);
+  check_same(op, "weight", weight, x);
+  Problem pb{};
+  pb.N = x.size(0);
+  pb.Cin = x.size(1);
+  pb.H = x.size(2);
+  pb.W = x.size(3);
+  pb.Cout = weight.size(0);
+  pb.M = pb.N * pb.H * pb.W;
+  EFFK_CHECK(op, weight.size(1) == pb.Cin && weight.size(2) == 1 && weight.size(3) == 1,
+             "weight must have shape (Cout, Cin, 1, 1) with Cin == x.size(1) == ", pb.Cin,
+             "; got ", weight.sizes());
+  if (residual.has_value() && residual->defined()) {
+    check_float_input(op, "residual", *residual, 4);
+    check_same(op, "residual", *residual, x);
+    EFFK_CHECK(op, residual->sizes() == at::IntArrayRef({pb.N, pb.Cout, pb.H, pb.W}),
+               "residual must have shape (N, Cout, H, W) = (", pb.N, ", ", pb.Cout, ", ", pb.H,
+               ", ", pb.W, "); got ", residual->sizes());
+  }
+  EFFK_CHECK(op, eps >= 0.0, "eps must be >= 0; got ", eps);
+  pb.act = parse_act(op, act);
+  pb.training = training;
+  pb.eps = eps;
+  return pb;
+}
+
+void check_stat(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                int64_t channels) {
+  EFFK_CHECK(op, t.defined(), name, " must be a tensor");
+  EFFK_CHECK(op, t.dim() == 1 && t.size(0) == channels, name, " must have shape (", channels,
+             ",); got ", t.sizes());
+  EFFK_CHECK(op, t.device() == x.device(), name, " must be on ", x.device(), " like x; got ",
+             t.device());
+  EFFK_CHECK(op, t.is_floating_point(), name, " must be floating point; got ", t.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
+    c10::string_view act, bool training, double eps) {
+  const Problem pb = check_common(kOp, x, weight, residual, act, training, eps);
+  check_bn_args(kOp, x, pb.Cout, bn_weight, bn_bias, running_mean, running_var, training);
+  check_training_count(kOp, pb.M, training);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
+    return forward_impl<scalar_t>(pb, x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                  residual);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
+    const at::Tensor& var, const std::optional<at::Tensor>& residual, c10::string_view act,
+    bool training, double eps) {
+  const Problem pb = check_common(kBwdOp, x, weight, residual, act, training, eps);
+  check_float_input(kBwdOp, "grad_out", grad_out, 4);
+  check_same(kBwdOp, "grad_out", grad_out, x);
+  EFFK_CHECK(kBwdOp, grad_out.sizes() == at::IntArrayRef({pb.N, pb.Cout, pb.H, pb.W}),
+             "grad_out must have shape (N, Cout, H, W) = (", pb.N, ", ", pb.Cout, ", ", pb.H,
+             ", ", pb.W, "); got ", grad_out.sizes());
+  check_bn_args(kBwdOp, x, pb.Cout, bn_weight, bn_bias, std::nullopt, std::nullopt,
+                /*training=*/true);
+  check_stat(kBwdOp, "mean", mean, x, pb.Cout);
+  check_stat(kBwdOp, "var", var, x, pb.Cout);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBwdOp, [&] {
+    return backward_impl<scalar_t>(pb, grad_out, x, weight, bn_weight, bn_bias, mean, var,
+                                   residual);
+  });
+}
+
+}  // namespace effkernels::cpu
+
+TORCH_LIBRARY_IMPL(effkernels, CPU, m) {
+  m.impl("pwconv_bn_act", &effkernels::cpu::pwconv_bn_act);
+  m.impl("pwconv_bn_act_backward", &effkernels::cpu::pwconv_bn_act_backward);
+}
