@@ -1,0 +1,284 @@
+// ctest for the C++ library: the shared host-device headers, and the CPU kernels called through
+// the dispatcher (as a libtorch user would) against ATen's own conv + batch_norm + activation,
+// with gradients from libtorch autograd. Usage: effkernels_tests <case>.
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <string>
+
+#include "effkernels/activation.h"
+#include "effkernels/conv_geometry.h"
+
+namespace {
+
+using namespace effkernels;
+using OptT = std::optional<at::Tensor>;
+using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+void expect_close(const at::Tensor& a, const at::Tensor& b, double tol, const std::string& what) {
+  const double err = (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+  const double scale = std::max(1.0, b.abs().max().item<double>());
+  expect(err <= tol * scale, what + ": max abs error " + std::to_string(err));
+}
+
+const Act kActs[] = {Act::Identity, Act::ReLU, Act::ReLU6, Act::HSwish,
+                     Act::SiLU,     Act::HSigmoid, Act::Sigmoid};
+const char* kActNames[] = {"identity", "relu", "relu6", "hswish", "silu", "hsigmoid", "sigmoid"};
+
+at::Tensor aten_act(const at::Tensor& z, Act a) {
+  switch (a) {
+    case Act::ReLU: return torch::relu(z);
+    case Act::ReLU6: return torch::hardtanh(z, 0, 6);
+    case Act::HSwish: return torch::hardswish(z);
+    case Act::SiLU: return torch::silu(z);
+    case Act::HSigmoid: return torch::hardsigmoid(z);
+    case Act::Sigmoid: return torch::sigmoid(z);
+    default: return z;
+  }
+}
+
+void test_headers() {
+  // Activations and derivatives against ATen's forward and autograd, on the kinks too.
+  auto z = torch::cat({torch::linspace(-7.9, 7.9, 317, torch::kDouble),
+                       torch::tensor({-3.0, 0.0, 3.0, 6.0}, torch::kDouble)});
+  for (int i = 0; i < 7; ++i) {
+    auto zz = z.clone().requires_grad_();
+    auto y = aten_act(zz, kActs[i]);
+    auto dy = torch::autograd::grad({y.sum()}, {zz}, {}, false, false, true)[0];
+    if (!dy.defined()) dy = torch::ones_like(z);
+    auto ours = torch::empty_like(z), ours_d = torch::empty_like(z);
+    for (int64_t j = 0; j < z.numel(); ++j) {
+      const double v = z[j].item<double>();
+      ours[j] = act_forward(kActs[i], v);
+      ours_d[j] = act_derivative(kActs[i], v);
+    }
+    expect_close(ours, y.detach(), 1e-12, std::string("act_forward ") + kActNames[i]);
+    expect_close(ours_d, dy, 1e-12, std::string("act_derivative ") + kActNames[i]);
+  }
+  // Output sizes equal ATen's conv2d for odd sizes, strides, paddings, dilations.
+  for (int64_t h : {1, 7, 11, 16}) {
+    for (int64_t k : {1, 3, 5}) {
+      for (int64_t s : {1, 2}) {
+        for (int64_t d : {1, 2}) {
+          const int64_t p = d * (k - 1) / 2;
+          if (h + 2 * p < d * (k - 1) + 1) continue;
+          auto out = torch::conv2d(torch::zeros({1, 1, h, h}), torch::zeros({1, 1, k, k}), {},
+                                   s, p, d);
+          expect(out.size(2) == conv_out_size(h, k, s, p, d), "conv_out_size");
+        }
+      }
+    }
+  }
+  // BN folding equals eval batch_norm; the backward coefficients equal autograd's.
+  auto y = torch::randn({64, 3}, torch::kDouble);
+  auto g = torch::rand({3}, torch::kDouble) + 0.5, b = torch::randn({3}, torch::kDouble);
+  auto m = torch::randn({3}, torch::kDouble), v = torch::rand({3}, torch::kDouble) + 0.5;
+  auto ref = torch::batch_norm(y, g, b, m, v, false, 0.1, 1e-5, false);
+  for (int c = 0; c < 3; ++c) {
+    const auto f = fold_bn(g[c].item<double>(), b[c].item<double>(), m[c].item<double>(),
+                           v[c].item<double>(), 1e-5);
+    expect_close(y.select(1, c) * f.scale + f.shift, ref.select(1, c), 1e-12, "fold_bn");
+  }
+  for (bool training : {true, false}) {
+    auto yy = y.clone().requires_grad_();
+    auto rm = m.clone(), rv = v.clone();
+    auto z = torch::batch_norm(yy, g, b, rm, rv, training, 0.1, 1e-5, false);
+    auto grad = torch::randn_like(z);
+    auto dy = torch::autograd::grad({z}, {yy}, {grad})[0];
+    auto mean = training ? y.mean(0) : m;
+    auto var = training ? y.var(0, false) : v;
+    for (int c = 0; c < 3; ++c) {
+      const double invstd = 1.0 / std::sqrt(var[c].item<double>() + 1e-5);
+      auto xhat = (y.select(1, c) - mean[c]) * invstd;
+      auto gc = grad.select(1, c);
+      const auto k = bn_backward_coeffs(g[c].item<double>(), invstd, gc.sum().item<double>(),
+                                        (gc * xhat).sum().item<double>(), 64.0, training);
+      expect_close(gc * k.a + xhat * k.b + k.c, dy.select(1, c), 1e-10, "bn_backward_coeffs");
+    }
+  }
+}
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// Runs `ours` (forward op + backward op) and `ref` (ATen + autograd) on the same leaves, in
+// training and eval, for every activation, and compares output, stats and gradients.
+void compare(const std::string& name, std::vector<at::Tensor> leaves,
+             const std::function<Fwd(const std::vector<at::Tensor>&, const std::string&, bool)>&
+                 ours_fwd,
+             const std::function<std::vector<at::Tensor>(const at::Tensor&, const Fwd&,
+                                                         const std::string&, bool)>& ours_bwd,
+             const std::function<at::Tensor(const std::vector<at::Tensor>&, const std::string&,
+                                            bool)>& ref_fwd) {
+  for (bool training : {true, false}) {
+    for (int i = 0; i < 5; ++i) {
+      const std::string act = kActNames[i];
+      const std::string tag = name + (training ? " train " : " eval ") + act;
+      auto fwd = ours_fwd(leaves, act, training);
+      std::vector<at::Tensor> ref_leaves;
+      for (auto& t : leaves) ref_leaves.push_back(t.detach().to(at::kDouble).requires_grad_());
+      auto ref = ref_fwd(ref_leaves, act, training);
+      expect_close(std::get<0>(fwd), ref, 1e-5, tag + " out");
+      auto grad = torch::randn_like(ref);
+      auto ref_grads = torch::autograd::grad({ref}, ref_leaves, {grad});
+      auto grads = ours_bwd(grad.to(leaves[0].scalar_type()), fwd, act, training);
+      for (size_t j = 0; j < grads.size(); ++j)
+        expect_close(grads[j], ref_grads[j], 1e-4, tag + " grad " + std::to_string(j));
+    }
+  }
+}
+
+at::Tensor bn_ref(const at::Tensor& y, const std::vector<at::Tensor>& l, size_t gi,
+                  const at::Tensor& rm, const at::Tensor& rv, bool training) {
+  return torch::batch_norm(y, l[gi], l[gi + 1], rm.to(at::kDouble), rv.to(at::kDouble),
+                           training, 0.1, 1e-5, false);
+}
+
+Act act_of(const std::string& s) {
+  for (int i = 0; i < 7; ++i)
+    if (s == kActNames[i]) return kActs[i];
+  return Act::Identity;
+}
+
+void test_dwconv() {
+  auto dw = op<Fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const OptT&, const OptT&, int64_t, int64_t, int64_t, c10::string_view, bool,
+                   double)>("effkernels::dwconv_bn_act");
+  auto dw_bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+      c10::string_view, bool, double)>("effkernels::dwconv_bn_act_backward");
+  const int64_t C = 13;
+  auto rm = torch::randn({C}) * 0.2, rv = torch::rand({C}) + 0.5;
+  std::vector<at::Tensor> leaves = {
+      torch::randn({2, C, 9, 11}).contiguous(at::MemoryFormat::ChannelsLast),
+      torch::randn({C, 1, 5, 5}) * 0.2, torch::rand({C}) + 0.5, torch::randn({C}) * 0.2};
+  compare(
+      "dwconv", leaves,
+      [&](const std::vector<at::Tensor>& l, const std::string& act, bool tr) {
+        return dw.call(l[0], l[1], l[2], l[3], rm, rv, 2, 2, 1, act, tr, 1e-5);
+      },
+      [&](const at::Tensor& g, const Fwd& f, const std::string& act, bool tr) {
+        auto r = dw_bwd.call(g, leaves[0], leaves[1], leaves[2], leaves[3], std::get<1>(f),
+                             std::get<2>(f), 2, 2, 1, act, tr, 1e-5);
+        return std::vector<at::Tensor>{std::get<0>(r), std::get<1>(r), std::get<2>(r),
+                                       std::get<3>(r)};
+      },
+      [&](const std::vector<at::Tensor>& l, const std::string& act, bool tr) {
+        auto y = torch::conv2d(l[0], l[1], {}, 2, 2, 1, C);
+        return aten_act(bn_ref(y, l, 2, rm, rv, tr), act_of(act));
+      });
+}
+
+void test_pwconv() {
+  auto pw = op<Fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const OptT&, const OptT&, const OptT&, c10::string_view, bool, double)>(
+      "effkernels::pwconv_bn_act");
+  auto pw_bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, c10::string_view,
+      bool, double)>("effkernels::pwconv_bn_act_backward");
+  const int64_t Cin = 19, Cout = 19;
+  auto rm = torch::randn({Cout}) * 0.2, rv = torch::rand({Cout}) + 0.5;
+  std::vector<at::Tensor> leaves = {
+      torch::randn({2, Cin, 7, 5}).contiguous(at::MemoryFormat::ChannelsLast),
+      torch::randn({Cout, Cin, 1, 1}) * 0.2, torch::rand({Cout}) + 0.5,
+      torch::randn({Cout}) * 0.2, torch::randn({2, Cout, 7, 5})};
+  compare(
+      "pwconv", leaves,
+      [&](const std::vector<at::Tensor>& l, const std::string& act, bool tr) {
+        return pw.call(l[0], l[1], l[2], l[3], rm, rv, l[4], act, tr, 1e-5);
+      },
+      [&](const at::Tensor& g, const Fwd& f, const std::string& act, bool tr) {
+        auto r = pw_bwd.call(g, leaves[0], leaves[1], leaves[2], leaves[3], std::get<1>(f),
+                             std::get<2>(f), leaves[4], act, tr, 1e-5);
+        return std::vector<at::Tensor>{std::get<0>(r), std::get<1>(r), std::get<2>(r),
+                                       std::get<3>(r), std::get<4>(r)};
+      },
+      [&](const std::vector<at::Tensor>& l, const std::string& act, bool tr) {
+        auto y = torch::conv2d(l[0], l[1]);
+        return aten_act(bn_ref(y, l, 2, rm, rv, tr) + l[4], act_of(act));
+      });
+}
+
+void test_mixconv() {
+  auto mix = op<Fwd(const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&,
+                    const OptT&, const OptT&, int64_t, int64_t, c10::string_view, bool,
+                    double)>("effkernels::mixconv_bn_act");
+  const int64_t C = 9;
+  auto x = torch::randn({2, C, 8, 7}), w0 = torch::randn({4, 1, 3, 3}) * 0.3,
+       w1 = torch::randn({5, 1, 7, 7}) * 0.1;
+  auto g = torch::rand({C}) + 0.5, b = torch::randn({C}) * 0.2;
+  auto rm = torch::randn({C}) * 0.2, rv = torch::rand({C}) + 0.5;
+  for (bool tr : {true, false}) {
+    auto out = std::get<0>(mix.call(x, {w0, w1}, g, b, rm, rv, 2, 1, "silu", tr, 1e-5));
+    auto parts = x.split_with_sizes({4, 5}, 1);
+    auto y = torch::cat({torch::conv2d(parts[0], w0, {}, 2, 1, 1, 4),
+                         torch::conv2d(parts[1], w1, {}, 2, 3, 1, 5)}, 1);
+    auto ref = torch::silu(torch::batch_norm(y, g, b, rm.clone(), rv.clone(), tr, 0.1, 1e-5,
+                                             false));
+    expect_close(out, ref, 1e-5, std::string("mixconv ") + (tr ? "train" : "eval"));
+  }
+}
+
+void test_inverted_residual() {
+  auto ir = op<std::tuple<at::Tensor, std::vector<at::Tensor>>(
+      const at::Tensor&, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+      int64_t, int64_t, c10::string_view, c10::string_view, c10::string_view, bool, bool,
+      double)>("effkernels::inverted_residual");
+  auto stage = [](int64_t cout, int64_t cin, int64_t k) {
+    return std::vector<at::Tensor>{torch::randn({cout, cin, k, k}) * 0.3,
+                                   torch::rand({cout}) + 0.5, torch::randn({cout}) * 0.2,
+                                   torch::randn({cout}) * 0.2, torch::rand({cout}) + 0.5};
+  };
+  auto x = torch::randn({2, 8, 9, 9}).contiguous(at::MemoryFormat::ChannelsLast);
+  auto e = stage(24, 8, 1), d = stage(24, 1, 3), p = stage(8, 24, 1);
+  std::vector<at::Tensor> se = {torch::randn({6, 24, 1, 1}) * 0.3, torch::randn({6}),
+                                torch::randn({24, 6, 1, 1}) * 0.3, torch::randn({24})};
+  auto out = std::get<0>(ir.call(x, e, d, se, p, 1, 1, "hswish", "relu", "hsigmoid", true,
+                                 false, 1e-5));
+  auto bn = [](const at::Tensor& y, const std::vector<at::Tensor>& s) {
+    return torch::batch_norm(y, s[1], s[2], s[3], s[4], false, 0.1, 1e-5, false);
+  };
+  auto h = torch::hardswish(bn(torch::conv2d(x, e[0]), e));
+  h = torch::hardswish(bn(torch::conv2d(h, d[0], {}, 1, 1, 1, 24), d));
+  auto s = torch::relu(torch::conv2d(h.mean({2, 3}, true), se[0], se[1]));
+  h = h * torch::hardsigmoid(torch::conv2d(s, se[2], se[3]));
+  auto ref = bn(torch::conv2d(h, p[0]), p) + x;
+  expect_close(out, ref, 1e-5, "inverted_residual eval");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::map<std::string, std::function<void()>> cases = {
+      {"headers", test_headers}, {"dwconv", test_dwconv},   {"pwconv", test_pwconv},
+      {"mixconv", test_mixconv}, {"inverted_residual", test_inverted_residual}};
+  torch::manual_seed(0);
+  if (argc != 2 || !cases.count(argv[1])) {
+    std::printf("usage: effkernels_tests headers|dwconv|pwconv|mixconv|inverted_residual\n");
+    return 2;
+  }
+  try {
+    cases.at(argv[1])();
+  } catch (const std::exception& e) {
+    std::printf("FAIL: exception: %s\n", e.what());
+    return 1;
+  }
+  std::printf("%s: %s\n", argv[1], failures ? "FAILED" : "passed");
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,97 @@
+"""Backend selection: what is available and why not, explicit choices, no silent fallback, and
+the package working on the reference path when the extension is missing."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import effkernels
+from effkernels import ops
+
+from .helpers import bn_params, conv_weight
+
+
+def _dw(x):
+    g, b, rm, rv = bn_params(x.shape[1], x.device)
+    w = conv_weight((x.shape[1], 1, 3, 3), x.dtype, x.device)
+    return ops.dwconv_bn_act(x, w, g, b, rm, rv)
+
+
+def test_available_backends_names_every_backend_with_a_reason():
+    for device in ("cpu", "cuda"):
+        status = effkernels.available_backends(device)
+        assert set(status) == {"cpu", "cuda", "triton", "reference"}
+        assert status["reference"] == "available"
+        for name, why in status.items():
+            assert isinstance(why, str) and why, name
+    assert effkernels.available_backends("cpu")["cpu"] == "available"
+    assert "CUDA tensors only" in effkernels.available_backends("cpu")["cuda"]
+
+
+def test_set_backend_and_context_manager():
+    assert effkernels.get_backend() == "auto"
+    with effkernels.backend("reference"):
+        assert effkernels.get_backend() == "reference"
+    assert effkernels.get_backend() == "auto"
+    effkernels.set_backend("cpu")
+    assert effkernels.get_backend() == "cpu"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        effkernels.set_backend("cudnn")
+
+
+def test_auto_picks_cpu_kernels_for_cpu_tensors():
+    assert effkernels._backend.resolve(torch.empty(1)) == "cpu"
+
+
+def test_explicit_backend_that_cannot_serve_raises():
+    x = torch.randn(1, 4, 5, 5)
+    with effkernels.backend("cuda"), pytest.raises(RuntimeError, match="cannot run this input"):
+        _dw(x)
+    with effkernels.backend("triton"), pytest.raises(RuntimeError, match="cannot run"):
+        _dw(x)
+
+
+def test_package_works_without_the_extension():
+    """With effkernels._C unavailable, import works, says why, and ops run on the reference."""
+    code = r"""
+import sys
+sys.modules["effkernels._C"] = None   # makes `import effkernels._C` fail
+import torch, effkernels
+from effkernels import ops
+status = effkernels.available_backends("cpu")
+assert "could not be loaded" in status["cpu"], status
+assert effkernels.extension_error()
+x = torch.randn(2, 3, 6, 6)
+g, b, rm, rv = torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3)
+y = ops.dwconv_bn_act(x, torch.randn(3, 1, 3, 3), g, b, rm, rv, training=True)
+assert y.shape == (2, 3, 6, 6) and rm.abs().sum() > 0
+with effkernels.backend("cpu"):
+    try:
+        ops.dwconv_bn_act(x, torch.randn(3, 1, 3, 3), g, b, rm, rv)
+    except RuntimeError as e:
+        assert "could not be loaded" in str(e)
+    else:
+        raise AssertionError("cpu backend must not silently fall back")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_triton_kernels_install_under_effkernels_only(tmp_path):
+    """triton_kernels/ is importable as effkernels.triton_kernels and not as a top-level
+    `triton_kernels` (other packages own that name). Checked from a neutral directory, since
+    pytest puts the repository root on sys.path."""
+    code = r"""
+import importlib.util, pathlib
+import effkernels.triton_kernels as tk
+ours = pathlib.Path(tk.__file__).resolve().parent
+assert ours.name == "triton_kernels", ours
+spec = importlib.util.find_spec("triton_kernels")
+assert spec is None or pathlib.Path(spec.origin).resolve().parent != ours, spec
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

@@ -1,0 +1,213 @@
+"""Every op x backend x dtype x memory format x shape against the float64 reference: output,
+all gradients and the running statistics, in training and eval mode."""
+import pytest
+import torch
+
+from .helpers import DTYPES, backends_for, bn_params, conv_weight, make_input
+from .opcase import check_op
+
+LAYOUTS = ["contiguous", "channels_last", "strided", "strided_cl"]
+CPU_BACKENDS = backends_for("cpu")
+CUDA_BACKENDS = [pytest.param(b.values[0], marks=[*b.marks, pytest.mark.cuda], id=b.id)
+                 for b in backends_for("cuda")]
+
+# (N, C, H, W, k, stride, dilation, padding)
+DW_SHAPES = [
+    (2, 8, 7, 11, 3, 1, 1, None),
+    (1, 13, 9, 9, 5, 2, 1, None),
+    (2, 3, 11, 7, 7, 1, 1, None),
+    (1, 5, 12, 10, 9, 2, 1, None),
+    (2, 6, 8, 8, 1, 1, 1, None),
+    (1, 7, 9, 13, 3, 1, 2, None),
+    (2, 4, 10, 9, 3, 2, 1, 0),
+    (1, 9, 13, 13, 11, 1, 1, None),
+    (3, 17, 5, 6, 3, 2, 1, None),
+]
+# (N, Cin, Cout, H, W, residual)
+PW_SHAPES = [
+    (2, 8, 16, 7, 11, False),
+    (1, 13, 7, 9, 9, True),
+    (2, 3, 17, 5, 6, False),
+    (1, 24, 24, 7, 7, True),
+    (2, 1, 5, 4, 3, True),
+    (1, 40, 33, 3, 5, False),
+]
+# (N, H, W, [(C_i, k_i)], stride, dilation)
+MIX_SHAPES = [
+    (2, 7, 11, [(4, 3), (3, 5), (2, 7)], 1, 1),
+    (1, 9, 9, [(5, 3), (6, 5)], 2, 1),
+    (2, 8, 10, [(3, 3), (3, 5), (3, 7), (2, 9)], 1, 2),
+]
+ACTS = ["identity", "relu", "relu6", "hswish", "silu"]
+# (N, Cin, Cout, H, W, expand ratio, k, stride, SE, (act, se_act, se_gate))
+IR_SHAPES = [
+    (2, 8, 8, 7, 9, 3, 3, 1, False, ("relu6", "relu", "sigmoid")),
+    (1, 6, 10, 9, 9, 4, 5, 2, True, ("hswish", "relu", "hsigmoid")),
+    (2, 8, 8, 6, 7, 1, 3, 1, True, ("silu", "silu", "sigmoid")),
+]
+
+
+def _bn_dtype(dtype):
+    # Mixed precision keeps BatchNorm parameters in fp32 (autocast, timm's AMP).
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def dw_case(shape, dtype, layout, act="relu6", training=True, device="cpu"):
+    n, c, h, w, k, stride, dil, pad = shape
+    g, b, rm, rv = bn_params(c, device, _bn_dtype(dtype))
+    tensors = dict(x=make_input((n, c, h, w), dtype, layout, device),
+                   weight=conv_weight((c, 1, k, k), dtype, device), bn_weight=g, bn_bias=b,
+                   running_mean=rm, running_var=rv)
+    kwargs = dict(stride=stride, padding=pad, dilation=dil, act=act, training=training)
+    return tensors, kwargs
+
+
+def pw_case(shape, dtype, layout, act="relu6", training=True, device="cpu"):
+    n, cin, cout, h, w, with_res = shape
+    g, b, rm, rv = bn_params(cout, device, _bn_dtype(dtype))
+    tensors = dict(x=make_input((n, cin, h, w), dtype, layout, device),
+                   weight=conv_weight((cout, cin, 1, 1), dtype, device), bn_weight=g, bn_bias=b,
+                   running_mean=rm, running_var=rv)
+    if with_res:
+        other = "contiguous" if layout != "contiguous" else "channels_last"
+        tensors["residual"] = make_input((n, cout, h, w), dtype, other, device)
+    return tensors, dict(act=act, training=training)
+
+
+def mix_case(shape, dtype, layout, act="relu6", training=True, device="cpu"):
+    n, h, w, groups, stride, dil = shape
+    c = sum(ci for ci, _ in groups)
+    g, b, rm, rv = bn_params(c, device, _bn_dtype(dtype))
+    tensors = dict(x=make_input((n, c, h, w), dtype, layout, device),
+                   weights=[conv_weight((ci, 1, k, k), dtype, device) for ci, k in groups],
+                   bn_weight=g, bn_bias=b, running_mean=rm, running_var=rv)
+    return tensors, dict(stride=stride, dilation=dil, act=act, training=training)
+
+
+def ir_case(shape, dtype, layout, training=True, device="cpu"):
+    n, cin, cout, h, w, t, k, stride, with_se, (act, se_act, se_gate) = shape
+    mid = cin * t
+
+    def stage(cout_, cin_, k_):
+        wshape = (cout_, 1, k_, k_) if cin_ == 1 else (cout_, cin_, 1, 1)
+        return [conv_weight(wshape, dtype, device), *bn_params(cout_, device, _bn_dtype(dtype))]
+
+    se = []
+    if with_se:
+        r = max(1, mid // 4)
+        se = [conv_weight((r, mid, 1, 1), dtype, device), torch.randn(r, device=device).to(dtype),
+              conv_weight((mid, r, 1, 1), dtype, device),
+              torch.randn(mid, device=device).to(dtype)]
+    tensors = dict(x=make_input((n, cin, h, w), dtype, layout, device),
+                   expand=stage(mid, cin, 1) if t != 1 else [], depthwise=stage(mid, 1, k),
+                   se=se, project=stage(cout, mid, 1))
+    return tensors, dict(stride=stride, act=act, se_act=se_act, se_gate=se_gate,
+                         training=training)
+
+
+# ---- depthwise -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", DW_SHAPES, ids=str)
+def test_dwconv_fp32(backend, shape, layout, training):
+    check_op("dwconv_bn_act", *dw_case(shape, torch.float32, layout, training=training),
+             backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DW_SHAPES[:4], ids=str)
+def test_dwconv_dtypes(backend, shape, dtype, training):
+    check_op("dwconv_bn_act", *dw_case(shape, dtype, "channels_last", training=training),
+             backend, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("act", ACTS)
+def test_dwconv_acts(backend, act):
+    for training in (True, False):
+        check_op("dwconv_bn_act", *dw_case(DW_SHAPES[0], torch.float32, "channels_last", act,
+                                           training), backend, torch.float32)
+
+
+# ---- pointwise -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", PW_SHAPES, ids=str)
+def test_pwconv_fp32(backend, shape, layout, training):
+    check_op("pwconv_bn_act", *pw_case(shape, torch.float32, layout, training=training),
+             backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", PW_SHAPES[:4], ids=str)
+def test_pwconv_dtypes(backend, shape, dtype, training):
+    check_op("pwconv_bn_act", *pw_case(shape, dtype, "channels_last", training=training),
+             backend, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("act", ACTS)
+def test_pwconv_acts(backend, act):
+    for training in (True, False):
+        check_op("pwconv_bn_act", *pw_case(PW_SHAPES[1], torch.float32, "contiguous", act,
+                                           training), backend, torch.float32)
+
+
+# ---- mixconv -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", MIX_SHAPES, ids=str)
+def test_mixconv_fp32(backend, shape, layout, training):
+    check_op("mixconv_bn_act", *mix_case(shape, torch.float32, layout, "silu", training),
+             backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixconv_dtypes(backend, dtype):
+    check_op("mixconv_bn_act", *mix_case(MIX_SHAPES[0], dtype, "channels_last"), backend, dtype)
+
+
+# ---- inverted residual ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", IR_SHAPES, ids=str)
+def test_inverted_residual_fp32(backend, shape, layout, training):
+    check_op("inverted_residual", *ir_case(shape, torch.float32, layout, training), backend,
+             torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inverted_residual_dtypes(backend, dtype):
+    check_op("inverted_residual", *ir_case(IR_SHAPES[1], dtype, "channels_last"), backend,
+             dtype)
+
+
+# ---- on a GPU: the same checks for the CUDA-device backends ---------------------------------
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_ops_on_gpu(backend, dtype, layout):
+    for op, case, shapes in (("dwconv_bn_act", dw_case, DW_SHAPES),
+                             ("pwconv_bn_act", pw_case, PW_SHAPES),
+                             ("mixconv_bn_act", mix_case, MIX_SHAPES),
+                             ("inverted_residual", ir_case, IR_SHAPES)):
+        for shape in shapes:
+            for training in (True, False):
+                tensors, kwargs = case(shape, dtype, layout, training=training,
+                                       device="cuda")
+                check_op(op, tensors, kwargs, backend, dtype)
