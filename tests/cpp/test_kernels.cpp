@@ -65,7 +65,8 @@ void test_headers() {
       ours_d[j] = act_derivative(kActs[i], v);
     }
     expect_close(ours, y.detach(), 1e-12, std::string("act_forward ") + kActNames[i]);
-    expect_close(ours_d, dy, 1e-12, std::string("act_derivative ") + kActNames[i]);
+    // 1e-8: ATen's hardsigmoid backward multiplies by a float 1/6 even in double.
+    expect_close(ours_d, dy, 1e-8, std::string("act_derivative ") + kActNames[i]);
   }
   // Output sizes equal ATen's conv2d for odd sizes, strides, paddings, dilations.
   for (int64_t h : {1, 7, 11, 16}) {
