@@ -6,6 +6,7 @@ generated PTX. No GPU needed. Exits non-zero if any kernel fails to compile.
 The CUDA C++ kernels' ptxas figures are listed here too once csrc/cuda has kernels."""
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import os
 import pkgutil
@@ -38,34 +39,42 @@ def _ptxas_stats(ptx: str, arch: int) -> dict:
     return {"regs": max(map(int, regs)) if regs else -1, "spill": max(spills) if spills else 0}
 
 
-def triton_rows():
+def _compile_one(job):
+    """Compiles AOT_SPECS[index] of a triton_kernels module for one arch (in a worker)."""
+    module_name, index, arch = job
     import triton
     from triton.backends.compiler import GPUTarget
 
+    spec = importlib.import_module(module_name).AOT_SPECS[index]
+    label = f"{module_name.rsplit('.', 1)[1]}: {spec['label']}"
+    try:
+        # attrs: the pointer-alignment specialisation the JIT applies at launch.
+        kw = {"attrs": spec["attrs"]} if spec.get("attrs") else {}
+        src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"],
+                                        constexprs=spec.get("constexprs", {}), **kw)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options=dict(spec.get("options", {})))
+        stats = _ptxas_stats(k.asm["ptx"], arch)
+        return (label, f"sm_{arch}", stats["regs"], stats["spill"], k.metadata.shared,
+                k.metadata.num_warps, "")
+    except Exception as exc:  # reported, and fails the report
+        msg = str(exc).strip().splitlines()[-1][:120] if str(exc).strip() else ""
+        return (label, f"sm_{arch}", -1, -1, -1, -1,
+                f"COMPILE ERROR {type(exc).__name__}: {msg}")
+
+
+def triton_rows():
     import effkernels.triton_kernels as pkg
 
-    rows, failures = [], 0
+    jobs = []
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        for spec in getattr(module, "AOT_SPECS", []):
-            for arch in ARCHS:
-                label = f"{info.name}: {spec['label']}"
-                try:
-                    # attrs: the pointer-alignment specialisation the JIT applies at launch.
-                    kw = {"attrs": spec["attrs"]} if spec.get("attrs") else {}
-                    src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"],
-                                                    constexprs=spec.get("constexprs", {}), **kw)
-                    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                       options=dict(spec.get("options", {})))
-                    stats = _ptxas_stats(k.asm["ptx"], arch)
-                    rows.append((label, f"sm_{arch}", stats["regs"], stats["spill"],
-                                 k.metadata.shared, k.metadata.num_warps, ""))
-                except Exception as exc:  # reported, and fails the report
-                    failures += 1
-                    msg = str(exc).strip().splitlines()[-1][:120] if str(exc).strip() else ""
-                    rows.append((label, f"sm_{arch}", -1, -1, -1, -1,
-                                 f"COMPILE ERROR {type(exc).__name__}: {msg}"))
-    return rows, failures
+        name = f"{pkg.__name__}.{info.name}"
+        specs = getattr(importlib.import_module(name), "AOT_SPECS", [])
+        jobs += [(name, i, arch) for i in range(len(specs)) for arch in ARCHS]
+    workers = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        rows = list(pool.map(_compile_one, jobs))
+    return rows, sum(1 for r in rows if r[6])
 
 
 def main() -> int:
