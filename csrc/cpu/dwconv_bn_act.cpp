@@ -25,10 +25,10 @@
 // (16 floats, 8 doubles): one zmm in the v4 clone, two ymm in v3, four xmm in the default one.
 //
 // Forward conv (measured on the 2-core Zen 4 build machine; numbers in the comments below):
-//   fast path   fp32, k in {3, 5, 7, 9} (template), stride 1/2, dilation 1, rows whose window
-//               is inside the image, interior columns: per channel block of 16, the k*k weight
-//               vectors are loaded once per row and each input vector once per window row
-//               (sliding window over 4 output pixels).
+//   fast path   fp32, k in {3, 5, 7, 9} (template), stride 1/2, dilation 1, the columns whose
+//               window is inside the row (window rows outside the image read a zero row): per
+//               channel block of 16, the k*k weight vectors are loaded once per row and each
+//               input vector once per window row (sliding window over 4 output pixels).
 //   generic     any k/stride/dilation/dtype: 4 pixels x 16 channels per step with run-time tap
 //               loops; border columns 1 pixel x 64 channels with their own tap ranges.
 //   Both add the BN shift and apply the activation from the registers (no second pass), and
