@@ -1,7 +1,7 @@
 """`make bench`: verify and benchmark every kernel on the devices present, print a table with
 speed-up ratios, append the results to bench/results/<device>-<date>.csv.
 
-    python -m bench.run [--quick] [--op dwconv|pwconv] [--device cpu|cuda]
+    python -m bench.run [--quick] [--op dwconv|pwconv] [--device cpu|cuda] [--threads N]
 """
 from __future__ import annotations
 
@@ -50,7 +50,11 @@ def main(argv=None):
     p.add_argument("--op", default=None, help="only ops whose name contains this")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="default: every device present")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for the CPU runs (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available()
                                                           else [])
