@@ -61,6 +61,20 @@ def _why_not(name: str, device_type: str) -> Optional[str]:
     raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(NAMES)}")
 
 
+_why_cache: Dict[tuple, Optional[str]] = {}
+
+
+def _why_not_cached(name: str, device_type: str) -> Optional[str]:
+    """_why_not, memoised for eager calls (it is asked on every op call and does not change
+    within a process); torch.compile evaluates _why_not itself as a constant."""
+    if torch.compiler.is_compiling():
+        return _why_not(name, device_type)
+    key = (name, device_type)
+    if key not in _why_cache:
+        _why_cache[key] = _why_not(name, device_type)
+    return _why_cache[key]
+
+
 def available_backends(device: Union[str, torch.device, None] = None) -> Dict[str, str]:
     """For `device` (default cpu): {backend: "available" or the reason it is not}."""
     device_type = torch.device(device or "cpu").type
@@ -96,13 +110,13 @@ def resolve(x: torch.Tensor) -> str:
     if device_type == "meta":  # shape propagation: the C++ ops' fake kernels serve it
         return "cpu" if _extension.loaded() else "reference"
     if _current != "auto":
-        why = _why_not(_current, device_type)
+        why = _why_not_cached(_current, device_type)
         if why is not None:
             raise RuntimeError(f"effkernels backend {_current!r} cannot run this input: {why}")
         return _current
     order = ("cpu",) if device_type == "cpu" else ("cuda", "triton")
     for name in order:
-        if _why_not(name, device_type) is None:
+        if _why_not_cached(name, device_type) is None:
             return name
     return "reference"
 
