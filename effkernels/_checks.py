@@ -11,6 +11,11 @@ from .reference import ACTIVATIONS
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def conv_out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    """torch.nn.Conv2d's output size; the Python twin of conv_geometry.h's conv_out_size."""
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
 def _fail(op: str, msg: str, exc=ValueError):
     raise exc(f"{op}: {msg}")
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 import torch
 from torch._prims_common import suggest_memory_format
 
+from ._checks import conv_out_size
+
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _out_size(size, k, stride, padding, dilation):
-    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
 def _like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
@@ -39,8 +37,8 @@ def _dw_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, p
     n, c, h, w = x.shape
     k = weight.shape[-1]
     torch._check(weight.shape[0] == c, lambda: "dwconv_bn_act: weight must have C channels")
-    out = _like(x, (n, c, _out_size(h, k, stride, padding, dilation),
-                    _out_size(w, k, stride, padding, dilation)))
+    out = _like(x, (n, c, conv_out_size(h, k, stride, padding, dilation),
+                    conv_out_size(w, k, stride, padding, dilation)))
     return (out, *_stats(x, c))
 
 

@@ -71,8 +71,8 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     _checks.depthwise(op, x, weight, channels, stride, padding, dilation)
     _checks.bn(op, x, channels, bn_weight, bn_bias, running_mean, running_var, training)
     _checks.act(op, "act", act)
-    ho = (x.shape[2] + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    wo = (x.shape[3] + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    ho = _checks.conv_out_size(x.shape[2], k, stride, padding, dilation)
+    wo = _checks.conv_out_size(x.shape[3], k, stride, padding, dilation)
     count = x.shape[0] * ho * wo
     _checks.training_count(op, count, training)
     impl = _backend.resolve(x)
@@ -229,6 +229,6 @@ def _stage_counts(x, expand, depthwise, stride, dilation) -> List[int]:
     n, _, h, w = x.shape
     k = depthwise[0].shape[-1]
     pad = dilation * (k - 1) // 2
-    ho = (h + 2 * pad - dilation * (k - 1) - 1) // stride + 1
-    wo = (w + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    ho = _checks.conv_out_size(h, k, stride, pad, dilation)
+    wo = _checks.conv_out_size(w, k, stride, pad, dilation)
     return ([n * h * w] if expand else []) + [n * ho * wo, n * ho * wo]

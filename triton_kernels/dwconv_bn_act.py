@@ -399,8 +399,8 @@ def _packed_weight(weight: torch.Tensor, block_c: int) -> torch.Tensor:
 def _geometry(x, weight, stride, padding, dilation):
     n, c, h, w = x.shape
     k = weight.shape[-1]
-    ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    ho = _checks.conv_out_size(h, k, stride, padding, dilation)
+    wo = _checks.conv_out_size(w, k, stride, padding, dilation)
     return n, c, h, w, k, ho, wo
 
 
