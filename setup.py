@@ -88,7 +88,7 @@ setup(
     version="0.1.0",
     description="Fused CPU/CUDA/Triton kernels for efficient CNNs (MobileNet, MixNet, EfficientNet)",
     python_requires=">=3.9",
-    packages=["effkernels", "effkernels.triton_kernels"],
+    packages=["effkernels", "effkernels.nn", "effkernels.models", "effkernels.triton_kernels"],
     package_dir={"effkernels": "effkernels", "effkernels.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext} if build_ext else {},

@@ -9,6 +9,7 @@ MixConv, squeeze-excite) behind PyTorch's dispatcher, with autograd and torch.co
 from . import _extension
 from ._backend import available_backends, backend, get_backend, set_backend
 from . import ops, reference
+from ._convert import convert
 
 if _extension.loaded():
     from . import _registration
@@ -16,7 +17,7 @@ if _extension.loaded():
     _registration.register("effkernels")  # fake kernels and autograd for the C++ ops
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "available_backends", "backend", "get_backend", "set_backend",
+__all__ = ["ops", "reference", "convert", "available_backends", "backend", "get_backend", "set_backend",
            "extension_error"]
 
 

@@ -1,0 +1,179 @@
+"""The glue between torch.nn parameter holders (nn.Conv2d, nn.BatchNorm2d) and the effkernels
+ops: BatchNorm semantics as nn.BatchNorm2d has them (num_batches_tracked, momentum=None,
+track_running_stats=False, affine=False), TF 'same' padding, torch.autocast, and MixNet's split
+convolutions. Every module of effkernels.nn computes through these functions."""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops, reference
+
+ConvLike = Union[nn.Conv2d, nn.ModuleList, nn.ModuleDict]
+
+
+class BNArgs(NamedTuple):
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    training: bool  # normalise with batch statistics
+    momentum: float
+    eps: float
+
+
+def bn_args(bn: nn.BatchNorm2d) -> BNArgs:
+    """What nn.BatchNorm2d.forward would pass to F.batch_norm (and its num_batches_tracked
+    increment, done here as there)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_running = not bn.training or bn.track_running_stats
+    return BNArgs(bn.weight, bn.bias, bn.running_mean if keep_running else None,
+                  bn.running_var if keep_running else None, use_batch_stats, momentum, bn.eps)
+
+
+def bn_kwargs(args: BNArgs) -> dict:
+    return dict(training=args.training, momentum=args.momentum, eps=args.eps)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolutions run in: autocast's when it is on for x's device."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) \
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def convs(conv: ConvLike) -> List[nn.Conv2d]:
+    """The convolutions of a plain or split (MixNet's MixedConv2d-style) convolution."""
+    if isinstance(conv, nn.Conv2d):
+        return [conv]
+    return [m for m in conv.children()]
+
+
+def pointwise_weight(conv: ConvLike) -> torch.Tensor:
+    """(Cout, Cin, 1, 1). A split 1x1 convolution (channel groups, each its own 1x1 conv, as
+    MixNet's grouped pointwise) is the block-diagonal weight: one GEMM instead of split/cat."""
+    parts = convs(conv)
+    if len(parts) == 1:
+        w = parts[0].weight
+        if parts[0].groups == 1:
+            return w
+        parts_w = list(w.chunk(parts[0].groups, dim=0))
+    else:
+        parts_w = [p.weight for p in parts]
+    return torch.block_diag(*[w.flatten(1) for w in parts_w])[:, :, None, None]
+
+
+def same_padding(size: int, k: int, stride: int, dilation: int):
+    """TF 'SAME' padding (before, after) of one spatial dimension."""
+    total = max((math.ceil(size / stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_same(x: torch.Tensor, k: int, stride: int, dilation: int) -> torch.Tensor:
+    """x padded for TF 'SAME' (asymmetric: the extra row/column at the bottom/right)."""
+    (top, bottom), (left, right) = (same_padding(x.shape[d], k, stride, dilation)
+                                    for d in (2, 3))
+    return F.pad(x, (left, right, top, bottom))
+
+
+def depthwise(x: torch.Tensor, conv: ConvLike, bn: nn.BatchNorm2d, act: str,
+              same: bool = False) -> torch.Tensor:
+    """Depthwise conv (plain, or mixed kernel sizes over channel groups) + BN + act.
+
+    same=True (TF 'SAME', stride 2 in timm's tf_* models): the input is padded asymmetrically
+    per kernel size, so MixConv groups run as one dwconv_bn_act each on their channel slice
+    (BatchNorm is per channel: slices of its parameters and running buffers are exact)."""
+    parts = convs(conv)
+    dtype = compute_dtype(x)
+    first = parts[0]
+    stride, dilation = first.stride[0], first.dilation[0]
+    weights = [cast(p.weight, dtype) for p in parts]
+    x = cast(x, dtype)
+    bnp = bn_args(bn)
+    if not same and len(parts) > 1:
+        return ops.mixconv_bn_act(x, weights, bnp.weight, bnp.bias, bnp.running_mean,
+                                  bnp.running_var, stride=stride, dilation=dilation, act=act,
+                                  **bn_kwargs(bnp))
+    if not same:
+        return ops.dwconv_bn_act(x, weights[0], bnp.weight, bnp.bias, bnp.running_mean,
+                                 bnp.running_var, stride=stride, padding=first.padding[0],
+                                 dilation=dilation, act=act, **bn_kwargs(bnp))
+    outs, start = [], 0
+    for w in weights:
+        sl = slice(start, start + w.shape[0])
+        start = sl.stop
+        part = [None if t is None else t[sl] for t in bnp[:4]]
+        outs.append(ops.dwconv_bn_act(pad_same(x[:, sl], w.shape[-1], stride, dilation), w,
+                                      *part, stride=stride, padding=0, dilation=dilation,
+                                      act=act, **bn_kwargs(bnp)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def pointwise(x: torch.Tensor, conv: ConvLike, bn: nn.BatchNorm2d, act: str,
+              residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1x1 conv (plain or split into groups) + BN [+ residual] + act."""
+    dtype = compute_dtype(x)
+    bnp = bn_args(bn)
+    return ops.pwconv_bn_act(cast(x, dtype), cast(pointwise_weight(conv), dtype), bnp.weight,
+                             bnp.bias, bnp.running_mean, bnp.running_var, act=act,
+                             residual=cast(residual, dtype), **bn_kwargs(bnp))
+
+
+def dense(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,
+          same: bool = False) -> torch.Tensor:
+    """A k x k convolution that is neither depthwise nor 1x1 (stems): torch's conv, then BN and
+    act. The stem is ~2-3% of these models' time; effkernels has no dense-conv kernel."""
+    padding = conv.padding
+    if same:
+        x = pad_same(x, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+        padding = 0
+    y = F.conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+    bnp = bn_args(bn)
+    y = F.batch_norm(y, bnp.running_mean, bnp.running_var, bnp.weight, bnp.bias, bnp.training,
+                     bnp.momentum, bnp.eps)
+    return reference.activation(act, y)
+
+
+def conv_bn_act(x: torch.Tensor, conv: ConvLike, bn: nn.BatchNorm2d, act: str,
+                same: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ACT(BN(conv(x))) [+ residual], through the matching effkernels op: 1x1 ->
+    pwconv_bn_act (which fuses the residual when act is identity), depthwise ->
+    dwconv/mixconv_bn_act, anything else -> dense()."""
+    first = convs(conv)[0]
+    k, stride = first.kernel_size, first.stride
+    if k == (1, 1) and stride == (1, 1) and first.padding == (0, 0) and first.bias is None:
+        if act == "identity":
+            return pointwise(x, conv, bn, act, residual)
+        out = pointwise(x, conv, bn, act)
+    elif first.groups == first.in_channels == first.out_channels and k[0] == k[1] \
+            and first.bias is None:
+        out = depthwise(x, conv, bn, act, same)
+    elif isinstance(conv, nn.Conv2d):
+        out = dense(x, conv, bn, act, same)
+    else:
+        raise ValueError(f"conv_bn_act: a split convolution must be 1x1 or depthwise; got "
+                         f"{first}")
+    return out if residual is None else out + residual
+
+
+def squeeze_excite(x: torch.Tensor, reduce: nn.Conv2d, expand: nn.Conv2d, act: str,
+                   gate: str) -> torch.Tensor:
+    dtype = x.dtype
+    return reference.squeeze_excite(x, cast(reduce.weight, dtype), cast(reduce.bias, dtype),
+                                    cast(expand.weight, dtype), cast(expand.bias, dtype),
+                                    act=act, gate=gate)

@@ -1,0 +1,285 @@
+"""The inverted-residual family: one forward (_Block) for every layout of the block.
+
+A layout (torchvision's MobileNetV2 block, timm's InvertedResidual / DepthwiseSeparableConv, or
+a block adopted by effkernels.convert) only decides where the parameters live, so that its
+state_dict keys are those of the model it replaces; `_roles` maps each role (expand_conv,
+expand_bn, dw_conv, dw_bn, se_reduce, se_expand, project_conv, project_bn, drop_path) to a path of
+child names. The forward runs the fused effkernels.ops.inverted_residual when the block is
+what that op computes, and otherwise composes the single ops (MixNet's split convolutions, TF
+'same' padding, stochastic depth in training, an activation after the projection, non-affine
+BatchNorm).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .. import ops
+from . import _functional as F_
+from .modules import DropPath, Kernel, SqueezeExcite, _check_act, make_conv
+
+Path = Tuple[str, ...]
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+def _drop_active(module: Optional[nn.Module]) -> bool:
+    if module is None or not module.training:
+        return False
+    return float(getattr(module, "drop_prob", getattr(module, "p", 0.0)) or 0.0) > 0.0
+
+
+class _Block(nn.Module):
+    """expand 1x1+BN+act -> depthwise kxk+BN+act -> [SE] -> project 1x1+BN[+act] -> [+ x]."""
+
+    _roles: Dict[str, Path]
+
+    def _setup(self, roles: Dict[str, Path], *, act: str, skip: bool, se_act: str = "relu",
+               se_gate: str = "sigmoid", project_act: str = "identity",
+               same: bool = False) -> None:
+        self._roles = {k: tuple(v) for k, v in roles.items() if v is not None}
+        self.act = _check_act("act", act)
+        self.se_act = _check_act("se_act", se_act)
+        self.se_gate = _check_act("se_gate", se_gate)
+        self.project_act = _check_act("project_act", project_act)
+        self.skip = bool(skip)
+        self.same = bool(same)
+        for role in ("dw_conv", "dw_bn", "project_conv", "project_bn"):
+            if role not in self._roles:
+                raise ValueError(f"{type(self).__name__}: the {role} role is required")
+        for role in ("dw_bn", "project_bn", "expand_bn"):
+            bn = self._part(role)
+            if bn is not None and not isinstance(bn, nn.BatchNorm2d):
+                raise TypeError(f"{type(self).__name__}: {role} must be an nn.BatchNorm2d "
+                                f"(effkernels fuses BatchNorm); got {type(bn).__name__}")
+
+    def _part(self, role: str) -> Optional[nn.Module]:
+        path = self._roles.get(role)
+        if path is None:
+            return None
+        module = self
+        for name in path:
+            module = module._modules[name]
+        return module
+
+    def _fusable(self, drop_active: bool) -> bool:
+        """Whether effkernels.ops.inverted_residual computes exactly this block now."""
+        if self.same or drop_active or self.project_act != "identity":
+            return False
+        expand, dw, project = self._part("expand_conv"), self._part("dw_conv"), \
+            self._part("project_conv")
+        for conv in (expand, dw, project):
+            if conv is not None and not isinstance(conv, nn.Conv2d):
+                return False  # split (MixNet) convolutions
+        if expand is not None and expand.groups != 1 or project.groups != 1:
+            return False
+        k, d = dw.kernel_size[0], dw.dilation[0]
+        if dw.kernel_size[1] != k or dw.padding != (d * (k - 1) // 2,) * 2 \
+                or dw.stride[0] != dw.stride[1] or dw.groups != dw.in_channels:
+            return False
+        bns = [self._part(r) for r in ("expand_bn", "dw_bn", "project_bn")]
+        bns = [bn for bn in bns if bn is not None]
+        first = bns[0]
+        for bn in bns:
+            if not bn.affine or bn.running_mean is None or not bn.track_running_stats:
+                return False
+            if (bn.training, bn.eps, bn.momentum) != (first.training, first.eps, first.momentum):
+                return False
+        return first.momentum is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop = self._part("drop_path")
+        drop_active = _drop_active(drop)
+        if self._fusable(drop_active):
+            return self._fused(x)
+        expand_conv = self._part("expand_conv")
+        h = x
+        if expand_conv is not None:
+            h = F_.pointwise(h, expand_conv, self._part("expand_bn"), self.act)
+        h = F_.depthwise(h, self._part("dw_conv"), self._part("dw_bn"), self.act, self.same)
+        if "se_reduce" in self._roles:
+            h = F_.squeeze_excite(h, self._part("se_reduce"), self._part("se_expand"),
+                                  self.se_act, self.se_gate)
+        project_conv, project_bn = self._part("project_conv"), self._part("project_bn")
+        if self.skip and not drop_active and self.project_act == "identity":
+            return F_.pointwise(h, project_conv, project_bn, "identity", residual=x)
+        h = F_.pointwise(h, project_conv, project_bn, self.project_act)
+        if not self.skip:
+            return h
+        return (drop(h) if drop_active else h) + x.to(h.dtype)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = F_.compute_dtype(x)
+
+        def stage(conv_role, bn_role):
+            conv = self._part(conv_role)
+            if conv is None:
+                return [], None
+            a = F_.bn_args(self._part(bn_role))
+            return [F_.cast(conv.weight, dtype), a.weight, a.bias, a.running_mean,
+                    a.running_var], a
+
+        expand, _ = stage("expand_conv", "expand_bn")
+        depthwise, bn = stage("dw_conv", "dw_bn")
+        project, _ = stage("project_conv", "project_bn")
+        se = []
+        if "se_reduce" in self._roles:
+            r, e = self._part("se_reduce"), self._part("se_expand")
+            se = [F_.cast(t, dtype) for t in (r.weight, r.bias, e.weight, e.bias)]
+        dw = self._part("dw_conv")
+        return ops.inverted_residual(F_.cast(x, dtype), expand, depthwise, se, project,
+                                     stride=dw.stride[0], dilation=dw.dilation[0], act=self.act,
+                                     se_act=self.se_act, se_gate=self.se_gate, skip=self.skip,
+                                     training=bn.training, momentum=bn.momentum, eps=bn.eps)
+
+    def extra_repr(self) -> str:
+        parts = [f"act={self.act!r}", f"skip={self.skip}"]
+        if "se_reduce" in self._roles:
+            parts += [f"se_act={self.se_act!r}", f"se_gate={self.se_gate!r}"]
+        if self.project_act != "identity":
+            parts.append(f"project_act={self.project_act!r}")
+        if self.same:
+            parts.append("padding='same'")
+        return ", ".join(parts)
+
+
+def _bn_factory(norm_layer, eps: float, momentum: float, factory: dict):
+    if norm_layer is None:
+        return lambda c: nn.BatchNorm2d(c, eps=eps, momentum=momentum, **factory)
+    return norm_layer
+
+
+class InvertedResidual(_Block):
+    """Drop-in for torchvision.models.mobilenetv2.InvertedResidual: the same constructor, the
+    same state_dict keys (conv.0.0 = expand conv, ... as torchvision), the same outputs.
+
+    Options beyond torchvision's, for the other families: kernel_size (a list = MixConv over
+    equal channel groups), dilation, act, se_ratio (SE on the hidden channels with
+    make_divisible(hidden * se_ratio) reduced channels, inserted after the depthwise stage),
+    se_act, se_gate, skip (None: stride 1 and inp == oup, as torchvision).
+    """
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: float,
+                 norm_layer=None, *, kernel_size: Kernel = 3, dilation: int = 1,
+                 act: str = "relu6", se_ratio: float = 0.0, se_act: str = "relu",
+                 se_gate: str = "sigmoid", skip: Optional[bool] = None, device=None,
+                 dtype=None):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"stride should be 1 or 2 instead of {stride}")
+        factory = dict(device=device, dtype=dtype)
+        bn = _bn_factory(norm_layer, 1e-5, 0.1, factory)
+        self.stride = stride
+        hidden = int(round(inp * expand_ratio))
+        self.use_res_connect = (stride == 1 and inp == oup) if skip is None else bool(skip)
+        self.out_channels = oup
+        self._is_cn = stride > 1
+        layers, roles = [], {}
+        if expand_ratio != 1:
+            roles.update(expand_conv=("conv", "0", "0"), expand_bn=("conv", "0", "1"))
+            layers.append(nn.Sequential(make_conv(inp, hidden, 1, **factory), bn(hidden),
+                                        nn.ReLU6()))
+        i = str(len(layers))
+        roles.update(dw_conv=("conv", i, "0"), dw_bn=("conv", i, "1"))
+        layers.append(nn.Sequential(make_conv(hidden, hidden, kernel_size, stride, dilation,
+                                              depthwise=True, **factory), bn(hidden),
+                                    nn.ReLU6()))
+        if se_ratio:
+            i = str(len(layers))
+            roles.update(se_reduce=("conv", i, "conv_reduce"), se_expand=("conv", i,
+                                                                          "conv_expand"))
+            layers.append(SqueezeExcite(hidden, _make_divisible(hidden * se_ratio), se_act,
+                                        se_gate, **factory))
+        i = len(layers)
+        roles.update(project_conv=("conv", str(i)), project_bn=("conv", str(i + 1)))
+        layers += [make_conv(hidden, oup, 1, **factory), bn(oup)]
+        self.conv = nn.Sequential(*layers)
+        self._setup(roles, act=act, skip=self.use_res_connect, se_act=se_act, se_gate=se_gate)
+
+
+class MBConv(_Block):
+    """timm's InvertedResidual layout (conv_pw, bn1, conv_dw, bn2, se, conv_pwl, bn3): the block
+    of effkernels.models. Kernel arguments may be lists (MixNet: split convolutions)."""
+
+    def __init__(self, in_chs: int, out_chs: int, mid_chs: int, *, dw_kernel_size: Kernel = 3,
+                 exp_kernel_size: Kernel = 1, pw_kernel_size: Kernel = 1, stride: int = 1,
+                 dilation: int = 1, act: str = "relu6", rd_channels: int = 0,
+                 se_act: str = "relu", se_gate: str = "sigmoid", noskip: bool = False,
+                 same: bool = False, eps: float = 1e-5, momentum: float = 0.1,
+                 drop_path_rate: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.conv_pw = make_conv(in_chs, mid_chs, exp_kernel_size, **factory)
+        self.bn1 = nn.BatchNorm2d(mid_chs, eps=eps, momentum=momentum, **factory)
+        self.conv_dw = make_conv(mid_chs, mid_chs, dw_kernel_size, stride, dilation,
+                                 depthwise=True, **factory)
+        self.bn2 = nn.BatchNorm2d(mid_chs, eps=eps, momentum=momentum, **factory)
+        self.se = SqueezeExcite(mid_chs, rd_channels, se_act, se_gate, **factory) \
+            if rd_channels else nn.Identity()
+        self.conv_pwl = make_conv(mid_chs, out_chs, pw_kernel_size, **factory)
+        self.bn3 = nn.BatchNorm2d(out_chs, eps=eps, momentum=momentum, **factory)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate else nn.Identity()
+        roles = dict(expand_conv=("conv_pw",), expand_bn=("bn1",), dw_conv=("conv_dw",),
+                     dw_bn=("bn2",), project_conv=("conv_pwl",), project_bn=("bn3",),
+                     drop_path=("drop_path",) if drop_path_rate else None)
+        if rd_channels:
+            roles.update(se_reduce=("se", "conv_reduce"), se_expand=("se", "conv_expand"))
+        self._setup(roles, act=act, skip=stride == 1 and in_chs == out_chs and not noskip,
+                    se_act=se_act, se_gate=se_gate, same=same and stride > 1)
+
+
+class DepthwiseSeparable(_Block):
+    """MobileNetV1's block, timm's DepthwiseSeparableConv layout (conv_dw, bn1, se, conv_pw,
+    bn2): depthwise kxk+BN+act -> [SE] -> 1x1+BN[+act (pw_act, MobileNetV1)] -> [+ x]."""
+
+    def __init__(self, in_chs: int, out_chs: int, *, dw_kernel_size: Kernel = 3,
+                 pw_kernel_size: Kernel = 1, stride: int = 1, dilation: int = 1,
+                 act: str = "relu6", pw_act: bool = False, rd_channels: int = 0,
+                 se_act: str = "relu", se_gate: str = "sigmoid", noskip: bool = False,
+                 same: bool = False, eps: float = 1e-5, momentum: float = 0.1,
+                 drop_path_rate: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.conv_dw = make_conv(in_chs, in_chs, dw_kernel_size, stride, dilation,
+                                 depthwise=True, **factory)
+        self.bn1 = nn.BatchNorm2d(in_chs, eps=eps, momentum=momentum, **factory)
+        self.se = SqueezeExcite(in_chs, rd_channels, se_act, se_gate, **factory) \
+            if rd_channels else nn.Identity()
+        self.conv_pw = make_conv(in_chs, out_chs, pw_kernel_size, **factory)
+        self.bn2 = nn.BatchNorm2d(out_chs, eps=eps, momentum=momentum, **factory)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate else nn.Identity()
+        roles = dict(dw_conv=("conv_dw",), dw_bn=("bn1",), project_conv=("conv_pw",),
+                     project_bn=("bn2",), drop_path=("drop_path",) if drop_path_rate else None)
+        if rd_channels:
+            roles.update(se_reduce=("se", "conv_reduce"), se_expand=("se", "conv_expand"))
+        self._setup(roles, act=act, skip=stride == 1 and in_chs == out_chs and not noskip,
+                    se_act=se_act, se_gate=se_gate, project_act=act if pw_act else "identity",
+                    same=same and stride > 1)
+
+
+class ConvBnActBlock(nn.Module):
+    """timm's ConvBnAct block layout (conv, bn1): conv + BN + act [+ x]."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
+                 dilation: int = 1, act: str = "relu6", *, skip: bool = False,
+                 same: bool = False, eps: float = 1e-5, momentum: float = 0.1,
+                 device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.conv = make_conv(in_chs, out_chs, kernel_size, stride, dilation, **factory)
+        self.bn1 = nn.BatchNorm2d(out_chs, eps=eps, momentum=momentum, **factory)
+        self.act = _check_act("act", act)
+        self.has_skip = skip and stride == 1 and in_chs == out_chs
+        self.same = same and stride > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F_.conv_bn_act(x, self.conv, self.bn1, self.act, self.same,
+                              residual=x if self.has_skip else None)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}, skip={self.has_skip}"
