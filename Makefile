@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test bench build deps test-python test-triton ctest kernels-report clean
+.PHONY: test bench build deps test-python test-slow test-triton ctest kernels-report clean
 
 deps: $(VENV)/.deps
 
@@ -29,8 +29,12 @@ build: deps
 
 test: build test-python test-triton ctest
 
+# CI runs the fast set; `make test-slow` adds the parity and compile tests of every model name.
 test-python:
-	$(PYTEST) tests -n 2 -q -rs --ignore=tests/triton
+	$(PYTEST) tests -n 2 -q -rs --ignore=tests/triton -m "not slow"
+
+test-slow: build
+	$(PYTEST) tests -n 2 -q -rs --ignore=tests/triton -m slow
 
 # Triton kernels run on CPU tensors in the interpreter, in a process of their own.
 test-triton:

@@ -150,3 +150,15 @@ def test_compile_inductor_model():
         expected = ours(x)
         torch._dynamo.reset()
         assert_rel(torch.compile(ours, fullgraph=True)(x), expected, 1e-5, "inductor")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", models.list_models())
+def test_every_model_compiles_fullgraph(name):
+    """No graph breaks in any model (eval; the training step is compiled above for two)."""
+    model = models.create_model(name).eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert_rel(compiled(x), model(x), 1e-6, f"{name} compiled")
