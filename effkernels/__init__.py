@@ -10,6 +10,7 @@ from . import _extension
 from ._backend import available_backends, backend, get_backend, set_backend
 from . import ops, reference
 from ._convert import convert
+from .profile import Profile, profile
 
 if _extension.loaded():
     from . import _registration
@@ -17,7 +18,7 @@ if _extension.loaded():
     _registration.register("effkernels")  # fake kernels and autograd for the C++ ops
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "convert", "available_backends", "backend", "get_backend", "set_backend",
+__all__ = ["ops", "reference", "convert", "profile", "Profile", "available_backends", "backend", "get_backend", "set_backend",
            "extension_error"]
 
 

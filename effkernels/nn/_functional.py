@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops, reference
+from . import _sync
 
 ConvLike = Union[nn.Conv2d, nn.ModuleList, nn.ModuleDict]
 
@@ -68,14 +69,15 @@ def pointwise_weight(conv: ConvLike) -> torch.Tensor:
     """(Cout, Cin, 1, 1). A split 1x1 convolution (channel groups, each its own 1x1 conv, as
     MixNet's grouped pointwise) is the block-diagonal weight: one GEMM instead of split/cat."""
     parts = convs(conv)
-    if len(parts) == 1:
-        w = parts[0].weight
-        if parts[0].groups == 1:
-            return w
-        parts_w = list(w.chunk(parts[0].groups, dim=0))
-    else:
-        parts_w = [p.weight for p in parts]
-    return torch.block_diag(*[w.flatten(1) for w in parts_w])[:, :, None, None]
+    if len(parts) == 1 and parts[0].groups > 1:
+        return block_diagonal(list(parts[0].weight.chunk(parts[0].groups, dim=0)))
+    return block_diagonal([p.weight for p in parts])
+
+
+def block_diagonal(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    if len(weights) == 1:
+        return weights[0]
+    return torch.block_diag(*[w.flatten(1) for w in weights])[:, :, None, None]
 
 
 def same_padding(size: int, k: int, stride: int, dilation: int):
@@ -105,6 +107,29 @@ def depthwise(x: torch.Tensor, conv: ConvLike, bn: nn.BatchNorm2d, act: str,
     weights = [cast(p.weight, dtype) for p in parts]
     x = cast(x, dtype)
     bnp = bn_args(bn)
+    group = _sync.group_of(bn)
+    if group is not None:
+        if same:
+            raise NotImplementedError("synchronised BatchNorm with TF 'same' padding in a "
+                                      "stride-2 depthwise layer is not supported")
+        pads = [first.padding[0] if len(parts) == 1 else dilation * (w.shape[-1] - 1) // 2
+                for w in weights]
+
+        def conv_fn(x_, ws):
+            sizes = [w.shape[0] for w in ws]
+            return torch.cat([F.conv2d(t, w, None, stride, p, dilation, groups=w.shape[0])
+                              for t, w, p in zip(x_.split(sizes, 1), ws, pads)], 1)
+
+        def op_eval(x_, ws, g, b, m, v, r):
+            if len(ws) > 1:
+                return ops.mixconv_bn_act(x_, list(ws), g, b, m, v, stride=stride,
+                                          dilation=dilation, act=act, training=False,
+                                          eps=bnp.eps)
+            return ops.dwconv_bn_act(x_, ws[0], g, b, m, v, stride=stride, padding=pads[0],
+                                     dilation=dilation, act=act, training=False, eps=bnp.eps)
+
+        return _sync.conv_bn_act(conv_fn, op_eval, group, x, weights, *bnp[:4],
+                                 bnp.momentum, bnp.eps)
     if not same and len(parts) > 1:
         return ops.mixconv_bn_act(x, weights, bnp.weight, bnp.bias, bnp.running_mean,
                                   bnp.running_var, stride=stride, dilation=dilation, act=act,
@@ -129,6 +154,19 @@ def pointwise(x: torch.Tensor, conv: ConvLike, bn: nn.BatchNorm2d, act: str,
     """1x1 conv (plain or split into groups) + BN [+ residual] + act."""
     dtype = compute_dtype(x)
     bnp = bn_args(bn)
+    group = _sync.group_of(bn)
+    if group is not None:
+        parts = convs(conv)
+        weights = [cast(w, dtype) for w in (parts[0].weight.chunk(parts[0].groups, 0)
+                                            if len(parts) == 1 else [p.weight for p in parts])]
+
+        def op_eval(x_, ws, g, b, m, v, r):
+            return ops.pwconv_bn_act(x_, block_diagonal(ws), g, b, m, v, act=act, residual=r,
+                                     training=False, eps=bnp.eps)
+
+        return _sync.conv_bn_act(lambda x_, ws: F.conv2d(x_, block_diagonal(ws)), op_eval,
+                                 group, cast(x, dtype), weights, *bnp[:4], bnp.momentum,
+                                 bnp.eps, residual=cast(residual, dtype))
     return ops.pwconv_bn_act(cast(x, dtype), cast(pointwise_weight(conv), dtype), bnp.weight,
                              bnp.bias, bnp.running_mean, bnp.running_var, act=act,
                              residual=cast(residual, dtype), **bn_kwargs(bnp))
@@ -142,8 +180,20 @@ def dense(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,
     if same:
         x = pad_same(x, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
         padding = 0
-    y = F.conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
     bnp = bn_args(bn)
+    group = _sync.group_of(bn)
+
+    def conv_fn(x_, ws):
+        return F.conv2d(x_, ws[0], conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+
+    if group is not None:
+        def op_eval(x_, ws, g, b, m, v, r):
+            return reference.activation(act, F.batch_norm(conv_fn(x_, ws), m, v, g, b, False,
+                                                          0.0, bnp.eps))
+
+        return _sync.conv_bn_act(conv_fn, op_eval, group, x, [conv.weight], *bnp[:4],
+                                 bnp.momentum, bnp.eps)
+    y = conv_fn(x, [conv.weight])
     y = F.batch_norm(y, bnp.running_mean, bnp.running_var, bnp.weight, bnp.bias, bnp.training,
                      bnp.momentum, bnp.eps)
     return reference.activation(act, y)

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import ops
 from . import _functional as F_
+from . import _sync
 from .modules import DropPath, Kernel, SqueezeExcite, _check_act, make_conv
 
 Path = Tuple[str, ...]
@@ -54,7 +55,7 @@ class _Block(nn.Module):
                 raise ValueError(f"{type(self).__name__}: the {role} role is required")
         for role in ("dw_bn", "project_bn", "expand_bn"):
             bn = self._part(role)
-            if bn is not None and not isinstance(bn, nn.BatchNorm2d):
+            if bn is not None and not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
                 raise TypeError(f"{type(self).__name__}: {role} must be an nn.BatchNorm2d "
                                 f"(effkernels fuses BatchNorm); got {type(bn).__name__}")
 
@@ -87,6 +88,8 @@ class _Block(nn.Module):
         first = bns[0]
         for bn in bns:
             if not bn.affine or bn.running_mean is None or not bn.track_running_stats:
+                return False
+            if _sync.group_of(bn) is not None:
                 return False
             if (bn.training, bn.eps, bn.momentum) != (first.training, first.eps, first.momentum):
                 return False
