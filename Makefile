@@ -47,8 +47,10 @@ ctest: deps
 kernels-report: build
 	$(PY) -m bench.kernels_report
 
+# Verify + time (bench/README.md), then the PNG plots of the run from its CSV (also after a
+# WRONG result; the target still fails then).
 bench: build
-	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.run $(BENCH_ARGS); rc=$$?; $(PY) -m bench.plot || rc=1; exit $$rc
 
 clean:
 	rm -rf build cmake-build effkernels/_C*.so

@@ -1,11 +1,13 @@
 """Timing, environment and CSV helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -31,18 +33,24 @@ def device_name(device: str) -> str:
 
 def versions() -> str:
     parts = [f"torch {torch.__version__}"]
-    try:
-        import triton
-        parts.append(f"triton {triton.__version__}")
-    except Exception:
-        pass
+    for mod in ("triton", "timm", "torchvision", "onnxruntime"):
+        try:
+            parts.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:  # noqa: BLE001 - optional
+            pass
     return ", ".join(parts)
 
 
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.3,
-            warmup: int = 3) -> Dict[str, float]:
+            warmup: int = 3, min_samples: int = 5) -> Dict[str, float]:
     """Median and p20/p80 in milliseconds. GPU: triton.testing.do_bench when available (CUDA
-    events otherwise); CPU: a warmed-up loop of timed calls, at least min_time seconds."""
+    events otherwise); CPU: after warm-up calls (one only when a call takes over 0.2 s), timed
+    calls until min_time seconds and at least min_samples calls."""
     if device == "cuda":
         try:
             from triton.testing import do_bench
@@ -50,17 +58,21 @@ def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.3,
             return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
         except ImportError:
             pass
-    for _ in range(warmup):
-        fn()
-    samples: List[float] = []
-    start = time.perf_counter()
-    while len(samples) < 5 or (time.perf_counter() - start < min_time and len(samples) < 2000):
-        if device == "cuda":
-            torch.cuda.synchronize()
+    for i in range(warmup):
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
+        if time.perf_counter() - t0 > 0.2:
+            break
+    samples: List[float] = []
+    start = time.perf_counter()
+    while len(samples) < min_samples or (time.perf_counter() - start < min_time
+                                         and len(samples) < 2000):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
         samples.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(samples, n=10)
     return {"median_ms": statistics.median(samples), "p20_ms": q[1], "p80_ms": q[7]}
@@ -72,19 +84,90 @@ def csv_path(device: str) -> Path:
     return RESULTS / f"{device}-{date}.csv"
 
 
-FIELDS = ["timestamp", "device", "device_name", "versions", "suite", "op", "shape", "dtype",
-          "mode", "impl", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "speedup_vs",
-          "speedup", "verified"]
+# One row per (case, implementation). speedup: on a baseline's row, its median / effkernels'
+# median in the same run (how many times faster ours is). speedup_vs is only in rows written by
+# the first version of this script (one extra row per speed-up); bench.plot recomputes speed-ups
+# from the medians and ignores it.
+FIELDS = ["timestamp", "device", "device_name", "versions", "threads", "backend", "suite", "op",
+          "shape", "batch", "dtype", "mode", "impl", "median_ms", "p20_ms", "p80_ms",
+          "items_per_s", "peak_mem_mb", "mem_measure", "compile_s", "setup_s", "speedup",
+          "verified", "max_err", "note", "speedup_vs"]
 
 
 def append_rows(path: Path, rows: List[Dict[str, object]]) -> None:
+    """Appends rows; a file written with other columns is rewritten once with FIELDS first
+    (its rows kept, new columns empty)."""
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != FIELDS:
+                old = list(reader)
+                extra = [k for k in (reader.fieldnames or []) if k not in FIELDS]
+                with path.open("w", newline="") as g:
+                    w = csv.DictWriter(g, fieldnames=FIELDS + extra)
+                    w.writeheader()
+                    w.writerows(old)
     new = not path.exists()
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         if new:
             w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in FIELDS})
+            w.writerow({k: _fmt(r.get(k, "")) for k in FIELDS})
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """kineto logs every profiler start/stop on file descriptor 2; hide that."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str):
+    """(MiB, what it measures) for one call of fn, or (None, why not).
+    cuda: torch.cuda.max_memory_allocated during the call minus the memory allocated before it.
+    cpu: the peak of torch's CPU tensor allocations during the call beyond those live before it,
+    replayed from torch.profiler's allocation events (profile_memory=True); memory that is not
+    a torch tensor (ONNX Runtime's arena, the allocator's own caching) is not seen."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda_max_allocated"
+    from torch.profiler import ProfilerActivity, profile
+    from torch._C._profiler import _EventType
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU],
+                                  profile_memory=True) as prof:
+        fn()
+    allocs = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            allocs.append((e.start_time_ns, e.extra_fields.alloc_size))
+    if not allocs:
+        return None, "no torch allocations seen"
+    allocs.sort()
+    cur = peak = 0
+    for _, size in allocs:
+        cur += size
+        peak = max(peak, cur)
+    return peak / 2**20, "torch_cpu_alloc_peak"
 
 
 def now() -> str:

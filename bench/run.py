@@ -1,85 +1,208 @@
-"""`make bench`: verify and benchmark every kernel on the devices present, print a table with
-speed-up ratios, append the results to bench/results/<device>-<date>.csv.
+"""`make bench`: verify, then benchmark the effkernels ops, the inverted-residual block and whole
+models against PyTorch eager (NCHW, channels_last), torch.compile and ONNX Runtime; print tables
+with speed-up ratios; append the results to bench/results/<device>-<date>.csv
+(plots: python -m bench.plot).
 
-    python -m bench.run [--quick] [--op dwconv|pwconv] [--device cpu|cuda] [--threads N]
+    python -m bench.run [--quick] [--op dwconv|pwconv|mixconv|inverted_residual]
+                        [--model mixnet_s,...] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+                        [--threads N] [--compile-budget S] [--compile-ours]
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from types import SimpleNamespace
+from typing import Dict, List
 
 import torch
 
 import effkernels
 
-from . import common, ops
+from . import blocks, common, harness, models, ops
+
+SUITES = ("ops", "blocks", "models")
+# Seconds of torch.compile warm-up per op kind / block / model (see harness.CompileBudget).
+BUDGET = {"full": {"ops": 30, "blocks": 60, "models": 90},
+          "quick": {"ops": 1e-3, "blocks": 1e-3, "models": 0}}  # quick: one compile per kind
+MIN_TIME = {"full": {"ops": 0.15, "blocks": 0.3, "models": 0.5},
+            "quick": {"ops": 0.05, "blocks": 0.1, "models": 0.1}}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _progress(i, n, what):
-    print(f"\r[{i + 1}/{n}] {what:<60}", end="", file=sys.stderr, flush=True)
+def _progress(i, n, what, t0):
+    el = time.time() - t0
+    print(f"\r[{i + 1}/{n} {el:4.0f}s] {what:<70}", end="", file=sys.stderr, flush=True)
 
 
-def _table(rows):
-    """One line per (op, shape): baselines' and our medians, and the speed-ups."""
-    by_case = {}
+def _cell(rows_by_impl: Dict[str, dict], impl: str) -> str:
+    r = rows_by_impl.get(impl)
+    if r is None:
+        return "-"
+    v = str(r.get("verified", ""))
+    if v.startswith("WRONG"):
+        return "WRONG"
+    if v.startswith("ERROR"):
+        return "error"
+    if v == "skipped":
+        return "skip"
+    star = "*" if v.startswith("inexact") else ""
+    if impl == harness.OURS:
+        return f"{r['median_ms']:.3f}" if r.get("median_ms") else "-"
+    return f"{r['speedup']:.2f}x{star}" if r.get("speedup") else "-"
+
+
+def table(rows: List[dict]) -> str:
+    """One line per case: our median and our speed-up over each baseline (>1: ours faster)."""
+    cols = [harness.OURS] + [b for b in harness.BASELINES + (harness.OURS_COMPILE,)
+                            if any(r["impl"] == b for r in rows)]
+    head = {"effkernels": "ours ms", "eager_nchw": "vs nchw", "eager_cl": "vs cl",
+            "compile": "vs compile", "onnxruntime": "vs ort",
+            "effkernels_compile": "vs ours+compile"}
+    cases: Dict[tuple, Dict[str, dict]] = {}
     for r in rows:
-        key = (r["op"], r["shape"], r["mode"])
-        entry = by_case.setdefault(key, {})
-        if "median_ms" in r:
-            entry[r["impl"]] = r["median_ms"]
-        if r.get("speedup_vs"):
-            entry[f"x{r['speedup_vs']}"] = r["speedup"]
-        if str(r.get("verified", "")).startswith("WRONG"):
-            entry["wrong"] = r["verified"]
-    lines = [f"{'op':<15} {'shape':<26} {'eager_cl ms':>11} {'eager_nchw':>10} "
-             f"{'ours ms':>8} {'vs cl':>6} {'vs nchw':>7}"]
-    for (op, shape, mode), e in by_case.items():
-        if "wrong" in e:
-            lines.append(f"{op:<15} {shape:<26} {e['wrong']}")
-            continue
-        lines.append(f"{op:<15} {shape:<26} {e.get('eager_cl', 0):>11.3f} "
-                     f"{e.get('eager_nchw', 0):>10.3f} {e.get('effkernels', 0):>8.3f} "
-                     f"{e.get('xeager_cl', 0):>5.2f}x {e.get('xeager_nchw', 0):>6.2f}x")
+        key = (r["suite"], r["op"], r["shape"], r["batch"], r["mode"])
+        cases.setdefault(key, {})[r["impl"]] = r
+    w = max([len(f"{k[1]} {k[2]}") for k in cases] + [10])
+    lines = [f"{'case':<{w}} {'N':>3} {'mode':<10} " + " ".join(f"{head[c]:>10}" for c in cols)]
+    suite = None
+    for key, by_impl in cases.items():
+        if key[0] != suite:
+            suite = key[0]
+            lines.append(f"-- {suite}")
+        lines.append(f"{key[1] + ' ' + key[2]:<{w}} {key[3]:>3} {key[4]:<10} "
+                     + " ".join(f"{_cell(by_impl, c):>10}" for c in cols))
     return "\n".join(lines)
+
+
+def problems(rows: List[dict]) -> List[str]:
+    out = []
+    for r in rows:
+        v = str(r.get("verified", ""))
+        if v.startswith(("WRONG", "ERROR", "inexact")):
+            out.append(f"{r['impl']:<18} {r['op']} {r['shape']} N{r['batch']} {r['mode']}: {v}"
+                       + (f" ({r['note']})" if r.get("note") else ""))
+    return out
+
+
+def _backend(device: str) -> str:
+    """The effkernels backend to benchmark: named explicitly, so that a missing extension shows
+    up as an error instead of a silent fallback to the reference."""
+    avail = effkernels.available_backends(device)
+    order = ["cpu"] if device == "cpu" else ["cuda", "triton"]
+    for name in order:
+        if avail.get(name) == "available":
+            return name
+    return order[0]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a few shapes, short timings (CI)")
-    p.add_argument("--op", default=None, help="only ops whose name contains this")
+    p.add_argument("--quick", action="store_true",
+                   help="1-2 cases per suite, short timings, no model compiles (CI)")
+    p.add_argument("--op", default=None,
+                   help="only ops/blocks whose name contains this (models only with --model)")
+    p.add_argument("--model", default=None,
+                   help="only these models (comma-separated substrings; ops only with --op)")
+    p.add_argument("--suite", default=None, help="comma-separated subset of " + ",".join(SUITES))
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="default: every device present")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads for the CPU runs (default: torch's)")
+                   help="torch.set_num_threads (and ONNX Runtime's intra-op threads)")
+    p.add_argument("--compile-budget", type=float, default=None,
+                   help="seconds of torch.compile warm-up per op kind/block/model before later "
+                        "compile baselines of it are skipped; 0: no torch.compile; default: "
+                        + ", ".join(f"{k} {v}" for k, v in BUDGET["full"].items())
+                        + " (--quick: " + ", ".join(f"{k} {v}" for k, v in BUDGET["quick"].items())
+                        + ")")
+    p.add_argument("--compile-ours", action="store_true",
+                   help="also time torch.compile of our op/block/model")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--targets", action="store_true",
+                   help="only the GPU target cases of issues 3/4 (N=64; ops and the block)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    harness.configure_dynamo()
+    level = "quick" if args.quick or args.targets else "full"
+    if args.targets and not args.suite:
+        args.suite = "ops,blocks"
+    suites = args.suite.split(",") if args.suite else [
+        s for s in SUITES if (s == "models" and (args.model or not args.op))
+        or (s != "models" and (args.op or not args.model))]
 
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available()
                                                           else [])
     failed = False
     for device in devices:
+        dtype = DTYPES[args.dtype]
+        backend = _backend(device)
         print(f"== {device}: {common.device_name(device)}; {common.versions()}")
-        print(f"   backends: {effkernels.available_backends(device)}")
-        if device != "cpu":
-            print("   (GPU op benchmarks arrive with the GPU backends)")
-            continue
-        t0 = time.time()
-        rows = ops.run(device, args.quick, args.op, _progress)
-        print(file=sys.stderr)
+        print(f"   effkernels backend: {backend}; available: "
+              f"{effkernels.available_backends(device)}")
+        ort = harness.ort_available() if device == "cpu" else "CPU only"
+        todo = []
+        for suite in suites:
+            budget = BUDGET[level][suite] if args.compile_budget is None else args.compile_budget
+            opts = SimpleNamespace(**{**vars(args), "device": device, "dtype": dtype,
+                                      "ort": ort, "compile_budget": budget})
+            mod = {"ops": ops, "blocks": blocks, "models": models}[suite]
+            for case in mod.cases(opts):
+                if suite != "models" and args.op and args.op not in case.op \
+                        and args.op != suite:
+                    continue
+                todo.append((case, MIN_TIME[level][suite]))
+        budgets = {s: harness.CompileBudget(BUDGET[level][s] if args.compile_budget is None
+                                            else args.compile_budget) for s in SUITES}
         meta = {"timestamp": common.now(), "device": device,
-                "device_name": common.device_name(device), "versions": common.versions()}
-        rows = [{**meta, **r} for r in rows]
+                "device_name": common.device_name(device), "versions": common.versions(),
+                "threads": torch.get_num_threads(), "backend": backend, "dtype": args.dtype}
         path = common.csv_path(device)
-        common.append_rows(path, rows)
-        print(_table(rows))
+        t0 = time.time()
+        rows: List[dict] = []
+        effkernels.set_backend(backend)
+        try:
+            for i, (case, min_time) in enumerate(todo):
+                _progress(i, len(todo), case.label, t0)
+                try:
+                    case_rows = harness.run_case(case, device, min_time, budgets[case.suite],
+                                                 measure_memory=not args.no_memory,
+                                                 min_samples=3 if args.quick else 5)
+                except Exception as e:  # noqa: BLE001 - building the case failed
+                    case_rows = [{"suite": case.suite, "op": case.op, "shape": case.shape,
+                                  "batch": case.batch, "mode": case.mode, "impl": harness.OURS,
+                                  "verified": f"ERROR: building the case: "
+                                              f"{type(e).__name__}: {e}"[:200]}]
+                for r in case_rows:
+                    if r.get("compile_s"):
+                        msg = (f"   torch.compile warm-up ({r['impl']}) {r['op']} {r['shape']} "
+                               f"N{r['batch']} {r['mode']}: {r['compile_s']:.1f} s (not timed)")
+                        print(f"\r{msg:<90}", file=sys.stderr)
+                case_rows = [{**meta, **r} for r in case_rows]
+                common.append_rows(path, case_rows)  # per case: a killed run keeps its results
+                rows += case_rows
+        finally:
+            effkernels.set_backend("auto")
+        print(file=sys.stderr)
+        print(table(rows))
+        spent = {s: b.spent for s, b in budgets.items() if b.spent}
         print(f"({len(rows)} rows appended to {path.relative_to(common.RESULTS.parent.parent)}, "
-              f"{time.time() - t0:.0f} s; eval-mode forward, fp32, channels_last input; "
-              f"speed-up = PyTorch eager median / effkernels median, same run)")
-        failed |= any(str(r.get("verified", "")).startswith("WRONG") for r in rows)
+              f"{time.time() - t0:.0f} s. {args.dtype}, {torch.get_num_threads()} threads. "
+              f"Speed-up = baseline median / effkernels median, same run (>1: ours faster); "
+              f"ours = effkernels on channels_last input; compile = torch.compile(inductor) of "
+              f"the eager function/model on channels_last; compile time excluded, spent "
+              f"{sum(sum(v.values()) for v in spent.values()):.0f} s; skip = not run (see the "
+              f"CSV's note column); * = that baseline's result is outside the tolerance. Plots: python -m bench.plot {path.relative_to(common.RESULTS.parent.parent)})")
+        bad = problems(rows)
+        if bad:
+            print("Verification problems (ours WRONG fails the run; a baseline's 'inexact' is "
+                  "information):\n  " + "\n  ".join(bad))
+        # Our implementation WRONG or failing is a failure; a baseline that fails is reported.
+        failed |= any(r["impl"] in (harness.OURS, harness.OURS_COMPILE)
+                      and str(r.get("verified", "")).startswith(("WRONG", "ERROR")) for r in rows)
     if failed:
-        print("Some kernels gave WRONG results (see above).", file=sys.stderr)
+        print("effkernels gave WRONG results or failed (see Problems above).", file=sys.stderr)
         return 1
     return 0
 
