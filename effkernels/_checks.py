@@ -35,6 +35,13 @@ def tensor(op: str, name: str, t, dim: int, like: Optional[torch.Tensor] = None)
             _fail(op, f"{name} must have dtype {like.dtype} like x; got {t.dtype}", TypeError)
 
 
+def nonempty(op: str, x: torch.Tensor) -> None:
+    """Only the batch may be empty: F.conv2d refuses an empty C, H or W, and so do we."""
+    if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        _fail(op, f"x must have at least one channel and non-empty H and W (only N may be 0, "
+                  f"as for torch.nn.functional.conv2d); got shape {tuple(x.shape)}")
+
+
 def act(op: str, name: str, value: str) -> None:
     if value not in ACTIVATIONS:
         _fail(op, f"{name} must be one of {', '.join(ACTIVATIONS)}; got {value!r}")
@@ -64,6 +71,8 @@ def depthwise(op: str, x: torch.Tensor, weight: torch.Tensor, channels: int, str
               padding: int, dilation: int, name: str = "weight") -> None:
     tensor(op, name, weight, 4, like=x)
     k = weight.shape[-1]
+    if channels < 1:
+        _fail(op, f"{name} must have at least one channel; got shape {tuple(weight.shape)}")
     if weight.shape[0] != channels or weight.shape[1] != 1 or weight.shape[2] != k:
         _fail(op, f"{name} must have shape (C, 1, k, k) with C == {channels}; got "
                   f"{tuple(weight.shape)}")

@@ -150,8 +150,51 @@ _AUTOGRAD = {
 }
 
 
+# ---- autocast ---------------------------------------------------------------------------------
+
+# The arguments autocast casts to its lower-precision dtype: the input, the conv weights and the
+# residual. BatchNorm parameters and running statistics stay as they are (fp32 under AMP, as
+# nn.BatchNorm2d keeps them), so the in-place running-statistics update lands in the caller's
+# tensors; torch.library.register_autocast would cast every floating tensor argument.
+_AUTOCAST_ARGS = {"dwconv_bn_act": (0, 1), "pwconv_bn_act": (0, 1, 6), "mixconv_bn_act": (0, 1)}
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_cast(arg, device_type: str, dtype: torch.dtype):
+    if isinstance(arg, (list, tuple)):
+        return [_autocast_cast(a, device_type, dtype) for a in arg]
+    if isinstance(arg, torch.Tensor) and arg.device.type == device_type \
+            and arg.dtype in _AUTOCAST_DTYPES and arg.dtype != dtype:
+        return arg.to(dtype)
+    return arg
+
+
+def _register_autocast(namespace: str, name: str, device_type: str) -> None:
+    positions = _AUTOCAST_ARGS[name]
+    op = getattr(getattr(torch.ops, namespace), name).default
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def run(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        args = [_autocast_cast(a, device_type, dtype) if i in positions else a
+                for i, a in enumerate(args)]
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return op(*args)
+
+    if op.has_kernel_for_dispatch_key(getattr(torch._C.DispatchKey, key)):
+        op.py_kernels.pop(getattr(torch._C.DispatchKey, key), None)
+    op.py_impl(getattr(torch._C.DispatchKey, key))(run)  # the Python dispatcher (tracing)
+    lib = _autocast_libs.setdefault(namespace, torch.library.Library(namespace, "IMPL"))
+    lib.impl(name, lambda _keyset, *args: run(*args), key, with_keyset=True)
+
+
+_autocast_libs = {}
+
+
 def register(namespace: str) -> None:
-    """Fake kernels and autograd for the conv ops of `namespace` (same signatures)."""
+    """Fake kernels, autograd and autocast for the conv ops of `namespace` (same
+    signatures)."""
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
     for name, (backward, setup) in _AUTOGRAD.items():
@@ -162,3 +205,6 @@ def register(namespace: str) -> None:
                                         setup_context=setup_context)
         torch.library.register_autograd(f"{namespace}::{name}_backward",
                                         _refuse_double_backward(f"{namespace}::{name}_backward"))
+    for name in _AUTOCAST_ARGS:
+        for device_type in ("cpu", "cuda"):
+            _register_autocast(namespace, name, device_type)

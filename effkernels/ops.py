@@ -2,9 +2,33 @@
 input (see effkernels.backend), runs the op and, in training mode, updates the running
 statistics in place exactly as F.batch_norm does. Gradients flow to x, the conv weights,
 bn_weight, bn_bias (and residual) in both modes.
+
+Edge cases follow PyTorch: an empty batch (N=0) gives an empty result and zero parameter
+gradients, also in training mode (F.batch_norm accepts it and leaves the running statistics
+alone); an empty C, H or W is refused (F.conv2d refuses it); any strides, including
+overlapping ones (x.expand along N), are accepted.
+
+torch.autocast: under autocast for x's device the input, conv weights, residual and SE
+parameters are cast to autocast's dtype, the BatchNorm parameters and running statistics are
+not (fp32 under AMP; the running statistics are updated in place), and the op runs with
+autocast off. The same rule is registered for direct torch.ops.effkernels calls
+(_registration.py); torch.library.register_autocast is not used because it casts every floating
+argument, running statistics included.
+
+Export: torch.export keeps the ops as the custom ops torch.ops.effkernels.* (fake kernels in
+_registration.py), for runtimes that have them (AOTInductor with this library loaded). ONNX has
+no such ops, so while torch.onnx.export traces (torch.onnx.is_in_onnx_export(): the
+TorchScript-based exporter, dynamo=False, and the capture step of the dynamo exporter) every
+op takes the reference implementation (effkernels.reference: F.conv2d, F.batch_norm and the
+activations), which the exporters translate into standard ONNX ops (Conv,
+BatchNormalization, Relu/Clip/HardSwish/HardSigmoid/Sigmoid, Add, ...). That needs no
+per-op translation functions (custom_translation_table needs onnxscript and duplicates
+the reference's definition) and cannot drift from the oracle the tests use.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import List, Optional, Sequence
 
 import torch
@@ -21,6 +45,53 @@ def _cpp():
     return _ops
 
 
+# ---- torch.autocast ------------------------------------------------------------------------
+
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _to(t, dtype):
+    """t (a tensor, a list of them, or None) in dtype; other dtypes (fp64, ints) untouched."""
+    if isinstance(t, (list, tuple)):
+        return [_to(u, dtype) for u in t]
+    if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_DTYPES and t.dtype != dtype:
+        return t.to(dtype)
+    return t
+
+
+def _stage_weight(stage, dtype):
+    """An inverted-residual stage [weight, bn_weight, bn_bias, running_mean, running_var]: the
+    conv weight cast, the BatchNorm tensors kept."""
+    stage = list(stage)
+    return [_to(stage[0], dtype), *stage[1:]] if stage else stage
+
+
+def _autocast(**casts):
+    """Under torch.autocast for x's device, runs the op in autocast's dtype: the arguments
+    named in `casts` (input, conv weights, residual, SE) are cast, the BatchNorm parameters and
+    running statistics are left alone (fp32 under AMP, updated in place), and the op itself
+    runs with autocast off, so every backend computes the same thing. The C++ ops have the same
+    rule registered for direct torch.ops.effkernels calls (effkernels/_registration.py)."""
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def op(x, *args, **kwargs):
+            device = x.device.type if isinstance(x, torch.Tensor) else None
+            if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device) \
+                    or x.dtype not in _AUTOCAST_DTYPES:
+                return fn(x, *args, **kwargs)
+            dtype = torch.get_autocast_dtype(device)
+            bound = signature.bind(x, *args, **kwargs)
+            for name, cast in casts.items():
+                if name in bound.arguments:
+                    bound.arguments[name] = cast(bound.arguments[name], dtype)
+            with torch.autocast(device, enabled=False):
+                return fn(*bound.args, **bound.kwargs)
+        return op
+    return wrap
+
+
 def _affine(bn_weight, bn_bias, channels: int, x: torch.Tensor):
     """BatchNorm(affine=False) is the affine case with weight 1 and bias 0."""
     if bn_weight is None:
@@ -28,6 +99,21 @@ def _affine(bn_weight, bn_bias, channels: int, x: torch.Tensor):
     if bn_bias is None:
         bn_bias = torch.zeros(channels, device=x.device, dtype=x.dtype)
     return bn_weight, bn_bias
+
+
+def _dense_bn(bn_weight, bn_bias, running_mean, running_var, training: bool):
+    """BN parameters for the reference path (F.batch_norm), made contiguous. PyTorch's CPU
+    batch_norm backward (torch 2.14) reads non-contiguous weight, and in eval mode
+    non-contiguous running statistics, wrongly for channels_last inputs (wrong or garbage
+    gradients); tests/test_edge_cases.py::test_noncontiguous_parameters. In training mode the
+    running statistics are updated in place, so they stay the caller's tensors (their
+    contiguity does not matter there)."""
+    def dense(t):
+        return t if t is None else t.contiguous()
+
+    if not training:
+        running_mean, running_var = dense(running_mean), dense(running_var)
+    return dense(bn_weight), dense(bn_bias), running_mean, running_var
 
 
 @torch.no_grad()
@@ -40,6 +126,14 @@ def _update_running(running_mean, running_var, mean, var, count: int, momentum: 
     running_var.copy_(running_var * (1 - momentum) + unbiased.to(running_var.dtype) * momentum)
 
 
+def _resolve(x: torch.Tensor) -> str:
+    """The backend for this call; during torch.onnx.export, the reference (see the module
+    docstring)."""
+    if not torch.compiler.is_dynamo_compiling() and torch.onnx.is_in_onnx_export():
+        return "reference"
+    return _backend.resolve(x)
+
+
 def _call(impl: str, name: str, *args):
     if impl in ("cpu", "cuda"):
         return getattr(_cpp(), name)(*args)
@@ -50,6 +144,7 @@ def _call(impl: str, name: str, *args):
     raise AssertionError(impl)
 
 
+@_autocast(x=_to, weight=_to)
 def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
                   bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                   running_var: Optional[torch.Tensor], *, stride: int = 1,
@@ -64,6 +159,7 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     """
     op = "dwconv_bn_act"
     _checks.tensor(op, "x", x, 4)
+    _checks.nonempty(op, x)
     channels = x.shape[1]
     k = weight.shape[-1] if isinstance(weight, torch.Tensor) else 0
     if padding is None:
@@ -75,12 +171,12 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     wo = _checks.conv_out_size(x.shape[3], k, stride, padding, dilation)
     count = x.shape[0] * ho * wo
     _checks.training_count(op, count, training)
-    impl = _backend.resolve(x)
+    impl = _resolve(x)
     if impl == "reference":
         return reference.dwconv_bn_act(
-            x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
-            padding=padding, dilation=dilation, act=act, training=training, momentum=momentum,
-            eps=eps)
+            x, weight, *_dense_bn(bn_weight, bn_bias, running_mean, running_var, training),
+            stride=stride, padding=padding, dilation=dilation, act=act, training=training,
+            momentum=momentum, eps=eps)
     bn_weight, bn_bias = _affine(bn_weight, bn_bias, channels, x)
     out, mean, var = _call(impl, op, x, weight, bn_weight, bn_bias, running_mean, running_var,
                            stride, padding, dilation, act, training, eps)
@@ -89,6 +185,7 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     return out
 
 
+@_autocast(x=_to, weight=_to, residual=_to)
 def pwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
                   bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                   running_var: Optional[torch.Tensor], *, act: str = "relu6",
@@ -97,11 +194,12 @@ def pwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     """ACT(BN(conv1x1(x)) + residual); weight (Cout, Cin, 1, 1); residual (N, Cout, H, W)."""
     op = "pwconv_bn_act"
     _checks.tensor(op, "x", x, 4)
+    _checks.nonempty(op, x)
     _checks.tensor(op, "weight", weight, 4, like=x)
     cout, cin = weight.shape[0], weight.shape[1]
-    if cin != x.shape[1] or weight.shape[2] != 1 or weight.shape[3] != 1:
+    if cin != x.shape[1] or weight.shape[2] != 1 or weight.shape[3] != 1 or cout < 1:
         raise ValueError(f"{op}: weight must have shape (Cout, Cin, 1, 1) with Cin == "
-                         f"{x.shape[1]}; got {tuple(weight.shape)}")
+                         f"{x.shape[1]} and Cout >= 1; got {tuple(weight.shape)}")
     if residual is not None:
         _checks.tensor(op, "residual", residual, 4, like=x)
         expected = (x.shape[0], cout, x.shape[2], x.shape[3])
@@ -112,9 +210,10 @@ def pwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     _checks.act(op, "act", act)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     _checks.training_count(op, count, training)
-    impl = _backend.resolve(x)
+    impl = _resolve(x)
     if impl == "reference":
-        return reference.pwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var,
+        return reference.pwconv_bn_act(x, weight, *_dense_bn(bn_weight, bn_bias, running_mean,
+                                                             running_var, training),
                                        act=act, residual=residual, training=training,
                                        momentum=momentum, eps=eps)
     bn_weight, bn_bias = _affine(bn_weight, bn_bias, cout, x)
@@ -125,6 +224,7 @@ def pwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     return out
 
 
+@_autocast(x=_to, weights=_to)
 def mixconv_bn_act(x: torch.Tensor, weights: Sequence[torch.Tensor],
                    bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
                    running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], *,
@@ -136,6 +236,7 @@ def mixconv_bn_act(x: torch.Tensor, weights: Sequence[torch.Tensor],
     BatchNorm over all C channels. sum(C_i) must equal C."""
     op = "mixconv_bn_act"
     _checks.tensor(op, "x", x, 4)
+    _checks.nonempty(op, x)
     weights = list(weights)
     if not weights:
         raise ValueError(f"{op}: weights must hold at least one (C_i, 1, k_i, k_i) tensor")
@@ -159,10 +260,11 @@ def mixconv_bn_act(x: torch.Tensor, weights: Sequence[torch.Tensor],
     wo = (x.shape[3] - 1) // stride + 1
     count = x.shape[0] * ho * wo
     _checks.training_count(op, count, training)
-    impl = _backend.resolve(x)
+    impl = _resolve(x)
     if impl == "reference":
-        return reference.mixconv_bn_act(x, weights, bn_weight, bn_bias, running_mean,
-                                        running_var, stride=stride, dilation=dilation, act=act,
+        return reference.mixconv_bn_act(x, weights, *_dense_bn(bn_weight, bn_bias, running_mean,
+                                                               running_var, training),
+                                        stride=stride, dilation=dilation, act=act,
                                         training=training, momentum=momentum, eps=eps)
     bn_weight, bn_bias = _affine(bn_weight, bn_bias, channels, x)
     out, mean, var = _call(impl, op, x, weights, bn_weight, bn_bias, running_mean, running_var,
@@ -172,6 +274,8 @@ def mixconv_bn_act(x: torch.Tensor, weights: Sequence[torch.Tensor],
     return out
 
 
+@_autocast(x=_to, expand=_stage_weight, depthwise=_stage_weight, project=_stage_weight,
+           se=_to)
 def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
                       depthwise: Sequence[torch.Tensor], se: Sequence[torch.Tensor],
                       project: Sequence[torch.Tensor], *, stride: int = 1, dilation: int = 1,
@@ -188,6 +292,7 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
     """
     op = "inverted_residual"
     _checks.tensor(op, "x", x, 4)
+    _checks.nonempty(op, x)
     expand, depthwise, se, project = list(expand), list(depthwise), list(se), list(project)
     for name, stage in (("expand", expand), ("depthwise", depthwise), ("project", project)):
         if len(stage) != 5 and not (name == "expand" and len(stage) == 0):
@@ -201,8 +306,11 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
         _checks.act(op, name, locals()[name])
     if skip is None:
         skip = stride == 1 and x.shape[1] == project[0].shape[0]
-    impl = _backend.resolve(x)
+    impl = _resolve(x)
     if impl == "reference":
+        expand, depthwise, project = (
+            [stage[0], *_dense_bn(*stage[1:], training)] if stage else stage
+            for stage in (expand, depthwise, project))
         return reference.inverted_residual(x, expand, depthwise, se, project, stride=stride,
                                            dilation=dilation, act=act, se_act=se_act,
                                            se_gate=se_gate, skip=skip, training=training,
