@@ -21,6 +21,7 @@ from torch import nn
 
 from .nn import _functional as F_
 from .nn.blocks import _Block
+from .nn.modules import NotScriptable
 
 _ACTS = {"relu": "relu", "relu6": "relu6", "hardswish": "hswish", "hardswishme": "hswish",
          "silu": "silu", "swish": "silu", "swishme": "silu", "identity": "identity",
@@ -91,7 +92,7 @@ class AdoptedBlock(_Block):
         self._setup(roles, **config)
 
 
-class AdoptedConvBNAct(nn.Module):
+class AdoptedConvBNAct(NotScriptable, nn.Module):
     """conv + BatchNorm + act (+ skip) of another library (torchvision's Conv2dNormActivation,
     timm's ConvBnAct), run by effkernels with the source's children and keys."""
 

@@ -43,14 +43,13 @@ def make_input(shape, dtype, layout="contiguous", device="cpu", requires_grad=Fa
     n, c, h, w = shape
     if layout in ("strided", "strided_cl"):
         fmt = torch.channels_last if layout == "strided_cl" else torch.contiguous_format
-        big = torch.randn(n, c + 3, h, 2 * w, dtype=torch.float64, device=device)
+        big = torch.randn(n, c + 3, h, 2 * w, dtype=torch.float64, device=device).to(dtype)
         big = big.contiguous(memory_format=fmt)
-        x = big[:, 2:2 + c, :, ::2]
+        x = big[:, 2:2 + c, :, ::2]  # sliced after the cast: a real view in every dtype
     else:
-        x = torch.randn(shape, dtype=torch.float64, device=device)
+        x = torch.randn(shape, dtype=torch.float64, device=device).to(dtype)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
-    x = x.to(dtype)
     if requires_grad:
         x.requires_grad_(True)
     return x

@@ -225,11 +225,6 @@ def test_ops_use_reference_only_while_exporting_to_onnx(monkeypatch):
 
 # ---- torch.jit.script -----------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torch.jit.script of an effkernels model fails inside effkernels/nn/blocks.py with "
-    "\"Unknown type annotation: 'Dict[str, Path]'\"; a clear error needs a "
-    "__prepare_scriptable__ (or @torch.jit.unused forward) in effkernels/nn, outside this "
-    "change"))
 def test_jit_script_fails_clearly(model_and_input):
     model, _ = model_and_input
     with pytest.raises(Exception) as info:

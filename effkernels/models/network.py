@@ -12,11 +12,11 @@ from torch import nn
 
 from .. import reference
 from ..nn import _functional as F_
-from ..nn.modules import _check_act
+from ..nn.modules import NotScriptable, _check_act
 from ._builder import BlockArgs, BuildConfig, build_stages
 
 
-class EfficientNet(nn.Module):
+class EfficientNet(NotScriptable, nn.Module):
     """MobileNetV1/V2/V3, MixNet, EfficientNet and MnasNet, as timm builds them.
 
     head='efficientnet': blocks -> 1x1 conv_head + bn2 + act (when num_features > 0) -> global

@@ -19,7 +19,7 @@ from torch import nn
 from .. import ops
 from . import _functional as F_
 from . import _sync
-from .modules import DropPath, Kernel, SqueezeExcite, _check_act, make_conv
+from .modules import DropPath, Kernel, NotScriptable, SqueezeExcite, _check_act, make_conv
 
 Path = Tuple[str, ...]
 
@@ -35,7 +35,7 @@ def _drop_active(module: Optional[nn.Module]) -> bool:
     return float(getattr(module, "drop_prob", getattr(module, "p", 0.0)) or 0.0) > 0.0
 
 
-class _Block(nn.Module):
+class _Block(NotScriptable, nn.Module):
     """expand 1x1+BN+act -> depthwise kxk+BN+act -> [SE] -> project 1x1+BN[+act] -> [+ x]."""
 
     _roles: Dict[str, Path]
@@ -265,7 +265,7 @@ class DepthwiseSeparable(_Block):
                     same=same and stride > 1)
 
 
-class ConvBnActBlock(nn.Module):
+class ConvBnActBlock(NotScriptable, nn.Module):
     """timm's ConvBnAct block layout (conv, bn1): conv + BN + act [+ x]."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,

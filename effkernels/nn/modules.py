@@ -44,7 +44,18 @@ def make_conv(in_channels: int, out_channels: int, kernel_size: Kernel = 1, stri
     return nn.ModuleList([conv(i, o, k) for i, o, k in zip(ins, outs, kernel_size)])
 
 
-class _ConvBNActBase(nn.Module):
+class NotScriptable:
+    """torch.jit.script refuses effkernels modules with a clear message (it calls
+    __prepare_scriptable__ on every submodule first)."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"effkernels: {type(self).__name__} cannot be compiled with torch.jit.script (its "
+            f"ops are torch.library custom ops called from Python); use torch.compile or "
+            f"torch.export instead")
+
+
+class _ConvBNActBase(NotScriptable, nn.Module):
     """conv (nn.Conv2d or a ModuleList of split convs) + bn (nn.BatchNorm2d) + act."""
 
     def __init__(self, conv: nn.Module, channels: int, act: str, eps: float, momentum: float,
@@ -124,7 +135,7 @@ class ConvBNAct(_ConvBNActBase):
         return F_.conv_bn_act(x, self.conv, self.bn, self.act, self.same)
 
 
-class SqueezeExcite(nn.Module):
+class SqueezeExcite(NotScriptable, nn.Module):
     """x * gate(conv_expand(act(conv_reduce(mean_hw(x))))), timm's layout (conv_reduce,
     conv_expand, both 1x1 with bias)."""
 
