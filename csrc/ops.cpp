@@ -46,4 +46,13 @@ TORCH_LIBRARY(effkernels, m) {
       "inverted_residual(Tensor x, Tensor[] expand, Tensor[] depthwise, Tensor[] se, "
       "Tensor[] project, int stride, int dilation, str act, str se_act, str se_gate, bool skip, "
       "bool training, float eps) -> (Tensor out, Tensor[] stats)");
+
+  // The same block in eval mode only (BatchNorm from the running statistics), for inference:
+  // no statistics, no autograd (its gradient is refused). The CPU kernel
+  // (csrc/cpu/inverted_residual.cpp) fuses the whole block; effkernels.ops.inverted_residual
+  // calls it when not training and no gradient is needed.
+  m.def(
+      "inverted_residual_inference(Tensor x, Tensor[] expand, Tensor[] depthwise, Tensor[] se, "
+      "Tensor[] project, int stride, int dilation, str act, str se_act, str se_gate, bool skip, "
+      "float eps) -> Tensor");
 }

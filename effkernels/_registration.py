@@ -76,6 +76,22 @@ def _mix_bwd_fake(grad_out, x, weights, bn_weight, bn_bias, mean, var, stride, d
         torch.empty_like(bn_bias)
 
 
+def _ir_inference_fake(x, expand, depthwise, se, project, stride, dilation, act, se_act,
+                       se_gate, skip, eps):
+    n, _, h, w = x.shape
+    k = depthwise[0].shape[-1]
+    hidden = expand[0].shape[0] if len(expand) else x.shape[1]
+    torch._check(depthwise[0].shape[0] == hidden,
+                 lambda: "inverted_residual_inference: depthwise weight must have the hidden "
+                         "channels")
+    torch._check(project[0].shape[1] == hidden,
+                 lambda: "inverted_residual_inference: project weight must take the hidden "
+                         "channels")
+    pad = dilation * (k - 1) // 2
+    return _like(x, (n, project[0].shape[0], conv_out_size(h, k, stride, pad, dilation),
+                     conv_out_size(w, k, stride, pad, dilation)))
+
+
 # ---- autograd -------------------------------------------------------------------------------
 
 def _setup(ctx, inputs, output, residual=None, n_params=6):
@@ -192,9 +208,26 @@ def _register_autocast(namespace: str, name: str, device_type: str) -> None:
 _autocast_libs = {}
 
 
+def _refuse_inference_grad(ctx, grad_out):
+    raise RuntimeError(
+        "effkernels::inverted_residual_inference is inference-only and has no gradient; "
+        "effkernels.ops.inverted_residual uses the differentiable block when a gradient is "
+        "needed")
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
 def register(namespace: str) -> None:
     """Fake kernels, autograd and autocast for the conv ops of `namespace` (same
     signatures)."""
+    if namespace == "effkernels" and hasattr(torch.ops.effkernels,
+                                             "inverted_residual_inference"):  # C++ only
+        name = f"{namespace}::inverted_residual_inference"
+        torch.library.register_fake(name, _ir_inference_fake)
+        torch.library.register_autograd(name, _refuse_inference_grad,
+                                        setup_context=_no_context)
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
     for name, (backward, setup) in _AUTOGRAD.items():

@@ -323,6 +323,11 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
                                            se_gate=se_gate, skip=skip, training=training,
                                            momentum=momentum, eps=eps, pw=pwconv_bn_act,
                                            dw=dwconv_bn_act)
+    if impl == "cpu" and not training and not _needs_grad(x, expand, depthwise, se, project):
+        # Inference: the fused CPU block (csrc/cpu/inverted_residual.cpp), BatchNorm folded
+        # from the running statistics, the expanded activations never in memory.
+        return _cpp().inverted_residual_inference(x, expand, depthwise, se, project, stride,
+                                                  dilation, act, se_act, se_gate, skip, eps)
     out, stats = _cpp().inverted_residual(x, expand, depthwise, se, project, stride, dilation,
                                           act, se_act, se_gate, skip, training, eps)
     if training:
@@ -331,6 +336,13 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
         for i, (stage, count) in enumerate(zip(stages, counts)):
             _update_running(stage[3], stage[4], stats[2 * i], stats[2 * i + 1], count, momentum)
     return out
+
+
+def _needs_grad(x, *stages) -> bool:
+    """Whether autograd would record the block: grad mode on and some input requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(t.requires_grad for stage in stages for t in stage)
 
 
 def _stage_counts(x, expand, depthwise, stride, dilation) -> List[int]:

@@ -381,7 +381,7 @@ class _Tracer(TorchDispatchMode):
         block = self.blocks[-1] if self.blocks else None
         if ns in _NAMESPACES and name in _EFFK_CONVS:
             self.effk_layer(name, args, outs[0], block)
-        elif ns in _NAMESPACES and name == "inverted_residual":
+        elif ns in _NAMESPACES and name in ("inverted_residual", "inverted_residual_inference"):
             self.block_layer(args, outs[0], block)
         elif ns == "aten" and name in ("convolution", "_convolution"):
             self.conv_layer(args, outs[0], block)
@@ -444,7 +444,8 @@ class _Tracer(TorchDispatchMode):
                          unfused_read, unfused_write, xb + rb, y, block))
 
     def block_layer(self, args, out, block) -> None:
-        """effkernels_triton::inverted_residual, one opaque op."""
+        """One opaque fused block: effkernels_triton::inverted_residual, or the C++
+        inverted_residual_inference (same leading arguments)."""
         x, expand, depthwise, se, project, stride = args[:6]
         n, _, h, w = x.shape
         positions = out.numel() // out.shape[1]
@@ -626,7 +627,8 @@ def _backward(forward):
 
 def _ir_flop(x, expand, depthwise, se, project, *args, out_shape=None, **kwargs) -> int:
     n, _, h, w = x
-    _, _, ho, wo = out_shape[0]
+    out = out_shape[0] if isinstance(out_shape[0], (tuple, list)) else out_shape  # (out, stats)
+    _, _, ho, wo = out
     macs = n * ho * wo * (_prod(depthwise[0]) + _prod(project[0]))
     if expand:
         macs += n * h * w * _prod(expand[0])
@@ -645,6 +647,7 @@ _FORMULAS = {
     "pwconv_bn_act": _pw_flop, "pwconv_bn_act_backward": _backward(_pw_flop),
     "mixconv_bn_act": _mix_flop, "mixconv_bn_act_backward": _backward(_mix_flop),
     "inverted_residual": _ir_flop, "inverted_residual_backward": _ir_backward_flop,
+    "inverted_residual_inference": _ir_flop,
 }
 
 
@@ -669,7 +672,8 @@ def register_flop_formulas() -> List[str]:
     namespaces = [ns for ns in _NAMESPACES if ns != "effkernels" or _extension.loaded()]
     for ns in namespaces:
         for name, formula in _FORMULAS.items():
-            if ns == "effkernels" and name.startswith("inverted_residual"):
+            if ns == "effkernels" and name in ("inverted_residual",
+                                               "inverted_residual_backward"):
                 continue  # composite: its parts are counted
             packet = _packet(ns, name)
             if packet is None:

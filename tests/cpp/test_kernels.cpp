@@ -261,6 +261,13 @@ void test_inverted_residual() {
   h = h * torch::hardsigmoid(torch::conv2d(s, se[2], se[3]));
   auto ref = bn(torch::conv2d(h, p[0]), p) + x;
   expect_close(out, ref, 1e-5, "inverted_residual eval");
+  // The fused inference kernel (csrc/cpu/inverted_residual.cpp) computes the same block.
+  auto fused = op<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
+                             at::TensorList, int64_t, int64_t, c10::string_view,
+                             c10::string_view, c10::string_view, bool, double)>(
+      "effkernels::inverted_residual_inference");
+  expect_close(fused.call(x, e, d, se, p, 1, 1, "hswish", "relu", "hsigmoid", true, 1e-5), ref,
+               1e-5, "inverted_residual_inference");
 }
 
 }  // namespace

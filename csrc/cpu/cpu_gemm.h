@@ -1,0 +1,405 @@
+// The CPU GEMM machinery shared by pwconv_bn_act and the fused inverted-residual block:
+// run-time ISA dispatch (Isa, cpu_isa, select_kernel), scratch buffers, the register-blocked
+// micro-kernel over packed weight panels and the panel packing. Moved here unchanged from
+// pwconv_bn_act.cpp (see the design notes there); everything is inline or a template, so each
+// translation unit instantiates what it uses, compiled for each ISA by the `flatten` wrappers.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/impl/alloc_cpu.h>
+
+#include "effkernels/macros.h"
+
+namespace effkernels::cpu {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ---- run-time ISA dispatch -------------------------------------------------------------------
+
+enum class Isa : int { Base = 0, Avx2 = 1, Avx512 = 2 };
+
+// Vector width in bytes and number of vector registers the micro-kernel may plan for.
+constexpr int isa_bytes(Isa isa) { return isa == Isa::Avx512 ? 64 : isa == Isa::Avx2 ? 32 : 16; }
+constexpr int isa_regs(Isa isa) { return isa == Isa::Avx512 ? 32 : 16; }
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define EFFK_PW_X86 1
+#define EFFK_PW_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2"), flatten))
+#define EFFK_PW_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2"), flatten))
+#else
+#define EFFK_PW_X86 0
+#endif
+
+inline Isa detect_isa() {
+  Isa isa = Isa::Base;
+#if EFFK_PW_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = Isa::Avx2;
+  if (isa == Isa::Avx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    isa = Isa::Avx512;
+#endif
+  // EFFK_CPU_ISA=base|avx2|avx512 caps the choice, so that tests can cover the narrower paths.
+  if (const char* env = std::getenv("EFFK_CPU_ISA")) {
+    const std::string_view want(env);
+    const Isa cap = want == "base" ? Isa::Base : want == "avx2" ? Isa::Avx2 : Isa::Avx512;
+    isa = std::min(isa, cap);
+  }
+  return isa;
+}
+
+inline Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+// A kernel K is a struct with `using Args = ...;` and `template <Isa> static void run(const
+// Args&)`. The wrappers below compile K::run for one ISA: `flatten` inlines everything it
+// calls, so the whole body (vector-extension code, auto-vectorised loops) is generated with
+// that ISA's instructions.
+template <class K>
+using KernelFn = void (*)(const typename K::Args&);
+
+#if EFFK_PW_X86
+template <class K>
+EFFK_PW_AVX512 void run_avx512(const typename K::Args& args) {
+  K::template run<Isa::Avx512>(args);
+}
+template <class K>
+EFFK_PW_AVX2 void run_avx2(const typename K::Args& args) {
+  K::template run<Isa::Avx2>(args);
+}
+#endif
+template <class K>
+__attribute__((flatten)) void run_base(const typename K::Args& args) {
+  K::template run<Isa::Base>(args);
+}
+
+// The entry point of kernel K compiled for ISA I (only valid pairs are instantiated).
+template <Isa I, class K>
+KernelFn<K> isa_entry() {
+#if EFFK_PW_X86
+  if constexpr (I == Isa::Avx512)
+    return &run_avx512<K>;
+  else if constexpr (I == Isa::Avx2)
+    return &run_avx2<K>;
+  else
+#endif
+    return &run_base<K>;
+}
+
+template <class K>
+KernelFn<K> select_kernel(Isa isa) {
+#if EFFK_PW_X86
+  if (isa == Isa::Avx512) return isa_entry<Isa::Avx512, K>();
+  if (isa == Isa::Avx2) return isa_entry<Isa::Avx2, K>();
+#endif
+  return isa_entry<Isa::Base, K>();
+}
+
+// ---- small helpers ---------------------------------------------------------------------------
+
+// A 64-byte aligned buffer owned by one call.
+template <class A>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n)
+      : p_(static_cast<A*>(c10::alloc_cpu(static_cast<size_t>(std::max<int64_t>(n, 1)) *
+                                          sizeof(A)))) {}
+  Scratch(Scratch&& o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
+  ~Scratch() { c10::free_cpu(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  A* get() const { return p_; }
+
+ private:
+  A* p_;
+};
+
+// Per-thread scratch memory, grown on demand and kept across calls: a fresh large buffer per
+// call is a fresh mmap, whose page faults cost as much as a small layer's GEMM. kScratchSlots
+// slots, one per concurrent use inside a parallel region (pwconv uses 0-2, the fused
+// inverted-residual block 3-10).
+constexpr int kScratchSlots = 12;
+
+template <class A>
+A* thread_scratch(int slot, int64_t n) {
+  struct Buffers {
+    std::array<void*, kScratchSlots> ptr{};
+    std::array<size_t, kScratchSlots> bytes{};
+    ~Buffers() {
+      for (void* q : ptr) c10::free_cpu(q);
+    }
+  };
+  thread_local Buffers b;
+  const size_t want = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(A);
+  if (b.bytes[slot] < want) {
+    c10::free_cpu(std::exchange(b.ptr[slot], nullptr));
+    b.bytes[slot] = 0;
+    b.ptr[slot] = c10::alloc_cpu(want);  // may throw: the slot is empty, not dangling
+    b.bytes[slot] = want;
+  }
+  return static_cast<A*>(b.ptr[slot]);
+}
+
+// ---- the micro-kernel ------------------------------------------------------------------------
+
+template <class A, int Bytes>
+struct Vec {
+  typedef A type __attribute__((vector_size(Bytes)));
+};
+
+// Accumulator rows of a block for a panel of NV vectors: what the register file holds next to
+// the NV loaded W vectors and one broadcast, and no more than 12 so that the 12 row offsets of
+// the in-place x rows stay in general registers (no spills in the k loop).
+constexpr int micro_rows(int regs, int nv) {
+  return nv == 1 ? 12 : nv == 2 ? (regs == 32 ? 12 : 6) : (regs == 32 ? 8 : 4);
+}
+// Tile heights are multiples of 12: whole blocks for MR 12, 6 and 4 (MR 8 ends a tile with a
+// tail block), and finer than 24 so that the tiles of small problems stay even.
+constexpr int64_t kRowQuantum = 12;
+
+// c[MR][NR] (row stride ldc) = a[MR][K] (row stride lda) @ b[K][NR] (a packed W panel).
+// x rows are read in place and broadcast; each k costs NV vector loads and MR*NV FMAs.
+// Once per cache line of k it also prefetches that line of the next block's rows (`next`,
+// same stride, reusing the row offsets of the broadcasts): the hardware prefetcher does not
+// follow MR short strided streams, and x streamed from L3 or memory otherwise halves the FMA
+// rate.
+template <class A, int Bytes, int MR, int NV>
+inline void micro_kernel(int64_t K, const A* __restrict a, int64_t lda, const A* __restrict b,
+                         A* __restrict c, int64_t ldc, const A* next) {
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(A));
+  using V = typename Vec<A, Bytes>::type;
+  constexpr int VW = Bytes / static_cast<int>(sizeof(A));
+  constexpr int NR = NV * VW;
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = V{};
+  for (int64_t k = 0; k < K; ++k, b += NR) {
+    if (k % kLine == 0) {
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) __builtin_prefetch(next + r * lda + k, 0, 3);
+    }
+    V w[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) std::memcpy(&w[j], b + j * VW, sizeof(V));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const A s = a[r * lda + k];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] += s * w[j];  // contracted to FMA
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) std::memcpy(c + r * ldc + j * VW, &acc[r][j], sizeof(V));
+}
+
+template <class A>
+struct GemmArgs {
+  int64_t K;     // reduction length
+  const A* a;    // rows x K, row stride lda; readable up to round_up(rows, MR) rows
+  int64_t lda, rows;
+  const A* b;    // one packed panel [K][NR]
+  A* c;          // round_up(rows, MR) x NR results, row stride ldc
+  int64_t ldc;
+};
+
+// All rows of a tile against one panel: full MR blocks, then one block of MR, MR/2 or MR/4
+// rows for the remainder, so that a 49-row tile computes 51 rows rather than 60.
+template <class A, int Bytes, int NV>
+struct GemmKernel {
+  using Args = GemmArgs<A>;
+  template <Isa I>
+  static void run(const Args& g) {
+    constexpr int MR = micro_rows(isa_regs(I), NV), MR2 = (MR + 1) / 2, MR4 = (MR + 3) / 4;
+    // `next` may point past the tile (or the tensor): prefetches never fault.
+    int64_t r = 0;
+    for (; r + MR <= g.rows; r += MR)
+      micro_kernel<A, Bytes, MR, NV>(g.K, g.a + r * g.lda, g.lda, g.b, g.c + r * g.ldc, g.ldc,
+                                     g.a + (r + MR) * g.lda);
+    const int64_t rem = g.rows - r;
+    const A* a = g.a + r * g.lda;
+    A* c = g.c + r * g.ldc;
+    if (rem > MR2)
+      micro_kernel<A, Bytes, MR, NV>(g.K, a, g.lda, g.b, c, g.ldc, a + MR * g.lda);
+    else if (rem > MR4)
+      micro_kernel<A, Bytes, MR2, NV>(g.K, a, g.lda, g.b, c, g.ldc, a + MR2 * g.lda);
+    else if (rem > 0)
+      micro_kernel<A, Bytes, MR4, NV>(g.K, a, g.lda, g.b, c, g.ldc, a + MR4 * g.lda);
+  }
+};
+
+template <class A>
+struct GemmPlan {
+  void (*fn)(const GemmArgs<A>&);
+  int MR, NR;
+  double cost;  // relative time per output column, measured on Zen 4 (planning only)
+};
+
+template <class A, Isa I, int Bytes, int NV>
+GemmPlan<A> make_plan(double cost) {
+  return {isa_entry<I, GemmKernel<A, Bytes, NV>>(), micro_rows(isa_regs(I), NV),
+          NV * Bytes / static_cast<int>(sizeof(A)), cost};
+}
+
+// Candidate panel shapes. One full-width vector per panel row (NR = VW) does half the FMAs
+// per broadcast and ran ~30% slower per column; AVX-512 also offers 3 x 256-bit (NR 24 for
+// fp32, for channel counts like 24), ~12% slower per column than zmm. They are used when they
+// pad much less. Every shape gives the same bits: each output is one FMA chain over k.
+template <class A, Isa I>
+std::array<GemmPlan<A>, 4> shapes_for() {
+  constexpr int B = isa_bytes(I);
+  std::array<GemmPlan<A>, 4> opts{make_plan<A, I, B, 2>(1.0), make_plan<A, I, B, 3>(1.0),
+                                  make_plan<A, I, B, 1>(1.3), make_plan<A, I, B, 2>(1.0)};
+  if constexpr (I == Isa::Avx512) opts[3] = make_plan<A, I, 32, 3>(1.12);
+  return opts;
+}
+
+template <class A>
+std::array<GemmPlan<A>, 4> panel_shapes(Isa isa) {
+#if EFFK_PW_X86
+  if (isa == Isa::Avx512) return shapes_for<A, Isa::Avx512>();
+  if (isa == Isa::Avx2) return shapes_for<A, Isa::Avx2>();
+#endif
+  return shapes_for<A, Isa::Base>();
+}
+
+// The fastest shape for `ncols` columns, ignoring thread balance.
+template <class A>
+GemmPlan<A> plan_gemm(Isa isa, int64_t ncols) {
+  const std::array<GemmPlan<A>, 4> opts = panel_shapes<A>(isa);
+  auto cost = [&](const GemmPlan<A>& o) {
+    return static_cast<double>(round_up(ncols, o.NR)) * o.cost;
+  };
+  GemmPlan<A> best = opts[0];
+  for (const GemmPlan<A>& o : opts)
+    if (cost(o) < cost(best)) best = o;
+  return best;
+}
+
+// ---- packing ---------------------------------------------------------------------------------
+
+// In-register transpose of VW vectors of VW lanes: log2(VW) rounds of two-source shuffles that
+// swap the off-diagonal HxH blocks of each pair of rows i, i+H.
+// (Results through references: a function returning a 64-byte vector by value draws a
+// -Wpsabi note where it is also instantiated outside the AVX-512 code.)
+template <int VW, int H, class V, size_t... L>
+EFFK_INLINE void shuffle_pair(const V& a, const V& b, V& lo, V& hi, std::index_sequence<L...>) {
+  lo = __builtin_shufflevector(a, b, ((L & H) ? VW + L - H : L)...);
+  hi = __builtin_shufflevector(a, b, ((L & H) ? VW + L : L + H)...);
+}
+template <int VW, int H, class V>
+EFFK_INLINE void transpose_rounds(V* v) {
+  if constexpr (H >= 1) {
+#pragma GCC unroll 16
+    for (int i = 0; i < VW; ++i) {
+      if (i & H) continue;
+      const V a = v[i], b = v[i + H];
+      shuffle_pair<VW, H>(a, b, v[i], v[i + H], std::make_index_sequence<VW>{});
+    }
+    transpose_rounds<VW, H / 2>(v);
+  }
+}
+
+// dst[c][r] = scale[r] * src[r][c] for r < R, c < C (src row stride lds, unit column stride),
+// zero elsewhere in dst's Cp x Rp (row stride ldd). Packs W into panels (r = output channel,
+// c = k) and dy^T for grad_weight. VW x VW register blocks; scalar code on the edges.
+template <class S, class A>
+struct TransposeArgs {
+  const S* src;
+  int64_t lds, R, C;
+  const A* scale;  // may be null
+  A* dst;
+  int64_t ldd, Rp, Cp;
+};
+
+template <class S, class A>
+struct TransposeKernel {
+  using Args = TransposeArgs<S, A>;
+  template <Isa I>
+  static void run(const Args& t) {
+    constexpr int VW = isa_bytes(I) / static_cast<int>(sizeof(A));
+    using V = typename Vec<A, isa_bytes(I)>::type;
+    for (int64_t r0 = 0; r0 < t.Rp; r0 += VW) {
+      for (int64_t c0 = 0; c0 < t.Cp; c0 += VW) {
+        if (r0 + VW <= t.R && c0 + VW <= t.C && r0 + VW <= t.Rp && c0 + VW <= t.Cp) {
+          V v[VW];
+          const S* s = t.src + r0 * t.lds + c0;  // running pointers: no per-row addresses
+#pragma GCC unroll 16
+          for (int i = 0; i < VW; ++i, s += t.lds) {
+            if constexpr (std::is_same_v<S, A>) {
+              std::memcpy(&v[i], s, sizeof(V));
+            } else {
+              A lanes[VW];
+              for (int l = 0; l < VW; ++l) lanes[l] = static_cast<A>(s[l]);
+              std::memcpy(&v[i], lanes, sizeof(V));
+            }
+          }
+          if (t.scale) {
+#pragma GCC unroll 16
+            for (int i = 0; i < VW; ++i) v[i] *= t.scale[r0 + i];
+          }
+          transpose_rounds<VW, VW / 2>(v);
+          A* d = t.dst + c0 * t.ldd + r0;
+#pragma GCC unroll 16
+          for (int i = 0; i < VW; ++i, d += t.ldd) std::memcpy(d, &v[i], sizeof(V));
+        } else {
+          for (int64_t c = c0; c < std::min<int64_t>(c0 + VW, t.Cp); ++c)
+            for (int64_t r = r0; r < std::min<int64_t>(r0 + VW, t.Rp); ++r) {
+              A v = A(0);
+              if (r < t.R && c < t.C) {
+                v = static_cast<A>(t.src[r * t.lds + c]);
+                if (t.scale) v *= t.scale[r];
+              }
+              t.dst[c * t.ldd + r] = v;
+            }
+        }
+      }
+    }
+  }
+};
+
+// Packs panels of the conv weight (Cout, Cin, 1, 1) on demand: panel j = B[k = ci][NR output
+// channels] (a transpose of W's rows), each output channel multiplied by scale[co] when given
+// (the folded BatchNorm).
+template <class T, class A>
+struct WeightPanels {
+  at::Tensor w;  // unit stride over Cin
+  const A* scale;
+  void (*transpose)(const TransposeArgs<T, A>&);
+  int NR;
+
+  WeightPanels(const at::Tensor& weight, Isa isa, int nr, const A* scale_)
+      : w(weight.stride(1) == 1 ? weight : weight.contiguous()),
+        scale(scale_),
+        transpose(select_kernel<TransposeKernel<T, A>>(isa)),
+        NR(nr) {}
+
+  // Panels [j0, j1) -> dst[j - j0][Cin][NR].
+  void operator()(int64_t j0, int64_t j1, A* dst) const {
+    const int64_t Cout = w.size(0), Cin = w.size(1), s0 = w.stride(0);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t c0 = j * NR;
+      transpose({w.const_data_ptr<T>() + c0 * s0, s0, std::min<int64_t>(NR, Cout - c0), Cin,
+                 scale ? scale + c0 : nullptr, dst + (j - j0) * Cin * NR, NR, NR, Cin});
+    }
+  }
+};
+
+}  // namespace effkernels::cpu

@@ -1,0 +1,718 @@
+// The fused CPU inverted-residual block for inference (effkernels::inverted_residual_inference):
+//   expand 1x1 + BN + act -> depthwise kxk + BN + act -> [SE] -> project 1x1 + BN [+ x]
+// with every BatchNorm folded from its running statistics (scale into the conv weights, shift
+// into the epilogues). The expanded (hidden, t x Cin channels) activations never exist as a
+// tensor: each task owns a band of output rows of one image and keeps only the hidden rows its
+// depthwise window needs.
+//
+// Per task (image n, band of output rows), in a per-thread scratch ring of hidden rows:
+//   1. the hidden rows a group of G output rows needs that are not in the ring yet are computed
+//      by the expand GEMM (x rows copied to a dense fp32 tile, the pwconv micro-kernel against
+//      the packed, BN-scaled weight panels, then shift + act from L1 into the ring). Without an
+//      expand stage the x rows are copied in. Ring rows are padded: `pad` zero columns on each
+//      side and the hidden channels padded with zeros to a whole 64-byte vector (16 fp32 /
+//      8 fp64; zero depthwise weights there, and the project GEMM reads only the C real
+//      channels), so the depthwise kernel has no borders and no channel tails; image rows
+//      above/below read a zero row.
+//   2. the depthwise rows (sliding-window micro-kernel over 4 output pixels x 16 channels for
+//      k = 3/5/7, stride 1/2, dilation 1; a plain tap loop otherwise) + shift + act go to a
+//      small buffer of G output rows;
+//   3. the project GEMM on those G*Wo pixels + shift (+ the residual x) stores the output rows.
+// G is chosen so that a step has >= 48 pixels (small feature maps batch several rows into one
+// GEMM). The ring holds (G-1)*stride + dilation*(k-1) + 1 rows: 100 KB for the MobileNetV2
+// 56x56x144 block, a few hundred KB at most for the common blocks (L2).
+//
+// Squeeze-excite needs the global mean of the depthwise output before any output pixel can be
+// projected. We keep the depthwise output of the images in flight (at most one image per thread
+// at a time) rather than recompute it: recomputing costs the expand GEMM and the depthwise conv
+// a second time (~60% of the block's FLOPs for t = 6), while storing writes and reads back
+// Ho*Wo*C floats once (from L2/L3), ~10x cheaper. Phase A runs steps 1-2 per band and writes
+// the depthwise rows into the image buffer plus per-row channel sums; the gates are computed per
+// image (double precision, from the row sums in row order) and folded into that image's project
+// weights (W[o][c] * bn_scale[o] * gate[c]); phase B runs the project GEMM over the buffer.
+//
+// Threads: OpenMP (at::parallel_for) over (image, band); bands are only cut when there are fewer
+// images than the work split wants (one boundary costs dilation*(k-1) recomputed hidden rows).
+// Every value is computed by the same code in the same order whatever the band or thread (the
+// GEMMs are one FMA chain over k per output; the SE sums are per row, combined in row order), so
+// the results are bitwise independent of the thread count.
+//
+// ISA: the micro-kernels are compiled for AVX-512, AVX2+FMA and the x86-64 baseline through
+// cpu_gemm.h's `flatten` wrappers and chosen at run time (cpu_isa(); EFFK_CPU_ISA caps it).
+// dtypes: fp32 and fp64 natively; fp16/bf16 are widened to fp32 when x rows are copied in and
+// rounded once at the output (the hidden activations stay fp32, more accurate than PyTorch's
+// half-precision composite). No AVX-512 BF16 instructions are used.
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "cpu_common.h"
+#include "cpu_gemm.h"
+#include "effkernels/activation.h"
+#include "effkernels/checks.h"
+#include "effkernels/conv_geometry.h"
+#include "effkernels/op_checks.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// The 64-byte vectors never cross a call boundary (their helpers are always_inline).
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace effkernels::cpu {
+namespace {
+
+constexpr const char* kOp = "inverted_residual_inference";
+constexpr int kMaxK = 11;
+constexpr int64_t kChunkPixels = 96;  // rows of one expand GEMM call (tile and block in L1/L2)
+constexpr int64_t kStepPixels = 48;   // output pixels per depthwise + project step, at least
+
+// Per-thread scratch slots (cpu_gemm.h's thread_scratch; pwconv uses 0-2): 3-6 in the tasks,
+// 7-10 on the calling thread.
+enum Slot : int {
+  kRing = 3, kTileA = 4, kBlock = 5, kDwRows = 6,
+  kImages = 7, kPanelsE = 8, kPanelsP = 9, kGatedPanels = 10
+};
+
+// ---- vectors of channels ---------------------------------------------------------------------
+
+template <class A>
+constexpr int kLanes = 64 / static_cast<int>(sizeof(A));  // hidden channels are padded to this
+template <class A>
+using CV = typename Vec<A, 64>::type;
+
+template <class A>
+EFFK_INLINE CV<A> vload(const A* p) {
+  CV<A> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// out[0..L) = act(acc + shift[0..L)).
+template <Act ACT, class A>
+EFFK_INLINE void store_act(A* __restrict out, const CV<A>& acc, const A* __restrict shift) {
+  constexpr int L = kLanes<A>;
+  A z[L];
+  const CV<A> v = acc + vload(shift);
+  std::memcpy(z, &v, sizeof(v));
+#pragma omp simd
+  for (int i = 0; i < L; ++i) out[i] = act_forward<ACT>(z[i]);
+}
+
+// ---- depthwise row kernels -------------------------------------------------------------------
+
+template <class A>
+struct DwArgs {
+  const A* rows[kMaxK];  // the k window rows (padded rows; a zero row outside the image)
+  const A* w;            // [k][k][Cp], BN scale folded in, zero for padding channels
+  const A* shift;        // [Cp]
+  A* out;                // [Wo][Cp]
+  A* sums;               // [Cp]: sum over the row of out (SE), or null
+  int64_t Wo, Cp, K, stride, dil;
+  Act act;
+};
+
+// Row sums of the output for SE, per channel in column order (deterministic).
+template <class A>
+EFFK_INLINE void row_sums(const DwArgs<A>& a) {
+  constexpr int L = kLanes<A>;
+  for (int64_t c = 0; c < a.Cp; c += L) {
+    CV<A> s = {};
+    for (int64_t ow = 0; ow < a.Wo; ++ow) s += vload(a.out + ow * a.Cp + c);
+    std::memcpy(a.sums + c, &s, sizeof(s));
+  }
+}
+
+// k x k, stride S, dilation 1: per channel block the k*k weight vectors are loaded once per row,
+// and each input vector once per window row for 4 output pixels (as dwconv_bn_act's interior
+// path). Every output is the taps in (row, column) order, as in the 1-pixel tail.
+template <class A, int K, int S>
+struct DwRowFast {
+  using Args = DwArgs<A>;
+  template <Isa>
+  static void run(const Args& a) {
+    constexpr int L = kLanes<A>, P = 4;
+    const int64_t Cp = a.Cp, Wo4 = a.Wo / P * P;
+    for (int64_t c = 0; c < Cp; c += L) {
+      CV<A> w[K][K];
+#pragma GCC unroll 16
+      for (int i = 0; i < K; ++i)
+#pragma GCC unroll 16
+        for (int j = 0; j < K; ++j) w[i][j] = vload(a.w + (i * K + j) * Cp + c);
+      for (int64_t ow = 0; ow < Wo4; ow += P) {
+        CV<A> acc[P] = {};
+#pragma GCC unroll 16
+        for (int i = 0; i < K; ++i) {
+          const A* x = a.rows[i] + ow * S * Cp + c;
+#pragma GCC unroll 32
+          for (int col = 0; col < (P - 1) * S + K; ++col) {
+            const CV<A> xv = vload(x + col * Cp);
+#pragma GCC unroll 8
+            for (int q = 0; q < P; ++q) {
+              const int j = col - q * S;
+              if (j >= 0 && j < K) acc[q] += xv * w[i][j];
+            }
+          }
+        }
+        EFFK_DISPATCH_ACT(a.act, [&] {
+          for (int q = 0; q < P; ++q) store_act<ACT>(a.out + (ow + q) * Cp + c, acc[q], a.shift + c);
+        });
+      }
+      for (int64_t ow = Wo4; ow < a.Wo; ++ow) {
+        CV<A> acc = {};
+#pragma GCC unroll 16
+        for (int i = 0; i < K; ++i) {
+          const A* x = a.rows[i] + ow * S * Cp + c;
+#pragma GCC unroll 16
+          for (int j = 0; j < K; ++j) acc += vload(x + j * Cp) * w[i][j];
+        }
+        EFFK_DISPATCH_ACT(a.act, [&] { store_act<ACT>(a.out + ow * Cp + c, acc, a.shift + c); });
+      }
+    }
+    if (a.sums) row_sums(a);
+  }
+};
+
+// Any k, stride and dilation: run-time tap loops, 1 pixel x 1 channel block per step.
+template <class A>
+struct DwRowGeneric {
+  using Args = DwArgs<A>;
+  template <Isa>
+  static void run(const Args& a) {
+    constexpr int L = kLanes<A>;
+    const int64_t Cp = a.Cp;
+    for (int64_t c = 0; c < Cp; c += L) {
+      for (int64_t ow = 0; ow < a.Wo; ++ow) {
+        CV<A> acc = {};
+        for (int64_t i = 0; i < a.K; ++i) {
+          const A* x = a.rows[i] + ow * a.stride * Cp + c;
+          const A* w = a.w + i * a.K * Cp + c;
+          for (int64_t j = 0; j < a.K; ++j) acc += vload(x + j * a.dil * Cp) * vload(w + j * Cp);
+        }
+        EFFK_DISPATCH_ACT(a.act, [&] { store_act<ACT>(a.out + ow * Cp + c, acc, a.shift + c); });
+      }
+    }
+    if (a.sums) row_sums(a);
+  }
+};
+
+template <class A>
+using DwFn = KernelFn<DwRowFast<A, 3, 1>>;  // all DwArgs<A> kernels share this signature
+
+template <class A, int K>
+DwFn<A> select_dw_k(Isa isa, int64_t stride) {
+  return stride == 1 ? select_kernel<DwRowFast<A, K, 1>>(isa)
+                     : select_kernel<DwRowFast<A, K, 2>>(isa);
+}
+
+template <class A>
+DwFn<A> select_dw(Isa isa, int64_t K, int64_t stride, int64_t dil) {
+  if (dil == 1 && (stride == 1 || stride == 2)) {
+    switch (K) {
+      case 3: return select_dw_k<A, 3>(isa, stride);
+      case 5: return select_dw_k<A, 5>(isa, stride);
+      case 7: return select_dw_k<A, 7>(isa, stride);
+      default: break;
+    }
+  }
+  return select_kernel<DwRowGeneric<A>>(isa);
+}
+
+// ---- GEMM epilogues --------------------------------------------------------------------------
+
+// Expand: dst[r][col0 + l] = act(c[r][l] + shift[col0 + l]) for l < ncols, into the ring.
+template <class A>
+struct ExpandEpiArgs {
+  const A* c;
+  int64_t ldc, rows, col0, ncols;
+  const A* shift;
+  A* const* dst;  // per row: the hidden pixel's channel 0 in the ring
+  Act act;
+};
+
+template <Act ACT, class A>
+EFFK_INLINE void expand_row(int64_t n, const A* __restrict c, const A* __restrict shift,
+                            A* __restrict out) {
+  for (int64_t l = 0; l < n; ++l) out[l] = act_forward<ACT>(c[l] + shift[l]);
+}
+
+template <class A>
+struct ExpandEpi {
+  using Args = ExpandEpiArgs<A>;
+  template <Isa>
+  static void run(const Args& e) {
+    EFFK_DISPATCH_ACT(e.act, [&] {
+      for (int64_t r = 0; r < e.rows; ++r)
+        expand_row<ACT>(e.ncols, e.c + r * e.ldc, e.shift + e.col0, e.dst[r] + e.col0);
+    });
+  }
+};
+
+// Project: out[r][col0 + l] = T(c[r][l] + shift[col0 + l] (+ res[r][col0 + l])).
+template <class T, class A>
+struct ProjectEpiArgs {
+  const A* c;
+  int64_t ldc, rows, col0, ncols;
+  const A* shift;
+  T* out;  // row r at out + r * ldo
+  int64_t ldo;
+  const T* const* res;  // per row: the residual pixel's channel 0 (unit channel stride)
+};
+
+template <bool RES, class T, class A>
+EFFK_INLINE void project_row(int64_t n, const A* __restrict c, const A* __restrict shift,
+                             const T* __restrict res, T* __restrict out) {
+  for (int64_t l = 0; l < n; ++l) {
+    A z = c[l] + shift[l];
+    if constexpr (RES) z += static_cast<A>(res[l]);
+    out[l] = static_cast<T>(z);
+  }
+}
+
+template <class T, class A, bool RES>
+struct ProjectEpi {
+  using Args = ProjectEpiArgs<T, A>;
+  template <Isa>
+  static void run(const Args& e) {
+    for (int64_t r = 0; r < e.rows; ++r)
+      project_row<RES>(e.ncols, e.c + r * e.ldc, e.shift + e.col0,
+                       RES ? e.res[r] + e.col0 : nullptr, e.out + r * e.ldo + e.col0);
+  }
+};
+
+// ---- the block -------------------------------------------------------------------------------
+
+struct Geometry {
+  int64_t N, Cin, H, W;
+  int64_t C, Cp, Cout;           // hidden channels, padded hidden channels, output channels
+  int64_t K, stride, dil, pad;   // depthwise
+  int64_t Ho, Wo;
+  int64_t Wp;                    // padded ring row width (pixels)
+  int64_t G;                     // output rows per step
+  int64_t ring_rows;             // (G-1)*stride + dil*(K-1) + 1
+  bool has_expand, has_se, skip;
+  Act act, se_act, se_gate;
+};
+
+// Everything the tasks read; built once per call.
+template <class T, class A>
+struct Plan {
+  Geometry g;
+  Isa isa;
+  const T* x;  // channels innermost: x(n, c, h, w) = x[n*sN + h*sH + w*sW + c]
+  int64_t sN, sH, sW;
+  T* out;      // NHWC, dense
+  GemmPlan<A> ge, gp;  // expand / project GEMM shapes
+  int64_t npe = 0, npp = 0, ldx = 0;
+  const A* pe = nullptr;  // expand panels [npe][Cin][NR], BN scale folded in
+  const A* pp = nullptr;  // project panels [npp][C][NR], BN scale folded in (SE: no gates)
+  std::vector<A> shift_e, wd, shift_d, shift_p;  // wd: depthwise [k][k][Cp], scale folded in
+  DwFn<A> dw;
+  KernelFn<ExpandEpi<A>> expand_epi;
+  KernelFn<ProjectEpi<T, A, false>> project_epi;
+};
+
+// BN folded from the running statistics: scale and shift of the stage's channels (the vectors
+// keep their sizes; entries past the channels stay as they are, zero).
+template <class A>
+void fold(at::TensorList stage, double eps, std::vector<A>& scale, std::vector<A>& shift) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
+  const int64_t C = stage[1].size(0);
+  const at::Tensor gamma = acc_vector(stage[1], acc), beta = acc_vector(stage[2], acc);
+  const at::Tensor mean = acc_vector(stage[3], acc), var = acc_vector(stage[4], acc);
+  const A *g = gamma.const_data_ptr<A>(), *b = beta.const_data_ptr<A>();
+  const A *m = mean.const_data_ptr<A>(), *v = var.const_data_ptr<A>();
+  for (int64_t c = 0; c < C; ++c) {
+    const BnAffine<A> f = fold_bn<A>(g[c], b[c], m[c], v[c], static_cast<A>(eps));
+    scale[c] = f.scale;
+    shift[c] = f.shift;
+  }
+}
+
+// One task's working set.
+template <class T, class A>
+class Worker {
+ public:
+  // bands: also the ring, x tile and depthwise rows (not needed by SE's project-only phase).
+  Worker(const Plan<T, A>& p, bool bands) : p_(p), g_(p.g) {
+    const int64_t step_rows = std::max(kChunkPixels, g_.G * g_.Wo) + 12;
+    block_ = thread_scratch<A>(kBlock, step_rows * std::max(p_.ge.NR, p_.gp.NR));
+    res_.resize(step_rows);
+    if (!bands) return;
+    const int64_t ring_elems = (g_.ring_rows + 1) * g_.Wp * g_.Cp;
+    ring_ = thread_scratch<A>(kRing, ring_elems);
+    std::fill(ring_, ring_ + ring_elems, A(0));  // padding columns/channels, zero row
+    zero_row_ = ring_ + g_.ring_rows * g_.Wp * g_.Cp;
+    if (g_.has_expand) tile_ = thread_scratch<A>(kTileA, (kChunkPixels + 12) * p_.ldx);
+    if (!g_.has_se) {
+      // Rows past a step's pixels are read by the GEMM's last block: keep them finite.
+      dw_rows_ = thread_scratch<A>(kDwRows, step_rows * g_.Cp);
+      std::fill(dw_rows_, dw_rows_ + step_rows * g_.Cp, A(0));
+    }
+    ptrs_.resize(step_rows);
+  }
+
+  // Output rows [oh0, oh1) of image n. Without SE they are projected and stored; with SE the
+  // depthwise rows go to dw_image (image n's [Ho*Wo][Cp] buffer) and their channel sums to
+  // row_sums ([Ho][Cp]).
+  void band(int64_t n, int64_t oh0, int64_t oh1, A* dw_image, A* row_sums) {
+    int64_t next_ih = std::numeric_limits<int64_t>::min();
+    const int64_t reach = g_.dil * (g_.K - 1);
+    for (int64_t oh = oh0; oh < oh1; oh += g_.G) {
+      const int64_t rows = std::min(g_.G, oh1 - oh);
+      const int64_t lo = oh * g_.stride - g_.pad, hi = (oh + rows - 1) * g_.stride - g_.pad + reach;
+      const int64_t r0 = std::max({lo, next_ih, int64_t(0)}), r1 = std::min(hi, g_.H - 1);
+      if (r0 <= r1) {
+        hidden_rows(n, r0, r1);
+        next_ih = r1 + 1;
+      }
+      A* dst = dw_image ? dw_image + oh * g_.Wo * g_.Cp : dw_rows_;
+      DwArgs<A> a{};
+      a.w = p_.wd.data();
+      a.shift = p_.shift_d.data();
+      a.Wo = g_.Wo;
+      a.Cp = g_.Cp;
+      a.K = g_.K;
+      a.stride = g_.stride;
+      a.dil = g_.dil;
+      a.act = g_.act;
+      for (int64_t q = 0; q < rows; ++q) {
+        const int64_t ih0 = (oh + q) * g_.stride - g_.pad;
+        for (int64_t i = 0; i < g_.K; ++i) {
+          const int64_t ih = ih0 + i * g_.dil;
+          a.rows[i] = ih >= 0 && ih < g_.H ? ring_row(ih) : zero_row_;
+        }
+        a.out = dst + q * g_.Wo * g_.Cp;
+        a.sums = row_sums ? row_sums + (oh + q) * g_.Cp : nullptr;
+        p_.dw(a);
+      }
+      if (!dw_image) project(n, oh * g_.Wo, rows * g_.Wo, dw_rows_, p_.pp);
+    }
+  }
+
+  // Output pixels [p0, p0 + M) of image n (row-major over Ho x Wo) = project(a rows) + shift
+  // (+ x). `a` is readable (finite) for round_up(M, 12) rows of Cp.
+  void project(int64_t n, int64_t p0, int64_t M, const A* a, const A* panels) {
+    const int NR = p_.gp.NR;
+    T* out = p_.out + (n * g_.Ho * g_.Wo + p0) * g_.Cout;
+    if (g_.skip) {
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t h = (p0 + r) / g_.Wo, w = (p0 + r) % g_.Wo;
+        res_[r] = p_.x + n * p_.sN + h * p_.sH + w * p_.sW;
+      }
+    }
+    for (int64_t j = 0; j < p_.npp; ++j) {
+      p_.gp.fn({g_.C, a, g_.Cp, M, panels + j * g_.C * NR, block_, NR});
+      ProjectEpiArgs<T, A> e{block_, NR, M, j * NR, std::min<int64_t>(NR, g_.Cout - j * NR),
+                             p_.shift_p.data(), out, g_.Cout, res_.data()};
+      p_.project_epi(e);
+    }
+  }
+
+ private:
+  A* ring_row(int64_t ih) const { return ring_ + (ih % g_.ring_rows) * g_.Wp * g_.Cp; }
+
+  // Hidden rows [r0, r1] of image n into the ring.
+  void hidden_rows(int64_t n, int64_t r0, int64_t r1) {
+    const int64_t total = (r1 - r0 + 1) * g_.W;
+    const T* xn = p_.x + n * p_.sN;
+    for (int64_t p0 = 0; p0 < total; p0 += kChunkPixels) {
+      const int64_t M = std::min(kChunkPixels, total - p0);
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t ih = r0 + (p0 + r) / g_.W, iw = (p0 + r) % g_.W;
+        ptrs_[r] = ring_row(ih) + (g_.pad + iw) * g_.Cp;
+        const T* src = xn + ih * p_.sH + iw * p_.sW;
+        A* d = g_.has_expand ? tile_ + r * p_.ldx : ptrs_[r];
+        if constexpr (std::is_same_v<T, A>) {
+          std::memcpy(d, src, g_.Cin * sizeof(A));
+        } else {
+          for (int64_t c = 0; c < g_.Cin; ++c) d[c] = static_cast<A>(src[c]);
+        }
+      }
+      if (!g_.has_expand) continue;
+      const int NR = p_.ge.NR;
+      std::fill(tile_ + M * p_.ldx, tile_ + (M + 12) * p_.ldx, A(0));
+      for (int64_t j = 0; j < p_.npe; ++j) {
+        p_.ge.fn({g_.Cin, tile_, p_.ldx, M, p_.pe + j * g_.Cin * NR, block_, NR});
+        p_.expand_epi({block_, NR, M, j * NR, std::min<int64_t>(NR, g_.C - j * NR),
+                       p_.shift_e.data(), ptrs_.data(), g_.act});
+      }
+    }
+  }
+
+  const Plan<T, A>& p_;
+  const Geometry& g_;
+  A* ring_ = nullptr;
+  A* zero_row_ = nullptr;
+  A* tile_ = nullptr;
+  A* block_ = nullptr;
+  A* dw_rows_ = nullptr;
+  std::vector<A*> ptrs_;
+  std::vector<const T*> res_;
+};
+
+// Bands per image for `images` images: enough tasks to balance the threads (a multiple of the
+// thread count, or >= 4 per thread), as few cuts as possible.
+int64_t bands_per_image(int64_t images, int64_t rows) {
+  const int64_t threads = std::max(1, at::get_num_threads());
+  int64_t nb = 1;
+  while (nb < rows && (images * nb) % threads != 0 && images * nb < 4 * threads) ++nb;
+  return nb;
+}
+
+template <class T, class A>
+void run_block(const Plan<T, A>& p, at::TensorList se) {
+  const Geometry& g = p.g;
+  if (!g.has_se) {
+    const int64_t nb = bands_per_image(g.N, g.Ho), per = ceil_div(g.Ho, nb);
+    at::parallel_for(0, g.N * nb, 1, [&](int64_t b, int64_t e) {
+      Worker<T, A> wk(p, /*bands=*/true);
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t n = item / nb, oh0 = (item % nb) * per;
+        if (oh0 < g.Ho) wk.band(n, oh0, std::min(g.Ho, oh0 + per), nullptr, nullptr);
+      }
+    });
+    return;
+  }
+  // SE: images in groups of (at most) one per thread.
+  const at::ScalarType dbl = at::kDouble;
+  const int64_t Cr = se[0].size(0);
+  const at::Tensor rw = se[0].reshape({Cr, g.C}).to(dbl).contiguous(), rb = se[1].to(dbl).contiguous();
+  const at::Tensor ew = se[2].reshape({g.C, Cr}).to(dbl).contiguous(), eb = se[3].to(dbl).contiguous();
+  const int64_t group = std::min<int64_t>(g.N, std::max(1, at::get_num_threads()));
+  const int64_t HW = g.Ho * g.Wo, img_stride = (round_up(HW, 12) + 12) * g.Cp;
+  A* images = thread_scratch<A>(kImages, group * (img_stride + g.Ho * g.Cp));
+  A* sums = images + group * img_stride;
+  for (int64_t i = 0; i < group; ++i)  // rows past HW: finite, read by the last GEMM block
+    std::fill(images + i * img_stride + HW * g.Cp, images + (i + 1) * img_stride, A(0));
+  const int NR = p.gp.NR;
+  const int64_t panel_elems = p.npp * g.C * NR;
+  A* panels = thread_scratch<A>(kGatedPanels, group * panel_elems);
+  std::vector<double> pooled(g.C), s(Cr);
+  for (int64_t n0 = 0; n0 < g.N; n0 += group) {
+    const int64_t m = std::min(group, g.N - n0);
+    // Phase A: hidden rows and depthwise rows into the image buffers.
+    const int64_t nb = bands_per_image(m, g.Ho), per = ceil_div(g.Ho, nb);
+    at::parallel_for(0, m * nb, 1, [&](int64_t b, int64_t e) {
+      Worker<T, A> wk(p, /*bands=*/true);
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t i = item / nb, oh0 = (item % nb) * per;
+        if (oh0 < g.Ho)
+          wk.band(n0 + i, oh0, std::min(g.Ho, oh0 + per), images + i * img_stride,
+                  sums + i * g.Ho * g.Cp);
+      }
+    });
+    // Gates, folded into each image's project weights.
+    for (int64_t i = 0; i < m; ++i) {
+      const A* si = sums + i * g.Ho * g.Cp;
+      for (int64_t c = 0; c < g.C; ++c) {
+        double acc = 0.0;
+        for (int64_t r = 0; r < g.Ho; ++r) acc += si[r * g.Cp + c];
+        pooled[c] = acc / static_cast<double>(HW);
+      }
+      const double *rwp = rw.const_data_ptr<double>(), *rbp = rb.const_data_ptr<double>();
+      const double *ewp = ew.const_data_ptr<double>(), *ebp = eb.const_data_ptr<double>();
+      for (int64_t r = 0; r < Cr; ++r) {
+        double acc = rbp[r];
+        for (int64_t c = 0; c < g.C; ++c) acc += rwp[r * g.C + c] * pooled[c];
+        s[r] = act_forward(g.se_act, acc);
+      }
+      std::vector<A> gate(static_cast<size_t>(g.C));
+      for (int64_t c = 0; c < g.C; ++c) {
+        double acc = ebp[c];
+        for (int64_t r = 0; r < Cr; ++r) acc += ewp[c * Cr + r] * s[r];
+        gate[c] = static_cast<A>(act_forward(g.se_gate, acc));
+      }
+      // Panel row k (hidden channel k) times gate[k].
+      A* dst = panels + i * panel_elems;
+      for (int64_t j = 0; j < p.npp; ++j)
+        for (int64_t k = 0; k < g.C; ++k) {
+          const A* src = p.pp + (j * g.C + k) * NR;
+          A* d = dst + (j * g.C + k) * NR;
+          for (int l = 0; l < NR; ++l) d[l] = src[l] * gate[k];
+        }
+    }
+    // Phase B: the project GEMM over the image buffers.
+    const int64_t chunks = ceil_div(HW, kChunkPixels);
+    at::parallel_for(0, m * chunks, 1, [&](int64_t b, int64_t e) {
+      Worker<T, A> wk(p, /*bands=*/false);
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t i = item / chunks, p0 = (item % chunks) * kChunkPixels;
+        wk.project(n0 + i, p0, std::min(kChunkPixels, HW - p0),
+                   images + i * img_stride + p0 * g.Cp, panels + i * panel_elems);
+      }
+    });
+  }
+}
+
+template <class T>
+void forward(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
+             at::TensorList depthwise, at::TensorList se, at::TensorList project, double eps,
+             at::Tensor& out) {
+  using A = acc_type<T>;
+  Plan<T, A> p;
+  p.g = g;
+  p.isa = cpu_isa();
+  p.x = xc.const_data_ptr<T>();
+  p.sN = xc.stride(0);
+  p.sH = xc.stride(2);
+  p.sW = xc.stride(3);
+  p.out = out.data_ptr<T>();
+  p.ge = plan_gemm<A>(p.isa, g.C);
+  p.gp = plan_gemm<A>(p.isa, g.Cout);
+  p.npe = ceil_div(g.C, p.ge.NR);
+  p.npp = ceil_div(g.Cout, p.gp.NR);
+  p.ldx = g.Cin % 64 == 0 ? g.Cin + 16 : g.Cin;  // no 4 KiB-aliased tile rows
+  // BN folded: scales into the packed weights, shifts into the epilogues. Panels live in the
+  // calling thread's scratch (a fresh buffer per call costs page faults).
+  if (g.has_expand) {
+    std::vector<A> scale(g.C);
+    p.shift_e.assign(g.C, A(0));
+    fold<A>(expand, eps, scale, p.shift_e);
+    A* pe = thread_scratch<A>(kPanelsE, p.npe * g.Cin * p.ge.NR);
+    WeightPanels<T, A>(expand[0], p.isa, p.ge.NR, scale.data())(0, p.npe, pe);
+    p.pe = pe;
+  }
+  {
+    std::vector<A> scale(g.Cp, A(0));
+    p.shift_d.assign(g.Cp, A(0));
+    fold<A>(depthwise, eps, scale, p.shift_d);
+    const at::Tensor w = depthwise[0].to(c10::CppTypeToScalarType<A>::value).contiguous();
+    const A* wp = w.const_data_ptr<A>();
+    const int64_t KK = g.K * g.K;
+    p.wd.assign(KK * g.Cp, A(0));  // zero for the padding channels
+    for (int64_t c = 0; c < g.C; ++c)
+      for (int64_t t = 0; t < KK; ++t) p.wd[t * g.Cp + c] = wp[c * KK + t] * scale[c];
+  }
+  {
+    std::vector<A> scale(g.Cout);
+    p.shift_p.assign(g.Cout, A(0));
+    fold<A>(project, eps, scale, p.shift_p);
+    A* pp = thread_scratch<A>(kPanelsP, p.npp * g.C * p.gp.NR);
+    WeightPanels<T, A>(project[0], p.isa, p.gp.NR, scale.data())(0, p.npp, pp);
+    p.pp = pp;
+  }
+  p.dw = select_dw<A>(p.isa, g.K, g.stride, g.dil);
+  p.expand_epi = select_kernel<ExpandEpi<A>>(p.isa);
+  p.project_epi = g.skip ? select_kernel<ProjectEpi<T, A, true>>(p.isa)
+                         : select_kernel<ProjectEpi<T, A, false>>(p.isa);
+  run_block<T, A>(p, se);
+}
+
+// ---- argument checks -------------------------------------------------------------------------
+
+void check_stage(const char* name, at::TensorList stage, bool may_be_empty) {
+  EFFK_CHECK(kOp, stage.size() == 5 || (may_be_empty && stage.empty()), name,
+             " must be [weight, bn_weight, bn_bias, running_mean, running_var]",
+             may_be_empty ? " or empty" : "", "; got ", stage.size(), " tensors");
+}
+
+void check_weight(const std::string& what, const at::Tensor& w, const at::Tensor& x,
+                  at::IntArrayRef shape) {
+  check_float_input(kOp, what.c_str(), w, static_cast<int64_t>(shape.size()));
+  check_same(kOp, what.c_str(), w, x);
+  EFFK_CHECK(kOp, w.sizes() == shape, what, " must have shape ", shape, "; got ", w.sizes());
+}
+
+void check_bn_stage(const char* name, at::TensorList stage, const at::Tensor& x,
+                    int64_t channels) {
+  const std::string op = std::string(kOp) + ": " + name;
+  check_bn_args(op.c_str(), x, channels, stage[1], stage[2], stage[3], stage[4],
+                /*training=*/false);
+}
+
+Geometry check_args(const at::Tensor& x, at::TensorList expand, at::TensorList depthwise,
+                    at::TensorList se, at::TensorList project, int64_t stride,
+                    int64_t dilation, c10::string_view act, c10::string_view se_act,
+                    c10::string_view se_gate, bool skip, double eps) {
+  check_float_input(kOp, "x", x, 4);
+  check_stage("expand", expand, true);
+  check_stage("depthwise", depthwise, false);
+  check_stage("project", project, false);
+  EFFK_CHECK(kOp, se.empty() || se.size() == 4,
+             "se must be [] or [reduce_weight, reduce_bias, expand_weight, expand_bias]; got ",
+             se.size(), " tensors");
+  Geometry g{};
+  g.N = x.size(0);
+  g.Cin = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.has_expand = !expand.empty();
+  g.C = g.has_expand ? expand[0].size(0) : g.Cin;
+  if (g.has_expand) {
+    check_weight("expand[0] (weight)", expand[0], x, {g.C, g.Cin, 1, 1});
+    check_bn_stage("expand", expand, x, g.C);
+  }
+  check_float_input(kOp, "depthwise[0] (weight)", depthwise[0], 4);
+  const int64_t k = depthwise[0].size(2);
+  const std::string dw_op = std::string(kOp) + ": depthwise";
+  const DwGeometry dg = check_dwconv_args(dw_op.c_str(), x, depthwise[0], g.C, stride,
+                                          dilation * (k - 1) / 2, dilation);
+  check_bn_stage("depthwise", depthwise, x, g.C);
+  g.Cout = project[0].size(0);
+  check_weight("project[0] (weight)", project[0], x, {g.Cout, g.C, 1, 1});
+  check_bn_stage("project", project, x, g.Cout);
+  g.has_se = !se.empty();
+  if (g.has_se) {
+    const int64_t cr = se[0].size(0);
+    check_weight("se[0] (reduce_weight)", se[0], x, {cr, g.C, 1, 1});
+    check_weight("se[1] (reduce_bias)", se[1], x, {cr});
+    check_weight("se[2] (expand_weight)", se[2], x, {g.C, cr, 1, 1});
+    check_weight("se[3] (expand_bias)", se[3], x, {g.C});
+  }
+  g.K = k;
+  g.stride = stride;
+  g.dil = dilation;
+  g.pad = dg.pad;
+  g.Ho = dg.Ho;
+  g.Wo = dg.Wo;
+  g.skip = skip;
+  if (skip) {
+    EFFK_CHECK(kOp, stride == 1 && g.Cout == g.Cin && g.Ho == g.H && g.Wo == g.W,
+               "skip needs stride 1, Cout == Cin and an output as large as x; got stride ",
+               stride, ", Cin ", g.Cin, ", Cout ", g.Cout, ", output ", g.Ho, "x", g.Wo,
+               " from ", g.H, "x", g.W);
+  }
+  EFFK_CHECK(kOp, eps >= 0.0, "eps must be >= 0; got ", eps);
+  g.act = parse_act(kOp, act);
+  g.se_act = parse_act(kOp, se_act);
+  g.se_gate = parse_act(kOp, se_gate);
+  return g;
+}
+
+}  // namespace
+
+at::Tensor inverted_residual_inference(const at::Tensor& x, at::TensorList expand,
+                                       at::TensorList depthwise, at::TensorList se,
+                                       at::TensorList project, int64_t stride, int64_t dilation,
+                                       c10::string_view act, c10::string_view se_act,
+                                       c10::string_view se_gate, bool skip, double eps) {
+  Geometry g = check_args(x, expand, depthwise, se, project, stride, dilation, act, se_act,
+                          se_gate, skip, eps);
+  at::Tensor out = empty_nhwc({g.N, g.Cout, g.Ho, g.Wo}, x.options());
+  if (out.numel() == 0) return in_format(out, output_format(x));
+  const int64_t lanes = x.scalar_type() == at::kDouble ? 8 : 16;
+  g.Cp = round_up(g.C, lanes);
+  const int64_t reach = g.dil * (g.K - 1);
+  g.Wp = std::max(g.pad + g.W, (g.Wo - 1) * g.stride + reach + 1);
+  g.G = std::max<int64_t>(1, std::min(g.Ho, ceil_div(kStepPixels, g.Wo)));
+  g.ring_rows = (g.G - 1) * g.stride + reach + 1;
+  const at::Tensor xc = channels_innermost(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
+    forward<scalar_t>(g, xc, expand, depthwise, se, project, eps, out);
+  });
+  return in_format(out, output_format(x));
+}
+
+}  // namespace effkernels::cpu
+
+TORCH_LIBRARY_IMPL(effkernels, CPU, m) {
+  m.impl("inverted_residual_inference", &effkernels::cpu::inverted_residual_inference);
+}

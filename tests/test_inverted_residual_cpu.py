@@ -1,0 +1,301 @@
+"""The fused CPU inference block (effkernels::inverted_residual_inference,
+csrc/cpu/inverted_residual.cpp) against the float64 reference block in eval mode, and the
+routing of effkernels.ops.inverted_residual to it (inference) or to the composite (training,
+gradients)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import effkernels
+from effkernels import ops, reference
+
+from .helpers import assert_close, assert_lowp_close, bn_params, conv_weight, make_input
+
+pytestmark = pytest.mark.skipif(
+    effkernels.available_backends("cpu")["cpu"] != "available",
+    reason="the C++ CPU backend is not available")
+
+OP = None if not hasattr(torch.ops, "effkernels") else torch.ops.effkernels
+
+
+def _stage(w_shape, dtype):
+    return [conv_weight(w_shape, dtype), *bn_params(w_shape[0], dtype=dtype)]
+
+
+def make_block(cin, hidden, cout, k, se=False, dtype=torch.float64):
+    """expand/depthwise/se/project lists (expand empty when hidden is None)."""
+    expand = _stage((hidden, cin, 1, 1), dtype) if hidden else []
+    c = hidden or cin
+    depthwise = _stage((c, 1, k, k), dtype)
+    se_list = []
+    if se:
+        cr = max(1, c // 4)
+        se_list = [conv_weight((cr, c, 1, 1), dtype), torch.randn(cr, dtype=dtype) * 0.1,
+                   conv_weight((c, cr, 1, 1), dtype), torch.randn(c, dtype=dtype) * 0.1 + 1.0]
+    project = _stage((cout, c, 1, 1), dtype)
+    return expand, depthwise, se_list, project
+
+
+def _cast(block, dtype):
+    return [[t.to(dtype) for t in stage] for stage in block]
+
+
+# (N, Cin, H, W, hidden, Cout, k, stride, dilation, se, act, se_act, se_gate)
+CASES = {
+    "mbv2_s1_skip": (2, 24, 14, 14, 144, 24, 3, 1, 1, False, "relu6", "relu", "sigmoid"),
+    "mbv2_s2": (2, 24, 15, 13, 144, 32, 3, 2, 1, False, "relu6", "relu", "sigmoid"),
+    "no_expand": (2, 32, 12, 10, None, 16, 3, 1, 1, False, "relu6", "relu", "sigmoid"),
+    "no_expand_se_skip": (1, 24, 9, 9, None, 24, 3, 1, 1, True, "silu", "silu", "sigmoid"),
+    "k5_se_hsig": (2, 16, 12, 12, 72, 24, 5, 2, 1, True, "hswish", "relu", "hsigmoid"),
+    "k5_s1_se_skip": (3, 20, 11, 7, 60, 20, 5, 1, 1, True, "hswish", "relu", "hsigmoid"),
+    "k7_s1": (1, 12, 13, 9, 40, 12, 7, 1, 1, False, "silu", "relu", "sigmoid"),
+    "k7_s2": (2, 12, 13, 9, 40, 20, 7, 2, 1, False, "relu", "relu", "sigmoid"),
+    "dil2": (2, 16, 12, 14, 48, 16, 3, 1, 2, False, "relu6", "relu", "sigmoid"),
+    "dil2_k5_s2_se": (1, 16, 17, 15, 48, 8, 5, 2, 2, True, "relu", "relu", "sigmoid"),
+    "odd_7x11_c_odd": (1, 13, 7, 11, 37, 13, 3, 1, 1, False, "relu6", "relu", "sigmoid"),
+    "odd_7x11_s2_se": (3, 13, 7, 11, 37, 19, 3, 2, 1, True, "hswish", "relu", "hsigmoid"),
+    "k9_generic": (1, 8, 12, 12, 24, 8, 9, 1, 1, False, "relu", "relu", "sigmoid"),
+    "tiny_1x1": (2, 8, 1, 1, 16, 8, 3, 1, 1, True, "relu6", "relu", "sigmoid"),
+    "wide_7x7_960": (1, 160, 7, 7, 960, 160, 3, 1, 1, False, "relu6", "relu", "sigmoid"),
+    "sigmoid_act": (1, 8, 6, 6, 20, 8, 3, 1, 1, False, "hsigmoid", "relu", "sigmoid"),
+}
+
+
+def _args(case, dtype, layout, skip=None):
+    n, cin, h, w, hidden, cout, k, stride, dil, se, act, se_act, se_gate = CASES[case]
+    x = make_input((n, cin, h, w), torch.float64, layout)
+    block = make_block(cin, hidden, cout, k, se)
+    if skip is None:
+        pad = dil * (k - 1) // 2
+        same = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1 == h
+        skip = stride == 1 and cin == cout and same
+    kw = dict(stride=stride, dilation=dil, act=act, se_act=se_act, se_gate=se_gate, skip=skip)
+    return x, block, kw
+
+
+def _fused(x, block, kw, eps=1e-5):
+    e, d, s, p = block
+    return OP.inverted_residual_inference(x, e, d, s, p, kw["stride"], kw["dilation"], kw["act"],
+                                          kw["se_act"], kw["se_gate"], kw["skip"], eps)
+
+
+def _ref(x, block, kw):
+    e, d, s, p = block
+    return reference.inverted_residual(x, e, d, s, p, training=False, **kw)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_fused_fp32(case, layout):
+    x64, block64, kw = _args(case, torch.float32, layout)
+    x = x64.float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = _fused(x, _cast(block64, torch.float32), kw)
+    ref = _ref(x.double(), block64, kw)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    if layout == "channels_last" and out.shape[2] * out.shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+    assert_close(out, ref, torch.float32, "out")
+
+
+@pytest.mark.parametrize("case", ["mbv2_s1_skip", "k5_s1_se_skip", "odd_7x11_s2_se", "dil2"])
+@pytest.mark.parametrize("layout", ["strided", "strided_cl"])
+def test_fused_strided(case, layout):
+    x64, block64, kw = _args(case, torch.float64, layout)
+    # A strided fp32 view (helpers.make_input's .to(dtype) would return a dense copy): every
+    # other column and a channel offset of a larger NCHW or NHWC tensor.
+    n, c, h, w = x64.shape
+    fmt = torch.channels_last if layout == "strided_cl" else torch.contiguous_format
+    x = torch.randn(n, c + 3, h, 2 * w).contiguous(memory_format=fmt)[:, 2:2 + c, :, ::2]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    out = _fused(x, _cast(block64, torch.float32), kw)
+    assert_close(out, _ref(x.double(), block64, kw), torch.float32, "out")
+
+
+@pytest.mark.parametrize("case", ["mbv2_s1_skip", "k5_se_hsig", "dil2_k5_s2_se", "no_expand",
+                                  "odd_7x11_c_odd"])
+def test_fused_fp64(case):
+    x, block, kw = _args(case, torch.float64, "channels_last")
+    assert_close(_fused(x, block, kw), _ref(x, block, kw), torch.float64, "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["mbv2_s1_skip", "k5_se_hsig"])
+def test_fused_low_precision(case, dtype):
+    x64, block64, kw = _args(case, torch.float64, "channels_last")
+    x = x64.to(dtype)
+    block = _cast(block64, dtype)
+    out = _fused(x, block, kw)
+    assert out.dtype == dtype
+    ref64 = _ref(x.double(), _cast(block, torch.float64), kw)
+    theirs = _ref(x, block, kw)  # PyTorch's own block in this dtype
+    assert_lowp_close(out, ref64, theirs, dtype, "out")
+
+
+def test_fused_eps_and_forced_no_skip():
+    x, block, kw = _args("mbv2_s1_skip", torch.float32, "channels_last", skip=False)
+    out = _fused(x.float(), _cast(block, torch.float32), kw, eps=1e-3)
+    ref = reference.inverted_residual(x, *block, training=False, eps=1e-3, **kw)
+    assert_close(out, ref, torch.float32, "out")
+
+
+@pytest.mark.parametrize("case", ["mbv2_s1_skip", "k5_s1_se_skip", "odd_7x11_s2_se", "dil2",
+                                  "k7_s2"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_threads_bitwise(case, n):
+    x, block, kw = _args(case, torch.float32, "channels_last")
+    x = torch.cat([x] * n)[:n].float().contiguous(memory_format=torch.channels_last)
+    block = _cast(block, torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(_fused(x, block, kw))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_opcheck():
+    for case in ("mbv2_s1_skip", "k5_se_hsig"):
+        x, block, kw = _args(case, torch.float32, "channels_last")
+        e, d, s, p = _cast(block, torch.float32)
+        torch.library.opcheck(
+            OP.inverted_residual_inference.default,
+            (x.float(), e, d, s, p, kw["stride"], kw["dilation"], kw["act"], kw["se_act"],
+             kw["se_gate"], kw["skip"], 1e-5))
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _routed(x, block, kw, training=False):
+    with _Ops() as mode:
+        out = ops.inverted_residual(x, *block, training=training, **kw)
+    return out, mode.names
+
+
+def test_routing():
+    x, block, kw = _args("k5_se_hsig", torch.float32, "channels_last")
+    x, block = x.float(), _cast(block, torch.float32)
+    # No gradient needed -> fused.
+    out, names = _routed(x, block, kw)
+    assert "effkernels.inverted_residual_inference" in names
+    assert_close(out, _ref(x.double(), _cast(block, torch.float64), kw), torch.float32, "out")
+    # Parameters requiring grad, grad mode on -> the differentiable composite; same result.
+    block_g = [[t.clone().requires_grad_(i in (0, 1, 2)) for i, t in enumerate(st)]
+               for st in block]
+    block_g[2] = [t.clone().requires_grad_() for t in block[2]]
+    out_g, names_g = _routed(x, block_g, kw)
+    assert "effkernels.inverted_residual_inference" not in names_g
+    assert out_g.requires_grad
+    assert_close(out_g.detach(), out, torch.float32, "composite vs fused")
+    # ... but under no_grad the fused block again.
+    with torch.no_grad():
+        _, names_ng = _routed(x, block_g, kw)
+    assert "effkernels.inverted_residual_inference" in names_ng
+    # Training mode -> composite (batch statistics).
+    _, names_t = _routed(x, [[t.clone() for t in st] for st in block], kw, training=True)
+    assert "effkernels.inverted_residual_inference" not in names_t
+
+
+def test_no_gradient():
+    x, block, kw = _args("mbv2_s1_skip", torch.float32, "channels_last")
+    x = x.float().requires_grad_()
+    out = _fused(x, _cast(block, torch.float32), kw)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.sum().backward()
+
+
+def test_compile_fullgraph():
+    x, block, kw = _args("k5_se_hsig", torch.float32, "channels_last")
+    x, block = x.float(), _cast(block, torch.float32)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return ops.inverted_residual(x, *block, **kw)
+
+    with torch.no_grad():
+        assert_close(f(x), _ref(x.double(), _cast(block, torch.float64), kw), torch.float32,
+                     "compiled")
+
+
+@pytest.mark.parametrize("what,match", [
+    ("expand_shape", r"expand\[0\] \(weight\) must have shape"),
+    ("project_cin", r"project\[0\] \(weight\) must have shape"),
+    ("dw_channels", r"depthwise: weight must have shape"),
+    ("bn_len", r"project: bn_weight must have shape"),
+    ("se_shape", r"se\[2\] \(expand_weight\) must have shape"),
+    ("skip", r"skip needs stride 1"),
+    ("stride", r"stride must be 1 or 2"),
+    ("act", r"act must be one of"),
+    ("dtype", r"must have dtype"),
+])
+def test_errors(what, match):
+    x, block, kw = _args("k5_se_hsig", torch.float32, "channels_last")
+    x, (e, d, s, p) = x.float(), _cast(block, torch.float32)
+    if what == "expand_shape":
+        e = [e[0][:, :-1]] + e[1:]
+    elif what == "project_cin":
+        p = [p[0][:, :-1]] + p[1:]
+    elif what == "dw_channels":
+        d = [d[0][:-1]] + d[1:]
+    elif what == "bn_len":
+        p = p[:1] + [p[1][:-1]] + p[2:]
+    elif what == "se_shape":
+        s = s[:2] + [s[2][:-1]] + s[3:]
+    elif what == "skip":
+        kw["skip"] = True
+    elif what == "stride":
+        kw["stride"] = 3
+    elif what == "act":
+        kw["act"] = "gelu"
+    elif what == "dtype":
+        p = [p[0].double()] + p[1:]
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        _fused(x, (e, d, s, p), kw)
+
+
+_ISA_SCRIPT = textwrap.dedent("""
+    import torch, effkernels
+    from effkernels import reference
+    from tests.test_inverted_residual_cpu import _args, _cast, _fused, _ref, CASES
+    from tests.helpers import assert_close
+    torch.manual_seed(0)
+    for case in ("mbv2_s1_skip", "k5_s1_se_skip", "odd_7x11_s2_se", "k7_s2", "dil2"):
+        x, block, kw = _args(case, torch.float32, "channels_last")
+        out = _fused(x.float(), _cast(block, torch.float32), kw)
+        assert_close(out, _ref(x, block, kw), torch.float32, case)
+        out64 = _fused(x, block, kw)
+        assert_close(out64, _ref(x, block, kw), torch.float64, case + " fp64")
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_narrower_isa(isa):
+    """The AVX2 and baseline (SSE2) builds of the kernels, forced with EFFK_CPU_ISA."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, EFFK_CPU_ISA=isa,
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
