@@ -316,13 +316,17 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
                                            se_gate=se_gate, skip=skip, training=training,
                                            momentum=momentum, eps=eps)
     if impl == "triton":
-        # No fused Triton block yet: the block's definition over the Triton ops (each updates
-        # its own running statistics).
-        return reference.inverted_residual(x, expand, depthwise, se, project, stride=stride,
-                                           dilation=dilation, act=act, se_act=se_act,
-                                           se_gate=se_gate, skip=skip, training=training,
-                                           momentum=momentum, eps=eps, pw=pwconv_bn_act,
-                                           dw=dwconv_bn_act)
+        # The fused Triton block (triton_kernels/inverted_residual.py): the expanded tensor is
+        # never written; returns the statistics of each stage as the C++ op does.
+        out, stats = _call(impl, op, x, expand, depthwise, se, project, stride, dilation, act,
+                           se_act, se_gate, skip, training, eps)
+        if training:
+            stages = ([expand] if expand else []) + [depthwise, project]
+            counts = _stage_counts(x, expand, depthwise, stride, dilation)
+            for i, (stage, count) in enumerate(zip(stages, counts)):
+                _update_running(stage[3], stage[4], stats[2 * i], stats[2 * i + 1], count,
+                                momentum)
+        return out
     if impl == "cpu" and not training and not _needs_grad(x, expand, depthwise, se, project):
         # Inference: the fused CPU block (csrc/cpu/inverted_residual.cpp), BatchNorm folded
         # from the running statistics, the expanded activations never in memory.
