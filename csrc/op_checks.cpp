@@ -81,6 +81,42 @@ DwGeometry check_dwconv_args(const char* op, const at::Tensor& x, const at::Tens
   return g;
 }
 
+std::pair<int64_t, int64_t> check_mixconv_groups(const char* op, const at::Tensor& x,
+                                                 at::TensorList weights, int64_t stride,
+                                                 int64_t dilation) {
+  check_float_input(op, "x", x, 4);
+  TORCH_CHECK(!weights.empty(), op, ": weights must hold at least one (C_i, 1, k_i, k_i) tensor");
+  int64_t total = 0;
+  std::pair<int64_t, int64_t> out_hw{-1, -1};
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    check_float_input(op, "weights[i]", w, 4);
+    const int64_t k = w.size(2);
+    TORCH_CHECK(k % 2 == 1, op, ": weights[", i, "] must have an odd kernel size so that the "
+                "groups' outputs align; got ", k);
+    const auto g = check_dwconv_args(op, x, w, w.size(0), stride, dilation * (k - 1) / 2,
+                                     dilation);
+    if (i == 0) out_hw = {g.Ho, g.Wo};
+    total += w.size(0);
+  }
+  TORCH_CHECK(total == x.size(1), op, ": the weights' channel counts must sum to C == ",
+              x.size(1), "; got ", total);
+  return out_hw;
+}
+
+void check_saved_stats(const char* op, const at::Tensor& x, int64_t channels,
+                       const at::Tensor& mean, const at::Tensor& var) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean},
+                                {"var", var}}) {
+    TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor");
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == channels && t.is_floating_point() &&
+                    t.device() == x.device(),
+                op, ": ", name, " must be a floating-point tensor of shape (", channels,
+                ",) on ", x.device(), "; got ", t.scalar_type(), " of shape ", t.sizes(), " on ",
+                t.device());
+  }
+}
+
 void check_training_count(const char* op, int64_t count_per_channel, bool training) {
   TORCH_CHECK_VALUE(!training || count_per_channel != 1, op,
                     ": expected more than 1 value per channel when training; got ",

@@ -1,9 +1,19 @@
 """Backend selection: which implementation serves an op for a given tensor.
 
 Names: "auto", "cpu" (C++ CPU kernels), "cuda" (C++ CUDA kernels), "triton", "reference".
-"auto" picks, per call, for CPU tensors: cpu, else reference; for CUDA tensors: cuda, else
-triton, else reference. A backend named explicitly that cannot serve the tensor raises; it
-never falls back silently.
+"auto" picks, per call, for CPU tensors: cpu, else reference; for CUDA tensors: cuda (see
+below), else triton, else reference. A backend named explicitly that cannot serve the tensor
+raises; it never falls back silently.
+
+The C++ CUDA kernels (csrc/cuda) exist for some ops only (dwconv_bn_act, mixconv_bn_act so far;
+see `cuda_ops()`), and the availability of the "cuda" backend is judged per op: an explicit
+"cuda" refuses an op without CUDA kernels, with that reason, and "auto" passes such ops on to
+triton. Those kernels are compiled and ptxas-checked on GPU-less build machines, and their
+per-element math is shared with the CPU kernels (csrc/include/effkernels), but until a GPU run
+of the `cuda`-marked tests has passed, "auto" does NOT choose them: it does only when the
+environment variable EFFK_CUDA_KERNELS=1 is set (read at each call; unverified kernels must
+not become users' default silently). `set_backend("cuda")` / `backend("cuda")` always uses
+them where they exist.
 """
 from __future__ import annotations
 
@@ -21,18 +31,36 @@ _OPS = ("dwconv_bn_act", "pwconv_bn_act", "mixconv_bn_act")
 _current = "auto"
 
 
+def _has_op_kernels(op: str, dispatch_key: str) -> bool:
+    """The forward and backward ops of `op` both have a kernel for `dispatch_key`."""
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"effkernels::{name}",
+                                                               dispatch_key)
+               for name in (op, f"{op}_backward"))
+
+
 def _has_kernels(dispatch_key: str) -> bool:
-    return all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"effkernels::{op}", dispatch_key)
-        and torch._C._dispatch_has_kernel_for_dispatch_key(f"effkernels::{op}_backward",
-                                                            dispatch_key)
-        for op in _OPS
-    )
+    return all(_has_op_kernels(op, dispatch_key) for op in _OPS)
+
+
+def cuda_ops() -> tuple:
+    """The ops whose C++ CUDA kernels this build has (inverted_residual composes the others
+    and so needs all three)."""
+    if not _extension.loaded():
+        return ()
+    ops = tuple(op for op in _OPS if _has_op_kernels(op, "CUDA"))
+    return ops + (("inverted_residual",) if len(ops) == len(_OPS) else ())
+
+
+@torch.compiler.assume_constant_result  # no environment read inside a compiled graph
+def cuda_auto_enabled() -> bool:
+    """Whether "auto" may pick the C++ CUDA kernels (EFFK_CUDA_KERNELS=1; see the docstring)."""
+    return os.environ.get("EFFK_CUDA_KERNELS") == "1"
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once, as a constant
-def _why_not(name: str, device_type: str) -> Optional[str]:
-    """None if backend `name` can run tensors on `device_type`, else the reason it cannot."""
+def _why_not(name: str, device_type: str, op: Optional[str] = None) -> Optional[str]:
+    """None if backend `name` can run `op` (any op when None) on `device_type` tensors, else
+    the reason it cannot."""
     if name == "reference":
         return None
     if name == "cpu":
@@ -49,8 +77,16 @@ def _why_not(name: str, device_type: str) -> Optional[str]:
         if not _extension.built_with_cuda():
             return ("effkernels._C was built without CUDA (CPU-only torch, no CUDA toolkit, or "
                     "EFFK_BUILD_CUDA=0)")
-        if not _has_kernels("CUDA"):
+        have = cuda_ops()
+        if not have:
             return "the CUDA kernels are not part of this build yet"
+        if op is not None and op not in have:
+            return (f"the CUDA kernels of {op} are not part of this build yet (CUDA kernels: "
+                    f"{', '.join(have)})")
+        if op is None and len(have) < len(_OPS) + 1:
+            missing = [o for o in (*_OPS, "inverted_residual") if o not in have]
+            return (f"CUDA kernels for {', '.join(have)} only (not yet: {', '.join(missing)}); "
+                    "ask available_backends(device, op) per op")
         if not torch.cuda.is_available():
             return "no CUDA device is available"
         return None
@@ -64,21 +100,23 @@ def _why_not(name: str, device_type: str) -> Optional[str]:
 _why_cache: Dict[tuple, Optional[str]] = {}
 
 
-def _why_not_cached(name: str, device_type: str) -> Optional[str]:
+def _why_not_cached(name: str, device_type: str, op: Optional[str] = None) -> Optional[str]:
     """_why_not, memoised for eager calls (it is asked on every op call and does not change
     within a process); torch.compile evaluates _why_not itself as a constant."""
     if torch.compiler.is_compiling():
-        return _why_not(name, device_type)
-    key = (name, device_type)
+        return _why_not(name, device_type, op)
+    key = (name, device_type, op)
     if key not in _why_cache:
-        _why_cache[key] = _why_not(name, device_type)
+        _why_cache[key] = _why_not(name, device_type, op)
     return _why_cache[key]
 
 
-def available_backends(device: Union[str, torch.device, None] = None) -> Dict[str, str]:
-    """For `device` (default cpu): {backend: "available" or the reason it is not}."""
+def available_backends(device: Union[str, torch.device, None] = None,
+                       op: Optional[str] = None) -> Dict[str, str]:
+    """For `device` (default cpu): {backend: "available" or the reason it is not}; with `op`
+    (e.g. "dwconv_bn_act"), for that op (the cuda backend has kernels for some ops only)."""
     device_type = torch.device(device or "cpu").type
-    return {name: (_why_not(name, device_type) or "available") for name in NAMES[1:]}
+    return {name: (_why_not(name, device_type, op) or "available") for name in NAMES[1:]}
 
 
 def get_backend() -> str:
@@ -104,19 +142,26 @@ def backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def resolve(x: torch.Tensor) -> str:
-    """The backend that serves an op whose input is `x`; raises if the selection cannot."""
+def auto_order(device_type: str) -> tuple:
+    """The backends "auto" tries, in order, for tensors of `device_type`."""
+    if device_type == "cpu":
+        return ("cpu",)
+    return ("cuda", "triton") if cuda_auto_enabled() else ("triton",)
+
+
+def resolve(x: torch.Tensor, op: Optional[str] = None) -> str:
+    """The backend that serves `op` (None: any op) whose input is `x`; raises if the selection
+    cannot."""
     device_type = x.device.type
     if device_type == "meta":  # shape propagation: the C++ ops' fake kernels serve it
         return "cpu" if _extension.loaded() else "reference"
     if _current != "auto":
-        why = _why_not_cached(_current, device_type)
+        why = _why_not_cached(_current, device_type, op)
         if why is not None:
             raise RuntimeError(f"effkernels backend {_current!r} cannot run this input: {why}")
         return _current
-    order = ("cpu",) if device_type == "cpu" else ("cuda", "triton")
-    for name in order:
-        if _why_not_cached(name, device_type) is None:
+    for name in auto_order(device_type):
+        if _why_not_cached(name, device_type, op) is None:
             return name
     return "reference"
 

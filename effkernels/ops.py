@@ -126,12 +126,12 @@ def _update_running(running_mean, running_var, mean, var, count: int, momentum: 
     running_var.copy_(running_var * (1 - momentum) + unbiased.to(running_var.dtype) * momentum)
 
 
-def _resolve(x: torch.Tensor) -> str:
+def _resolve(x: torch.Tensor, op: str) -> str:
     """The backend for this call; during torch.onnx.export, the reference (see the module
     docstring)."""
     if not torch.compiler.is_dynamo_compiling() and torch.onnx.is_in_onnx_export():
         return "reference"
-    return _backend.resolve(x)
+    return _backend.resolve(x, op)
 
 
 def _call(impl: str, name: str, *args):
@@ -171,7 +171,7 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     wo = _checks.conv_out_size(x.shape[3], k, stride, padding, dilation)
     count = x.shape[0] * ho * wo
     _checks.training_count(op, count, training)
-    impl = _resolve(x)
+    impl = _resolve(x, op)
     if impl == "reference":
         return reference.dwconv_bn_act(
             x, weight, *_dense_bn(bn_weight, bn_bias, running_mean, running_var, training),
@@ -210,7 +210,7 @@ def pwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     _checks.act(op, "act", act)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     _checks.training_count(op, count, training)
-    impl = _resolve(x)
+    impl = _resolve(x, op)
     if impl == "reference":
         return reference.pwconv_bn_act(x, weight, *_dense_bn(bn_weight, bn_bias, running_mean,
                                                              running_var, training),
@@ -260,7 +260,7 @@ def mixconv_bn_act(x: torch.Tensor, weights: Sequence[torch.Tensor],
     wo = (x.shape[3] - 1) // stride + 1
     count = x.shape[0] * ho * wo
     _checks.training_count(op, count, training)
-    impl = _resolve(x)
+    impl = _resolve(x, op)
     if impl == "reference":
         return reference.mixconv_bn_act(x, weights, *_dense_bn(bn_weight, bn_bias, running_mean,
                                                                running_var, training),
@@ -306,7 +306,7 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
         _checks.act(op, name, locals()[name])
     if skip is None:
         skip = stride == 1 and x.shape[1] == project[0].shape[0]
-    impl = _resolve(x)
+    impl = _resolve(x, op)
     if impl == "reference":
         expand, depthwise, project = (
             [stage[0], *_dense_bn(*stage[1:], training)] if stage else stage

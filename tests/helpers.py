@@ -25,16 +25,23 @@ TOL = {
 DEVICE_BACKENDS = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
-def backends_for(device: str):
+def backends_for(device: str, op: str = None):
     """The device's backends, each as a pytest param skipped (with the reason) where it cannot
-    run here."""
+    run here; with `op`, where it cannot run that op (the cuda backend has kernels for some ops
+    only, and nothing may claim a kernel that does not exist)."""
     params = []
-    status_of = effkernels.available_backends(device)
+    status_of = effkernels.available_backends(device, op)
     for name in DEVICE_BACKENDS[device]:
         status = status_of[name]
         marks = [] if status == "available" else [pytest.mark.skip(reason=f"{name}: {status}")]
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def gpu_backends_for(op: str = None):
+    """backends_for("cuda", op), each param also marked `cuda` (skipped without a GPU)."""
+    return [pytest.param(b.values[0], marks=[*b.marks, pytest.mark.cuda], id=b.id)
+            for b in backends_for("cuda", op)]
 
 
 def make_input(shape, dtype, layout="contiguous", device="cpu", requires_grad=False):

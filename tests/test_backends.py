@@ -95,3 +95,37 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=tmp_path)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_auto_does_not_pick_unverified_cuda_kernels(monkeypatch):
+    """The C++ CUDA kernels are not GPU-verified yet: "auto" picks them for CUDA tensors only
+    with EFFK_CUDA_KERNELS=1 (an explicit backend("cuda") always may)."""
+    monkeypatch.delenv("EFFK_CUDA_KERNELS", raising=False)
+    assert effkernels._backend.auto_order("cuda") == ("triton",)
+    monkeypatch.setenv("EFFK_CUDA_KERNELS", "1")
+    assert effkernels._backend.auto_order("cuda") == ("cuda", "triton")
+    assert effkernels._backend.auto_order("cpu") == ("cpu",)
+
+
+def test_cuda_backend_claims_only_ops_with_kernels():
+    """Per op: the cuda backend lists exactly the ops whose forward and backward both have
+    CUDA kernels registered, and names the others as missing."""
+    have = effkernels._backend.cuda_ops()
+    for op in ("dwconv_bn_act", "pwconv_bn_act", "mixconv_bn_act"):
+        registered = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"effkernels::{name}",
+                                                                         "CUDA")
+                         for name in (op, f"{op}_backward"))
+        assert (op in have) == registered, op
+        why = effkernels.available_backends("cuda", op)["cuda"]
+        if not _extension_built_with_cuda():
+            assert "without CUDA" in why or "could not be loaded" in why
+        elif not registered:
+            assert f"CUDA kernels of {op} are not part of this build" in why
+        elif not torch.cuda.is_available():
+            assert why == "no CUDA device is available"
+    if not all(o in have for o in ("dwconv_bn_act", "pwconv_bn_act", "mixconv_bn_act")):
+        assert "inverted_residual" not in have
+
+
+def _extension_built_with_cuda():
+    return effkernels._extension.built_with_cuda()

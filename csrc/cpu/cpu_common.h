@@ -10,6 +10,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include "effkernels/conv_geometry.h"
+
 namespace effkernels::cpu {
 
 // fp32 accumulation for fp32/fp16/bf16, fp64 for fp64 (gradcheck).
@@ -93,16 +95,8 @@ struct ChannelStats {
     const int64_t chunks = static_cast<int64_t>(count.size());
     for (int64_t c = 0; c < channels; ++c) {
       double n = 0.0, mu = 0.0, s2 = 0.0;
-      for (int64_t k = 0; k < chunks; ++k) {
-        const double nb = count[k];
-        if (nb == 0.0) continue;
-        const double mb = mean[k * channels + c];
-        const double delta = mb - mu;
-        const double total = n + nb;
-        mu += delta * nb / total;
-        s2 += m2[k * channels + c] + delta * delta * n * nb / total;
-        n = total;
-      }
+      for (int64_t k = 0; k < chunks; ++k)
+        chan_merge(n, mu, s2, count[k], mean[k * channels + c], m2[k * channels + c]);
       mean_out[c] = static_cast<A>(mu);
       var_out[c] = static_cast<A>(n > 0.0 ? s2 / n : 0.0);
     }

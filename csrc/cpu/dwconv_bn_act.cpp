@@ -746,14 +746,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_backwar
   check_float_input(op, "x", x, 4);
   const DwGeometry g = check_dwconv_args(op, x, weight, x.size(1), stride, padding, dilation);
   check_bn_args(op, x, g.C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean},
-                                {"var", var}}) {
-    EFFK_CHECK(op, t.defined(), name, " must be a tensor");
-    EFFK_CHECK(op, t.dim() == 1 && t.size(0) == g.C && t.is_floating_point() &&
-                       t.device() == x.device(),
-               name, " must be a floating-point tensor of shape (", g.C, ",) on ", x.device(),
-               "; got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
-  }
+  check_saved_stats(op, x, g.C, mean, var);
   check_training_count(op, g.N * g.Ho * g.Wo, training);
   check_float_input(op, "grad_out", grad_out, 4);
   check_same(op, "grad_out", grad_out, x);

@@ -16,30 +16,6 @@ namespace {
 
 constexpr const char* kOp = "mixconv_bn_act";
 
-// Checks the group weights against x and returns the output size shared by all groups.
-std::pair<int64_t, int64_t> check_groups(const char* op, const at::Tensor& x,
-                                         at::TensorList weights, int64_t stride,
-                                         int64_t dilation) {
-  check_float_input(op, "x", x, 4);
-  TORCH_CHECK(!weights.empty(), op, ": weights must hold at least one (C_i, 1, k_i, k_i) tensor");
-  int64_t total = 0;
-  std::pair<int64_t, int64_t> out_hw{-1, -1};
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const at::Tensor& w = weights[i];
-    check_float_input(op, "weights[i]", w, 4);
-    const int64_t k = w.size(2);
-    TORCH_CHECK(k % 2 == 1, op, ": weights[", i, "] must have an odd kernel size so that the "
-                "groups' outputs align; got ", k);
-    const auto g = check_dwconv_args(op, x, w, w.size(0), stride, dilation * (k - 1) / 2,
-                                     dilation);
-    if (i == 0) out_hw = {g.Ho, g.Wo};
-    total += w.size(0);
-  }
-  TORCH_CHECK(total == x.size(1), op, ": the weights' channel counts must sum to C == ",
-              x.size(1), "; got ", total);
-  return out_hw;
-}
-
 std::optional<at::Tensor> narrow_opt(const std::optional<at::Tensor>& t, int64_t c0,
                                      int64_t ci) {
   if (!t.has_value() || !t->defined()) return std::nullopt;
@@ -53,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixconv_bn_act(
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, int64_t dilation,
     c10::string_view act, bool training, double eps) {
-  check_groups(kOp, x, weights, stride, dilation);
+  check_mixconv_groups(kOp, x, weights, stride, dilation);
   check_bn_args(kOp, x, x.size(1), bn_weight, bn_bias, running_mean, running_var, training);
   const at::Tensor xin = channels_innermost(x);
   std::vector<at::Tensor> outs, means, vars;
@@ -79,7 +55,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixconv_
     const at::Tensor& var, int64_t stride, int64_t dilation, c10::string_view act,
     bool training, double eps) {
   constexpr const char* op = "mixconv_bn_act_backward";
-  const auto [ho, wo] = check_groups(op, x, weights, stride, dilation);
+  const auto [ho, wo] = check_mixconv_groups(op, x, weights, stride, dilation);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) &&
                   grad_out.size(1) == x.size(1) && grad_out.size(2) == ho &&
                   grad_out.size(3) == wo,

@@ -3,6 +3,8 @@
 // with gradients from libtorch autograd. Usage: effkernels_tests <case>.
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -81,6 +83,58 @@ void test_headers() {
         }
       }
     }
+  }
+  // Index helpers of the CUDA tiles (conv_geometry.h), against brute-force enumeration.
+  for (int64_t a = -23; a <= 23; ++a)
+    for (int64_t b : {1, 2, 3, 7})
+      expect(floor_div(a, b) == static_cast<int64_t>(std::floor(double(a) / double(b))),
+             "floor_div " + std::to_string(a) + "/" + std::to_string(b));
+  for (int64_t k : {1, 3, 4, 5, 11}) {
+    for (int64_t s : {1, 2}) {
+      for (int64_t d : {1, 2, 3}) {
+        for (int64_t n : {1, 4, 8}) {
+          // conv_in_extent: the span of inputs read by outputs [0, n).
+          expect(conv_in_extent(n, k, s, d) == (n - 1) * s + (k - 1) * d + 1, "conv_in_extent");
+          for (int64_t pad : {0, 1, 5}) {
+            for (int64_t lo : {-3, 0, 5, 16}) {
+              const int64_t hi = lo + n - 1;
+              const IndexRange r = transposed_range(lo, hi, k, s, pad, d);
+              int64_t emin = INT64_MAX, emax = INT64_MIN;
+              for (int64_t i = lo; i <= hi; ++i)
+                for (int64_t t = 0; t < k; ++t) {
+                  const int64_t u = i + pad - t * d;  // = o * s
+                  if (((u % s) + s) % s != 0) continue;
+                  emin = std::min(emin, u / s);  // exact: u is a multiple of s
+                  emax = std::max(emax, u / s);
+                }
+              // Every contributing output lies inside the range, and the range is tight up to
+              // stride rounding (the kernels size their dy halo from it). No output at all can
+              // meet the inputs (k = 1, stride 2, one input of the other parity): nothing to hold.
+              if (emin > emax) continue;
+              expect(emin >= r.lo && emax <= r.hi && r.hi - r.lo <= (emax - emin) + 2 * s,
+                     "transposed_range");
+            }
+          }
+        }
+      }
+    }
+  }
+  // chan_merge: parts of a sample merged in order give its mean and M2 (biased var * n).
+  {
+    auto v = torch::randn({103}, torch::kDouble) * 3 + 5;
+    double n = 0, mean = 0, m2 = 0;
+    const int64_t bounds[] = {0, 1, 17, 50, 99, 103};
+    for (int i = 0; i + 1 < 6; ++i) {
+      const int64_t lo = bounds[i], hi = bounds[i + 1];
+      auto part = v.slice(0, lo, hi);
+      const double pm = part.mean().item<double>();
+      const double pm2 = (part - pm).pow(2).sum().item<double>();
+      chan_merge(n, mean, m2, double(hi - lo), pm, pm2);
+    }
+    chan_merge(n, mean, m2, 0.0, 123.0, 456.0);  // empty parts are skipped
+    expect(n == 103.0, "chan_merge count");
+    expect(std::abs(mean - v.mean().item<double>()) < 1e-12, "chan_merge mean");
+    expect(std::abs(m2 / n - v.var(0, false).item<double>()) < 1e-10, "chan_merge var");
   }
   // BN folding equals eval batch_norm; the backward coefficients equal autograd's.
   auto y = torch::randn({64, 3}, torch::kDouble);

@@ -1,6 +1,7 @@
 // Output-size and BatchNorm-folding arithmetic shared by every backend.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "effkernels/macros.h"
@@ -10,6 +11,30 @@ namespace effkernels {
 // Same formula as torch.nn.Conv2d: floor((in + 2p - d(k-1) - 1) / s) + 1.
 EFFK_HD int64_t conv_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
   return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+}
+
+// floor(a / b) for b > 0 (C++ integer division truncates toward zero instead).
+EFFK_HD int64_t floor_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+// The input extent read by `out_extent` consecutive outputs: (out - 1) * stride + reach, with
+// reach = dil * (k - 1) + 1 (the size of a tile plus its halo).
+EFFK_HD int64_t conv_in_extent(int64_t out_extent, int64_t k, int64_t stride, int64_t dil) {
+  return (out_extent - 1) * stride + dil * (k - 1) + 1;
+}
+
+// The transposed direction (grad_input): the outputs o whose window o*stride - pad + t*dil
+// (t in [0, k)) reaches some input index in [in_lo, in_hi] lie in [lo, hi], unclipped to the
+// output size. Every pair (i, t) with i + pad - t*dil divisible by stride maps to an o in it.
+struct IndexRange {
+  int64_t lo, hi;
+};
+
+EFFK_HD IndexRange transposed_range(int64_t in_lo, int64_t in_hi, int64_t k, int64_t stride,
+                                    int64_t pad, int64_t dil) {
+  return {floor_div(in_lo + pad - (k - 1) * dil, stride), floor_div(in_hi + pad, stride)};
 }
 
 // Eval-mode BatchNorm folded into a per-channel affine map: bn(y) = y * scale + shift.
@@ -32,6 +57,19 @@ template <typename T>
 EFFK_HD BnAffine<T> fold_bn(T gamma, T beta, T mean, T var, T eps) {
   const T scale = gamma * inv_std(var, eps);
   return {scale, beta - mean * scale};
+}
+
+// Chan's parallel combination of (count, mean, M2) statistics: merges a part (nb, mb, m2b) into
+// the running (n, mean, m2). The CPU (cpu::ChannelStats) and CUDA (per-tile partials) batch
+// statistics both combine their parts with it, in a fixed order.
+template <typename T>
+EFFK_HD void chan_merge(T& n, T& mean, T& m2, T nb, T mb, T m2b) {
+  if (nb == T(0)) return;
+  const T delta = mb - mean;
+  const T total = n + nb;
+  mean += delta * nb / total;
+  m2 += m2b + delta * delta * n * nb / total;
+  n = total;
 }
 
 // Backward through z = gamma * (y - mean) * invstd + beta for one channel, given the reductions

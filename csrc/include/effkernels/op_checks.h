@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
 
@@ -28,6 +29,16 @@ void check_bn_args(const char* op, const at::Tensor& x, int64_t channels,
 DwGeometry check_dwconv_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                              int64_t channels, int64_t stride,
                              int64_t padding, int64_t dilation);
+
+// mixconv: x (N, C, H, W); weights[i] (C_i, 1, k_i, k_i) with odd k_i, padding
+// dilation * (k_i - 1) / 2, sum C_i == C. Returns the output size (Ho, Wo) shared by the groups.
+std::pair<int64_t, int64_t> check_mixconv_groups(const char* op, const at::Tensor& x,
+                                                 at::TensorList weights, int64_t stride,
+                                                 int64_t dilation);
+
+// Backward ops: the saved statistics (mean, var) are floating, (channels,), on x's device.
+void check_saved_stats(const char* op, const at::Tensor& x, int64_t channels,
+                       const at::Tensor& mean, const at::Tensor& var);
 
 void check_float_input(const char* op, const char* name, const at::Tensor& t, int64_t dim);
 void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x);

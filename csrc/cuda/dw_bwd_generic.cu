@@ -1,0 +1,9 @@
+// Explicit instantiations of the depthwise grad-input kernels (dw_kernels.cuh), split over
+// several files so that the build compiles them in parallel.
+#include "dw_kernels.cuh"
+
+// Any k in 1..11 and any dilation (fp32 accumulation for fp32/fp16/bf16; fp64).
+EFFK_INSTANTIATE_DW_BWD(float, effkernels::cuda::kStaged, 1)
+EFFK_INSTANTIATE_DW_BWD(float, effkernels::cuda::kStaged, 2)
+EFFK_INSTANTIATE_DW_BWD(double, effkernels::cuda::kStaged, 1)
+EFFK_INSTANTIATE_DW_BWD(double, effkernels::cuda::kStaged, 2)
