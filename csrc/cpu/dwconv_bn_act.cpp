@@ -408,7 +408,7 @@ EFFK_INLINE void bn_grad(std::bool_constant<DY>, const BnGradParams<T>& p, A* y,
       const A xhat = (yi[c] - p.mean[c]) * p.invstd[c];
       const A g = static_cast<A>(gi[c]) * act_derivative<ACT>(p.gamma[c] * xhat + p.beta[c]);
       if constexpr (DY) {
-        yi[c] = p.a[c] * g + p.b[c] * xhat + p.c[c];
+        yi[c] = bn_dy(p.a[c], p.b[c], p.c[c], g, xhat);
       } else {
         sum_g[c] += g;
         sum_gx[c] += g * xhat;

@@ -379,7 +379,7 @@ EFFK_INLINE void bwd_epilogue_row(int64_t n, const A* __restrict y, const A* __r
 template <class A>
 EFFK_INLINE void dy_row(int64_t n, A* __restrict g, const A* __restrict xhat,
                         const A* __restrict a, const A* __restrict b, const A* __restrict c) {
-  for (int64_t l = 0; l < n; ++l) g[l] = a[l] * g[l] + b[l] * xhat[l] + c[l];
+  for (int64_t l = 0; l < n; ++l) g[l] = bn_dy(a[l], b[l], c[l], g[l], xhat[l]);
 }
 
 template <class T, Act ACT, bool RES>

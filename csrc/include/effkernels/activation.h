@@ -3,7 +3,9 @@
 // Every derivative is taken with respect to the pre-activation `z` and follows PyTorch's own
 // backward formulas at the kinks (relu: z > 0; relu6/hardtanh: 0 < z < 6; hardswish:
 // z <= -3 -> 0, z < 3 -> z/3 + 1/2, else 1; hardsigmoid: -3 < z < 3 -> 1/6), so that our
-// gradients equal autograd's on the reference exactly at the kinks too.
+// gradients equal autograd's on the reference exactly at the kinks too. NaN follows PyTorch
+// as well: the clamps propagate it (relu(NaN) = NaN), and relu/relu6 pass the gradient at NaN
+// (their backward tests z <= 0 / z >= 6, false for NaN), hardsigmoid's does not.
 #pragma once
 
 #include <cmath>
@@ -33,6 +35,12 @@ EFFK_HD T effk_exp(T v) {
 #endif
 }
 
+// min(max(r, 0), 6) that keeps NaN (every comparison with NaN is false).
+template <typename T>
+EFFK_HD T clamp0_6(T r) {
+  return r > T(6) ? T(6) : (r <= T(0) ? T(0) : r);
+}
+
 template <typename T>
 EFFK_HD T sigmoid(T z) {
   return T(1) / (T(1) + effk_exp(-z));
@@ -44,17 +52,15 @@ EFFK_HD T act_forward(T z) {
   if constexpr (A == Act::Identity) {
     return z;
   } else if constexpr (A == Act::ReLU) {
-    return z > T(0) ? z : T(0);
+    return z <= T(0) ? T(0) : z;
   } else if constexpr (A == Act::ReLU6) {
-    return z > T(6) ? T(6) : (z > T(0) ? z : T(0));
+    return clamp0_6(z);
   } else if constexpr (A == Act::HSwish) {
-    const T r = z + T(3);
-    return z * (r > T(6) ? T(6) : (r > T(0) ? r : T(0))) / T(6);
+    return z * clamp0_6(z + T(3)) / T(6);
   } else if constexpr (A == Act::SiLU) {
     return z * sigmoid(z);
   } else if constexpr (A == Act::HSigmoid) {
-    const T r = z + T(3);
-    return (r > T(6) ? T(6) : (r > T(0) ? r : T(0))) / T(6);
+    return clamp0_6(z + T(3)) / T(6);
   } else {
     return sigmoid(z);
   }
@@ -66,9 +72,9 @@ EFFK_HD T act_derivative(T z) {
   if constexpr (A == Act::Identity) {
     return T(1);
   } else if constexpr (A == Act::ReLU) {
-    return z > T(0) ? T(1) : T(0);
+    return z <= T(0) ? T(0) : T(1);
   } else if constexpr (A == Act::ReLU6) {
-    return (z > T(0) && z < T(6)) ? T(1) : T(0);
+    return (z <= T(0) || z >= T(6)) ? T(0) : T(1);
   } else if constexpr (A == Act::HSwish) {
     return z <= T(-3) ? T(0) : (z < T(3) ? z / T(3) + T(0.5) : T(1));
   } else if constexpr (A == Act::SiLU) {

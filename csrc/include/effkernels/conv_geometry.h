@@ -82,6 +82,14 @@ struct BnBackwardCoeffs {
   T c;
 };
 
+// dL/dy = a * g + b * xhat + c. In eval mode b == c == 0 and xhat is not read: a non-finite y
+// (from a non-finite x) then stays out of grad_x, as in PyTorch's eval-mode backward.
+template <typename T>
+EFFK_HD T bn_dy(T a, T b, T c, T g, T xhat) {
+  const T x = b != T(0) ? xhat : T(0);  // the training-mode arithmetic stays the same
+  return a * g + b * x + c;
+}
+
 template <typename T>
 EFFK_HD BnBackwardCoeffs<T> bn_backward_coeffs(T gamma, T invstd, T sum_g, T sum_gx, T count,
                                                bool training) {
