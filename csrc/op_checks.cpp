@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include "effkernels/checks.h"
 #include "effkernels/conv_geometry.h"
 
 namespace effkernels {
@@ -121,6 +122,36 @@ void check_training_count(const char* op, int64_t count_per_channel, bool traini
   TORCH_CHECK_VALUE(!training || count_per_channel != 1, op,
                     ": expected more than 1 value per channel when training; got ",
                     count_per_channel);
+}
+
+std::pair<DwGeometry, Act> check_dwconv_forward(
+    const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, int64_t stride, int64_t padding,
+    int64_t dilation, c10::string_view act, bool training) {
+  check_float_input(op, "x", x, 4);
+  const DwGeometry g = check_dwconv_args(op, x, weight, x.size(1), stride, padding, dilation);
+  check_bn_args(op, x, g.C, bn_weight, bn_bias, running_mean, running_var, training);
+  check_training_count(op, g.N * g.Ho * g.Wo, training);
+  return {g, parse_act(op, act)};
+}
+
+std::pair<DwGeometry, Act> check_dwconv_backward(
+    const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
+    const at::Tensor& var, int64_t stride, int64_t padding, int64_t dilation,
+    c10::string_view act, bool training) {
+  check_float_input(op, "x", x, 4);
+  const DwGeometry g = check_dwconv_args(op, x, weight, x.size(1), stride, padding, dilation);
+  check_bn_args(op, x, g.C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
+  check_saved_stats(op, x, g.C, mean, var);
+  check_training_count(op, g.N * g.Ho * g.Wo, training);
+  check_float_input(op, "grad_out", grad_out, 4);
+  check_same(op, "grad_out", grad_out, x);
+  EFFK_CHECK(op, grad_out.sizes() == at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}),
+             "grad_out must have shape (", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "); got ",
+             grad_out.sizes());
+  return {g, parse_act(op, act)};
 }
 
 }  // namespace effkernels

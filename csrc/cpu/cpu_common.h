@@ -5,10 +5,12 @@
 #include <cmath>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include "effkernels/conv_geometry.h"
 
@@ -20,6 +22,25 @@ using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 inline at::ScalarType stat_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A fresh `dtype` copy of a per-channel vector (never an alias of an input).
+inline at::Tensor stat_copy(const at::Tensor& t, at::ScalarType dtype) {
+  return at::empty({t.size(0)}, t.options().dtype(dtype)).copy_(t);
+}
+
+// The (mean, var) a forward op starts from: in eval mode the running statistics; for an empty
+// training batch the running statistics too, so the caller's momentum update leaves them
+// unchanged (zeros when there are none); otherwise zeros for the kernel to fill.
+inline std::pair<at::Tensor, at::Tensor> initial_stats(
+    const at::Tensor& x, int64_t channels, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training) {
+  const at::ScalarType sd = stat_dtype(x);
+  const bool has_running = running_mean.has_value() && running_mean->defined();
+  if (!training || (has_running && x.numel() == 0))
+    return {stat_copy(*running_mean, sd), stat_copy(*running_var, sd)};
+  return {at::zeros({channels}, x.options().dtype(sd)),
+          at::zeros({channels}, x.options().dtype(sd))};
 }
 
 // The memory format outputs are returned in: the input's (contiguous or channels_last).

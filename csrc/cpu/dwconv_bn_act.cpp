@@ -532,11 +532,6 @@ inline int64_t row_grain(int64_t row_elems) {
   return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, row_elems));
 }
 
-// A fresh `dtype` copy of a per-channel vector (never an alias of an input).
-inline at::Tensor stat_copy(const at::Tensor& t, at::ScalarType dtype) {
-  return at::empty({t.size(0)}, t.options().dtype(dtype)).copy_(t);
-}
-
 template <typename T>
 void forward_impl(const DwGeometry& g, const at::Tensor& xc, const at::Tensor& weight,
                   const at::Tensor& bn_weight, const at::Tensor& bn_bias, Act act,
@@ -708,24 +703,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act(
     const std::optional<at::Tensor>& running_var, int64_t stride, int64_t padding,
     int64_t dilation, c10::string_view act, bool training, double eps) {
   constexpr const char* op = "dwconv_bn_act";
-  check_float_input(op, "x", x, 4);
-  const DwGeometry g = check_dwconv_args(op, x, weight, x.size(1), stride, padding, dilation);
-  check_bn_args(op, x, g.C, bn_weight, bn_bias, running_mean, running_var, training);
-  check_training_count(op, g.N * g.Ho * g.Wo, training);
-  const Act a = parse_act(op, act);
+  const auto [g, a] = check_dwconv_forward(op, x, weight, bn_weight, bn_bias, running_mean,
+                                           running_var, stride, padding, dilation, act,
+                                           training);
 
-  const at::ScalarType sd = stat_dtype(x);
-  const bool has_running = running_mean.has_value() && running_mean->defined();
-  at::Tensor mean, var;
-  if (!training || (has_running && x.numel() == 0)) {
-    // Eval: the running statistics. Empty training batch: the running statistics too, so the
-    // caller's momentum update leaves them unchanged (zeros when there are none).
-    mean = stat_copy(*running_mean, sd);
-    var = stat_copy(*running_var, sd);
-  } else {
-    mean = at::zeros({g.C}, x.options().dtype(sd));
-    var = at::zeros({g.C}, x.options().dtype(sd));
-  }
+  auto [mean, var] = initial_stats(x, g.C, running_mean, running_var, training);
   at::Tensor out = empty_nhwc({g.N, g.C, g.Ho, g.Wo}, x.options());
   if (x.numel() > 0) {
     const at::Tensor xc = channels_innermost(x);
@@ -743,17 +725,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_backwar
     const at::Tensor& var, int64_t stride, int64_t padding, int64_t dilation,
     c10::string_view act, bool training, double eps) {
   constexpr const char* op = "dwconv_bn_act_backward";
-  check_float_input(op, "x", x, 4);
-  const DwGeometry g = check_dwconv_args(op, x, weight, x.size(1), stride, padding, dilation);
-  check_bn_args(op, x, g.C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
-  check_saved_stats(op, x, g.C, mean, var);
-  check_training_count(op, g.N * g.Ho * g.Wo, training);
-  check_float_input(op, "grad_out", grad_out, 4);
-  check_same(op, "grad_out", grad_out, x);
-  EFFK_CHECK(op, grad_out.sizes() == at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}),
-             "grad_out must have shape (", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "); got ",
-             grad_out.sizes());
-  const Act a = parse_act(op, act);
+  const auto [g, a] = check_dwconv_backward(op, grad_out, x, weight, bn_weight, bn_bias, mean,
+                                            var, stride, padding, dilation, act, training);
 
   at::Tensor grad_x = empty_nhwc(x.sizes(), x.options());
   at::Tensor grad_weight = at::empty_like(weight);

@@ -322,10 +322,6 @@ void backward_impl(const at::Tensor& goc, const at::Tensor& xc, const at::Tensor
   launch_col_sum<A>(q.dw_part, tiles2, L.P, grad_w.data_ptr<double>(), stream);
 }
 
-at::Tensor stat_copy(const at::Tensor& t, at::ScalarType dtype) {
-  return at::empty({t.size(0)}, t.options().dtype(dtype)).copy_(t);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_forward(
@@ -334,18 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_forward(
     const std::optional<at::Tensor>& running_var, Act act, bool training, double eps) {
   const DwGeometry& g = layer.g;
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::ScalarType sd = cpu::stat_dtype(x);
-  const bool has_running = running_mean.has_value() && running_mean->defined();
-  at::Tensor mean, var;
-  if (!training || (has_running && x.numel() == 0)) {
-    // Eval: the running statistics. Empty training batch: the running statistics too, so the
-    // caller's momentum update leaves them unchanged (zeros when there are none).
-    mean = stat_copy(*running_mean, sd);
-    var = stat_copy(*running_var, sd);
-  } else {
-    mean = at::zeros({g.C}, x.options().dtype(sd));
-    var = at::zeros({g.C}, x.options().dtype(sd));
-  }
+  auto [mean, var] = cpu::initial_stats(x, g.C, running_mean, running_var, training);
   at::Tensor out = empty_nhwc({g.N, g.C, g.Ho, g.Wo}, x.options());
   if (x.numel() > 0 && out.numel() > 0) {
     const at::Tensor xc = channels_innermost(x);

@@ -39,11 +39,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act(
     const std::optional<at::Tensor>& running_var, int64_t stride, int64_t padding,
     int64_t dilation, c10::string_view act, bool training, double eps) {
   constexpr const char* op = "dwconv_bn_act";
-  check_float_input(op, "x", x, 4);
-  const DwGeometry g = check_dwconv_args(op, x, weight, x.size(1), stride, padding, dilation);
-  check_bn_args(op, x, g.C, bn_weight, bn_bias, running_mean, running_var, training);
-  check_training_count(op, g.N * g.Ho * g.Wo, training);
-  const Act a = parse_act(op, act);
+  const auto [g, a] = check_dwconv_forward(op, x, weight, bn_weight, bn_bias, running_mean,
+                                           running_var, stride, padding, dilation, act,
+                                           training);
   const c10::cuda::CUDAGuard guard(x.device());
   const DwLayer L = layer_of(g, x.scalar_type());
   const at::Tensor wpack = pack_weight(weight, L, channel_block(x.scalar_type()));
@@ -56,17 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_backwar
     const at::Tensor& var, int64_t stride, int64_t padding, int64_t dilation,
     c10::string_view act, bool training, double eps) {
   constexpr const char* op = "dwconv_bn_act_backward";
-  check_float_input(op, "x", x, 4);
-  const DwGeometry g = check_dwconv_args(op, x, weight, x.size(1), stride, padding, dilation);
-  check_bn_args(op, x, g.C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
-  check_saved_stats(op, x, g.C, mean, var);
-  check_training_count(op, g.N * g.Ho * g.Wo, training);
-  check_float_input(op, "grad_out", grad_out, 4);
-  check_same(op, "grad_out", grad_out, x);
-  EFFK_CHECK(op, grad_out.sizes() == at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}),
-             "grad_out must have shape (", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "); got ",
-             grad_out.sizes());
-  const Act a = parse_act(op, act);
+  const auto [g, a] = check_dwconv_backward(op, grad_out, x, weight, bn_weight, bn_bias, mean,
+                                            var, stride, padding, dilation, act, training);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t cb = channel_block(x.scalar_type());
   const DwLayer L = layer_of(g, x.scalar_type());

@@ -46,4 +46,17 @@ void check_same(const char* op, const char* name, const at::Tensor& t, const at:
 // Batch statistics of a single value per channel are refused, as F.batch_norm does.
 void check_training_count(const char* op, int64_t count_per_channel, bool training);
 
+// Every argument of dwconv_bn_act / dwconv_bn_act_backward (one sequence for every backend):
+// returns the geometry and the parsed activation.
+std::pair<DwGeometry, Act> check_dwconv_forward(
+    const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, int64_t stride, int64_t padding,
+    int64_t dilation, c10::string_view act, bool training);
+std::pair<DwGeometry, Act> check_dwconv_backward(
+    const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
+    const at::Tensor& var, int64_t stride, int64_t padding, int64_t dilation,
+    c10::string_view act, bool training);
+
 }  // namespace effkernels
