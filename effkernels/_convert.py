@@ -75,6 +75,19 @@ def _check_conv(conv: nn.Module, path) -> None:
             raise Unsupported(f"{'.'.join(path)} is not a bias-free zero-padded nn.Conv2d")
 
 
+def _adopt(module: nn.Module, source: nn.Module) -> None:
+    """Gives module the source's children under their names (so the same state_dict keys),
+    its public plain attributes (use_res_connect, out_channels, ...; also torchvision's
+    _is_cn, read by its detection backbones) and a `source` naming the replaced class."""
+    for name, child in source.named_children():
+        module.add_module(name, child)
+    for key, value in vars(source).items():
+        if (not key.startswith("_") or key == "_is_cn") and \
+                isinstance(value, (bool, int, float, str, tuple)):
+            setattr(module, key, value)
+    module.source = f"{type(source).__module__}.{type(source).__name__}"
+
+
 class AdoptedBlock(_Block):
     """An inverted-residual / depthwise-separable block of another library, run by effkernels:
     the source block's children are kept under their names (same state_dict keys) and its
@@ -82,13 +95,7 @@ class AdoptedBlock(_Block):
 
     def __init__(self, source: nn.Module, roles: Dict[str, tuple], **config):
         super().__init__()
-        for name, child in source.named_children():
-            self.add_module(name, child)
-        for key, value in vars(source).items():
-            if (not key.startswith("_") or key == "_is_cn") and \
-                    isinstance(value, (bool, int, float, str, tuple)):
-                setattr(self, key, value)
-        self.source = f"{type(source).__module__}.{type(source).__name__}"
+        _adopt(self, source)
         self._setup(roles, **config)
 
 
@@ -99,13 +106,8 @@ class AdoptedConvBNAct(NotScriptable, nn.Module):
     def __init__(self, source: nn.Module, conv: str, bn: str, act: str, skip: bool = False,
                  same: bool = False):
         super().__init__()
-        for name, child in source.named_children():
-            self.add_module(name, child)
-        for key, value in vars(source).items():
-            if not key.startswith("_") and isinstance(value, (bool, int, float, str, tuple)):
-                setattr(self, key, value)
+        _adopt(self, source)
         self._conv, self._bn, self.act, self.skip, self.same = conv, bn, act, skip, same
-        self.source = f"{type(source).__module__}.{type(source).__name__}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F_.conv_bn_act(x, self._modules[self._conv], self._modules[self._bn], self.act,

@@ -315,32 +315,22 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
                                            dilation=dilation, act=act, se_act=se_act,
                                            se_gate=se_gate, skip=skip, training=training,
                                            momentum=momentum, eps=eps)
-    if impl == "triton":
-        # The fused Triton block (triton_kernels/inverted_residual.py): the expanded tensor is
-        # never written; returns the statistics of each stage as the C++ op does.
-        out, stats = _call(impl, op, x, expand, depthwise, se, project, stride, dilation, act,
-                           se_act, se_gate, skip, training, eps)
-        if training:
-            stages = ([expand] if expand else []) + [depthwise, project]
-            counts = _stage_counts(x, expand, depthwise, stride, dilation)
-            for i, (stage, count) in enumerate(zip(stages, counts)):
-                _update_running(stage[3], stage[4], stats[2 * i], stats[2 * i + 1], count,
-                                momentum)
-        return out
     if impl == "cpu" and not training and not _needs_grad(x, expand, depthwise, se, project):
         # Inference: the fused CPU block (csrc/cpu/inverted_residual.cpp), BatchNorm folded
         # from the running statistics, the expanded activations never in memory.
         return _cpp().inverted_residual_inference(x, expand, depthwise, se, project, stride,
                                                   dilation, act, se_act, se_gate, skip, eps)
-    out, stats = _cpp().inverted_residual(x, expand, depthwise, se, project, stride, dilation,
-                                          act, se_act, se_gate, skip, training, eps)
+    # The C++ block (composed from the CPU kernels) or the fused Triton block
+    # (triton_kernels/inverted_residual.py: the expanded tensor is never written); both return
+    # the batch statistics of each stage.
+    out, stats = _call(impl, op, x, expand, depthwise, se, project, stride, dilation, act,
+                       se_act, se_gate, skip, training, eps)
     if training:
         stages = ([expand] if expand else []) + [depthwise, project]
         counts = _stage_counts(x, expand, depthwise, stride, dilation)
         for i, (stage, count) in enumerate(zip(stages, counts)):
             _update_running(stage[3], stage[4], stats[2 * i], stats[2 * i + 1], count, momentum)
     return out
-
 
 def _needs_grad(x, *stages) -> bool:
     """Whether autograd would record the block: grad mode on and some input requires grad."""

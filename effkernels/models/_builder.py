@@ -18,18 +18,10 @@ from typing import Callable, List, Optional, Sequence, Union
 from torch import nn
 
 from ..nn import ConvBnActBlock, DepthwiseSeparable, MBConv
+from ..nn.modules import make_divisible
 
 Kernel = Union[int, List[int]]
 _ACTS = {"re": "relu", "r6": "relu6", "hs": "hswish", "sw": "silu"}
-
-
-def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None,
-                   round_limit: float = 0.9) -> int:
-    """The nearest multiple of divisor, at least min_value (default divisor), never more than
-    10% below v (the channel rounding of the MobileNet/EfficientNet reference code)."""
-    min_value = min_value or divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    return new_v + divisor if new_v < round_limit * v else new_v
 
 
 def round_channels(channels: float, multiplier: float = 1.0, divisor: int = 8) -> int:

@@ -19,14 +19,10 @@ from torch import nn
 from .. import ops
 from . import _functional as F_
 from . import _sync
-from .modules import DropPath, Kernel, NotScriptable, SqueezeExcite, _check_act, make_conv
+from .modules import (DropPath, Kernel, NotScriptable, SqueezeExcite, _check_act, make_conv,
+                      make_divisible)
 
 Path = Tuple[str, ...]
-
-
-def _make_divisible(v: float, divisor: int = 8) -> int:
-    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    return new_v + divisor if new_v < 0.9 * v else new_v
 
 
 def _drop_active(module: Optional[nn.Module]) -> bool:
@@ -196,7 +192,7 @@ class InvertedResidual(_Block):
             i = str(len(layers))
             roles.update(se_reduce=("conv", i, "conv_reduce"), se_expand=("conv", i,
                                                                           "conv_expand"))
-            layers.append(SqueezeExcite(hidden, _make_divisible(hidden * se_ratio), se_act,
+            layers.append(SqueezeExcite(hidden, make_divisible(hidden * se_ratio), se_act,
                                         se_gate, **factory))
         i = len(layers)
         roles.update(project_conv=("conv", str(i)), project_bn=("conv", str(i + 1)))

@@ -21,6 +21,15 @@ def _check_act(name: str, value: str) -> str:
     return value
 
 
+def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None,
+                   round_limit: float = 0.9) -> int:
+    """The nearest multiple of divisor, at least min_value (default divisor), never more than
+    10% below v (the channel rounding of the MobileNet/EfficientNet reference code)."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < round_limit * v else new_v
+
+
 def split_channels(channels: int, groups: int) -> List[int]:
     """Equal channel groups, the remainder going to the first (MixNet's, and timm's, split)."""
     sizes = [channels // groups] * groups
