@@ -97,8 +97,8 @@ def _kernel_label(mangled: str) -> str:
     """effkernels::cuda::dw_fwd_kernel<float, -1, 2>(...) -> dw_fwd_kernel<float, K=staged, S=2>"""
     out = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip()
     name = out or mangled
-    m = re.match(r"(?:void )?(?:effkernels::cuda::(?:\(anonymous namespace\)::)?)?([\w]+)<([^>]*)>",
-                 name)
+    m = re.match(r"(?:void )?(?:effkernels::cuda::(?:(?:\(anonymous namespace\)|\w+)::)*)?"
+                 r"([\w]+)<([^>]*)>", name)
     if not m:
         return name.split("(")[0][:70]
     args = [a.strip() for a in m.group(2).split(",")]

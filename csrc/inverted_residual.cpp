@@ -1,7 +1,9 @@
 // The inverted-residual block as a composition of the effkernels ops (CompositeImplicitAutograd:
 // autograd and shape propagation come from the ops it calls, on any device that has them).
-// The fused single-kernel blocks (expanded tensor never in memory) replace it per backend in
-// later work; the schema stays.
+// It serves training and every call that needs gradients; eval-mode calls without gradients go
+// to the fused single-kernel blocks (expanded tensor never in memory), the op
+// inverted_residual_inference (csrc/cpu/inverted_residual.cpp, csrc/cuda/inverted_residual.cu),
+// as effkernels.ops.inverted_residual routes them.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/conv2d.h>

@@ -1,5 +1,7 @@
 #include "effkernels/op_checks.h"
 
+#include <string>
+
 #include <c10/util/Exception.h>
 
 #include "effkernels/checks.h"
@@ -152,6 +154,167 @@ std::pair<DwGeometry, Act> check_dwconv_backward(
              "grad_out must have shape (", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "); got ",
              grad_out.sizes());
   return {g, parse_act(op, act)};
+}
+
+namespace {
+
+PwProblem check_pwconv_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& residual, c10::string_view act,
+                              bool training, double eps) {
+  check_float_input(op, "x", x, 4);
+  check_float_input(op, "weight", weight, 4);
+  check_same(op, "weight", weight, x);
+  PwProblem pb{};
+  pb.N = x.size(0);
+  pb.Cin = x.size(1);
+  pb.H = x.size(2);
+  pb.W = x.size(3);
+  pb.Cout = weight.size(0);
+  pb.M = pb.N * pb.H * pb.W;
+  EFFK_CHECK(op, weight.size(1) == pb.Cin && weight.size(2) == 1 && weight.size(3) == 1,
+             "weight must have shape (Cout, Cin, 1, 1) with Cin == x.size(1) == ", pb.Cin,
+             "; got ", weight.sizes());
+  if (residual.has_value() && residual->defined()) {
+    check_float_input(op, "residual", *residual, 4);
+    check_same(op, "residual", *residual, x);
+    EFFK_CHECK(op, residual->sizes() == at::IntArrayRef({pb.N, pb.Cout, pb.H, pb.W}),
+               "residual must have shape (N, Cout, H, W) = (", pb.N, ", ", pb.Cout, ", ", pb.H,
+               ", ", pb.W, "); got ", residual->sizes());
+  }
+  EFFK_CHECK(op, eps >= 0.0, "eps must be >= 0; got ", eps);
+  pb.act = parse_act(op, act);
+  pb.training = training;
+  pb.eps = eps;
+  return pb;
+}
+
+void check_pw_stat(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                   int64_t channels) {
+  EFFK_CHECK(op, t.defined(), name, " must be a tensor");
+  EFFK_CHECK(op, t.dim() == 1 && t.size(0) == channels, name, " must have shape (", channels,
+             ",); got ", t.sizes());
+  EFFK_CHECK(op, t.device() == x.device(), name, " must be on ", x.device(), " like x; got ",
+             t.device());
+  EFFK_CHECK(op, t.is_floating_point(), name, " must be floating point; got ", t.scalar_type());
+}
+
+}  // namespace
+
+PwProblem check_pwconv_forward(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                               const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var,
+                               const std::optional<at::Tensor>& residual, c10::string_view act,
+                               bool training, double eps) {
+  const PwProblem pb = check_pwconv_common(op, x, weight, residual, act, training, eps);
+  check_bn_args(op, x, pb.Cout, bn_weight, bn_bias, running_mean, running_var, training);
+  check_training_count(op, pb.M, training);
+  return pb;
+}
+
+PwProblem check_pwconv_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                const at::Tensor& weight, const at::Tensor& bn_weight,
+                                const at::Tensor& bn_bias, const at::Tensor& mean,
+                                const at::Tensor& var, const std::optional<at::Tensor>& residual,
+                                c10::string_view act, bool training, double eps) {
+  const PwProblem pb = check_pwconv_common(op, x, weight, residual, act, training, eps);
+  check_float_input(op, "grad_out", grad_out, 4);
+  check_same(op, "grad_out", grad_out, x);
+  EFFK_CHECK(op, grad_out.sizes() == at::IntArrayRef({pb.N, pb.Cout, pb.H, pb.W}),
+             "grad_out must have shape (N, Cout, H, W) = (", pb.N, ", ", pb.Cout, ", ", pb.H,
+             ", ", pb.W, "); got ", grad_out.sizes());
+  check_bn_args(op, x, pb.Cout, bn_weight, bn_bias, std::nullopt, std::nullopt,
+                /*training=*/true);
+  check_pw_stat(op, "mean", mean, x, pb.Cout);
+  check_pw_stat(op, "var", var, x, pb.Cout);
+  return pb;
+}
+
+// ---- inverted_residual_inference --------------------------------------------------------------
+
+namespace {
+
+void check_ir_stage(const char* op, const char* name, at::TensorList stage, bool may_be_empty) {
+  EFFK_CHECK(op, stage.size() == 5 || (may_be_empty && stage.empty()), name,
+             " must be [weight, bn_weight, bn_bias, running_mean, running_var]",
+             may_be_empty ? " or empty" : "", "; got ", stage.size(), " tensors");
+}
+
+void check_ir_weight(const char* op, const std::string& what, const at::Tensor& w,
+                     const at::Tensor& x, at::IntArrayRef shape) {
+  check_float_input(op, what.c_str(), w, static_cast<int64_t>(shape.size()));
+  check_same(op, what.c_str(), w, x);
+  EFFK_CHECK(op, w.sizes() == shape, what, " must have shape ", shape, "; got ", w.sizes());
+}
+
+void check_ir_bn(const char* op, const char* name, at::TensorList stage, const at::Tensor& x,
+                 int64_t channels) {
+  const std::string what = std::string(op) + ": " + name;
+  check_bn_args(what.c_str(), x, channels, stage[1], stage[2], stage[3], stage[4],
+                /*training=*/false);
+}
+
+}  // namespace
+
+IrProblem check_inverted_residual_inference(const char* op, const at::Tensor& x,
+                                            at::TensorList expand, at::TensorList depthwise,
+                                            at::TensorList se, at::TensorList project,
+                                            int64_t stride, int64_t dilation,
+                                            c10::string_view act, c10::string_view se_act,
+                                            c10::string_view se_gate, bool skip, double eps) {
+  check_float_input(op, "x", x, 4);
+  check_ir_stage(op, "expand", expand, true);
+  check_ir_stage(op, "depthwise", depthwise, false);
+  check_ir_stage(op, "project", project, false);
+  EFFK_CHECK(op, se.empty() || se.size() == 4,
+             "se must be [] or [reduce_weight, reduce_bias, expand_weight, expand_bias]; got ",
+             se.size(), " tensors");
+  IrProblem g{};
+  g.N = x.size(0);
+  g.Cin = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.has_expand = !expand.empty();
+  g.C = g.has_expand ? expand[0].size(0) : g.Cin;
+  if (g.has_expand) {
+    check_ir_weight(op, "expand[0] (weight)", expand[0], x, {g.C, g.Cin, 1, 1});
+    check_ir_bn(op, "expand", expand, x, g.C);
+  }
+  check_float_input(op, "depthwise[0] (weight)", depthwise[0], 4);
+  const int64_t k = depthwise[0].size(2);
+  const std::string dw_op = std::string(op) + ": depthwise";
+  const DwGeometry dg = check_dwconv_args(dw_op.c_str(), x, depthwise[0], g.C, stride,
+                                          dilation * (k - 1) / 2, dilation);
+  check_ir_bn(op, "depthwise", depthwise, x, g.C);
+  g.Cout = project[0].size(0);
+  check_ir_weight(op, "project[0] (weight)", project[0], x, {g.Cout, g.C, 1, 1});
+  check_ir_bn(op, "project", project, x, g.Cout);
+  g.has_se = !se.empty();
+  if (g.has_se) {
+    const int64_t cr = se[0].size(0);
+    check_ir_weight(op, "se[0] (reduce_weight)", se[0], x, {cr, g.C, 1, 1});
+    check_ir_weight(op, "se[1] (reduce_bias)", se[1], x, {cr});
+    check_ir_weight(op, "se[2] (expand_weight)", se[2], x, {g.C, cr, 1, 1});
+    check_ir_weight(op, "se[3] (expand_bias)", se[3], x, {g.C});
+  }
+  g.K = k;
+  g.stride = stride;
+  g.dil = dilation;
+  g.pad = dg.pad;
+  g.Ho = dg.Ho;
+  g.Wo = dg.Wo;
+  g.skip = skip;
+  if (skip) {
+    EFFK_CHECK(op, stride == 1 && g.Cout == g.Cin && g.Ho == g.H && g.Wo == g.W,
+               "skip needs stride 1, Cout == Cin and an output as large as x; got stride ",
+               stride, ", Cin ", g.Cin, ", Cout ", g.Cout, ", output ", g.Ho, "x", g.Wo,
+               " from ", g.H, "x", g.W);
+  }
+  EFFK_CHECK(op, eps >= 0.0, "eps must be >= 0; got ", eps);
+  g.act = parse_act(op, act);
+  g.se_act = parse_act(op, se_act);
+  g.se_gate = parse_act(op, se_gate);
+  return g;
 }
 
 }  // namespace effkernels

@@ -5,8 +5,11 @@ Names: "auto", "cpu" (C++ CPU kernels), "cuda" (C++ CUDA kernels), "triton", "re
 below), else triton, else reference. A backend named explicitly that cannot serve the tensor
 raises; it never falls back silently.
 
-The C++ CUDA kernels (csrc/cuda) exist for some ops only (dwconv_bn_act, mixconv_bn_act so far;
-see `cuda_ops()`), and the availability of the "cuda" backend is judged per op: an explicit
+The C++ CUDA kernels (csrc/cuda) exist for some ops only (dwconv_bn_act, mixconv_bn_act,
+pwconv_bn_act, and so inverted_residual, which composes them for training and has a fused
+eval-mode kernel, inverted_residual_inference; `cuda_ops()` reads which from the dispatcher: an
+op is listed when its forward and backward both have a CUDA kernel registered),
+and the availability of the "cuda" backend is judged per op: an explicit
 "cuda" refuses an op without CUDA kernels, with that reason, and "auto" passes such ops on to
 triton. Those kernels are compiled and ptxas-checked on GPU-less build machines, and their
 per-element math is shared with the CPU kernels (csrc/include/effkernels), but until a GPU run
@@ -49,6 +52,19 @@ def cuda_ops() -> tuple:
         return ()
     ops = tuple(op for op in _OPS if _has_op_kernels(op, "CUDA"))
     return ops + (("inverted_residual",) if len(ops) == len(_OPS) else ())
+
+
+@torch.compiler.assume_constant_result  # a property of the build, constant in a graph
+def fused_inference(device_type: str) -> bool:
+    """Whether effkernels::inverted_residual_inference (the fused eval-mode block, BatchNorm
+    folded: csrc/cpu/inverted_residual.cpp, csrc/cuda/inverted_residual.cu) has a kernel for
+    `device_type` tensors in this build."""
+    if not _extension.loaded() or not hasattr(torch.ops.effkernels,
+                                              "inverted_residual_inference"):
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "effkernels::inverted_residual_inference", key)
 
 
 @torch.compiler.assume_constant_result  # no environment read inside a compiled graph

@@ -315,12 +315,15 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
                                            dilation=dilation, act=act, se_act=se_act,
                                            se_gate=se_gate, skip=skip, training=training,
                                            momentum=momentum, eps=eps)
-    if impl == "cpu" and not training and not _needs_grad(x, expand, depthwise, se, project):
-        # Inference: the fused CPU block (csrc/cpu/inverted_residual.cpp), BatchNorm folded
-        # from the running statistics, the expanded activations never in memory.
+    if (impl in ("cpu", "cuda") and not training
+            and not _needs_grad(x, expand, depthwise, se, project)
+            and _backend.fused_inference(x.device.type)):
+        # Inference: the fused block (csrc/cpu/inverted_residual.cpp, csrc/cuda/
+        # inverted_residual.cu), BatchNorm folded from the running statistics, the expanded
+        # activations never in memory; every dtype, with or without SE.
         return _cpp().inverted_residual_inference(x, expand, depthwise, se, project, stride,
                                                   dilation, act, se_act, se_gate, skip, eps)
-    # The C++ block (composed from the CPU kernels) or the fused Triton block
+    # The C++ block (composed from the CPU or CUDA kernels) or the fused Triton block
     # (triton_kernels/inverted_residual.py: the expanded tensor is never written); both return
     # the batch statistics of each stage.
     out, stats = _call(impl, op, x, expand, depthwise, se, project, stride, dilation, act,

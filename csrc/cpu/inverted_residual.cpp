@@ -289,16 +289,12 @@ struct ProjectEpi {
 
 // ---- the block -------------------------------------------------------------------------------
 
-struct Geometry {
-  int64_t N, Cin, H, W;
-  int64_t C, Cp, Cout;           // hidden channels, padded hidden channels, output channels
-  int64_t K, stride, dil, pad;   // depthwise
-  int64_t Ho, Wo;
-  int64_t Wp;                    // padded ring row width (pixels)
-  int64_t G;                     // output rows per step
-  int64_t ring_rows;             // (G-1)*stride + dil*(K-1) + 1
-  bool has_expand, has_se, skip;
-  Act act, se_act, se_gate;
+// The checked problem (op_checks.h) plus this kernel's ring / step sizes.
+struct Geometry : IrProblem {
+  int64_t Cp;         // hidden channels padded to whole vectors
+  int64_t Wp;         // padded ring row width (pixels)
+  int64_t G;          // output rows per step
+  int64_t ring_rows;  // (G-1)*stride + dil*(K-1) + 1
 };
 
 // Everything the tasks read; built once per call.
@@ -606,87 +602,6 @@ void forward(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
   run_block<T, A>(p, se);
 }
 
-// ---- argument checks -------------------------------------------------------------------------
-
-void check_stage(const char* name, at::TensorList stage, bool may_be_empty) {
-  EFFK_CHECK(kOp, stage.size() == 5 || (may_be_empty && stage.empty()), name,
-             " must be [weight, bn_weight, bn_bias, running_mean, running_var]",
-             may_be_empty ? " or empty" : "", "; got ", stage.size(), " tensors");
-}
-
-void check_weight(const std::string& what, const at::Tensor& w, const at::Tensor& x,
-                  at::IntArrayRef shape) {
-  check_float_input(kOp, what.c_str(), w, static_cast<int64_t>(shape.size()));
-  check_same(kOp, what.c_str(), w, x);
-  EFFK_CHECK(kOp, w.sizes() == shape, what, " must have shape ", shape, "; got ", w.sizes());
-}
-
-void check_bn_stage(const char* name, at::TensorList stage, const at::Tensor& x,
-                    int64_t channels) {
-  const std::string op = std::string(kOp) + ": " + name;
-  check_bn_args(op.c_str(), x, channels, stage[1], stage[2], stage[3], stage[4],
-                /*training=*/false);
-}
-
-Geometry check_args(const at::Tensor& x, at::TensorList expand, at::TensorList depthwise,
-                    at::TensorList se, at::TensorList project, int64_t stride,
-                    int64_t dilation, c10::string_view act, c10::string_view se_act,
-                    c10::string_view se_gate, bool skip, double eps) {
-  check_float_input(kOp, "x", x, 4);
-  check_stage("expand", expand, true);
-  check_stage("depthwise", depthwise, false);
-  check_stage("project", project, false);
-  EFFK_CHECK(kOp, se.empty() || se.size() == 4,
-             "se must be [] or [reduce_weight, reduce_bias, expand_weight, expand_bias]; got ",
-             se.size(), " tensors");
-  Geometry g{};
-  g.N = x.size(0);
-  g.Cin = x.size(1);
-  g.H = x.size(2);
-  g.W = x.size(3);
-  g.has_expand = !expand.empty();
-  g.C = g.has_expand ? expand[0].size(0) : g.Cin;
-  if (g.has_expand) {
-    check_weight("expand[0] (weight)", expand[0], x, {g.C, g.Cin, 1, 1});
-    check_bn_stage("expand", expand, x, g.C);
-  }
-  check_float_input(kOp, "depthwise[0] (weight)", depthwise[0], 4);
-  const int64_t k = depthwise[0].size(2);
-  const std::string dw_op = std::string(kOp) + ": depthwise";
-  const DwGeometry dg = check_dwconv_args(dw_op.c_str(), x, depthwise[0], g.C, stride,
-                                          dilation * (k - 1) / 2, dilation);
-  check_bn_stage("depthwise", depthwise, x, g.C);
-  g.Cout = project[0].size(0);
-  check_weight("project[0] (weight)", project[0], x, {g.Cout, g.C, 1, 1});
-  check_bn_stage("project", project, x, g.Cout);
-  g.has_se = !se.empty();
-  if (g.has_se) {
-    const int64_t cr = se[0].size(0);
-    check_weight("se[0] (reduce_weight)", se[0], x, {cr, g.C, 1, 1});
-    check_weight("se[1] (reduce_bias)", se[1], x, {cr});
-    check_weight("se[2] (expand_weight)", se[2], x, {g.C, cr, 1, 1});
-    check_weight("se[3] (expand_bias)", se[3], x, {g.C});
-  }
-  g.K = k;
-  g.stride = stride;
-  g.dil = dilation;
-  g.pad = dg.pad;
-  g.Ho = dg.Ho;
-  g.Wo = dg.Wo;
-  g.skip = skip;
-  if (skip) {
-    EFFK_CHECK(kOp, stride == 1 && g.Cout == g.Cin && g.Ho == g.H && g.Wo == g.W,
-               "skip needs stride 1, Cout == Cin and an output as large as x; got stride ",
-               stride, ", Cin ", g.Cin, ", Cout ", g.Cout, ", output ", g.Ho, "x", g.Wo,
-               " from ", g.H, "x", g.W);
-  }
-  EFFK_CHECK(kOp, eps >= 0.0, "eps must be >= 0; got ", eps);
-  g.act = parse_act(kOp, act);
-  g.se_act = parse_act(kOp, se_act);
-  g.se_gate = parse_act(kOp, se_gate);
-  return g;
-}
-
 }  // namespace
 
 at::Tensor inverted_residual_inference(const at::Tensor& x, at::TensorList expand,
@@ -694,8 +609,9 @@ at::Tensor inverted_residual_inference(const at::Tensor& x, at::TensorList expan
                                        at::TensorList project, int64_t stride, int64_t dilation,
                                        c10::string_view act, c10::string_view se_act,
                                        c10::string_view se_gate, bool skip, double eps) {
-  Geometry g = check_args(x, expand, depthwise, se, project, stride, dilation, act, se_act,
-                          se_gate, skip, eps);
+  Geometry g{};
+  static_cast<IrProblem&>(g) = check_inverted_residual_inference(
+      kOp, x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate, skip, eps);
   at::Tensor out = empty_nhwc({g.N, g.Cout, g.Ho, g.Wo}, x.options());
   if (out.numel() == 0) return in_format(out, output_format(x));
   const int64_t lanes = x.scalar_type() == at::kDouble ? 8 : 16;

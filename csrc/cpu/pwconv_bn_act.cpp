@@ -60,45 +60,26 @@ namespace {
 constexpr const char* kOp = "pwconv_bn_act";
 constexpr const char* kBwdOp = "pwconv_bn_act_backward";
 
-// Rows of a channels-innermost 4-D tensor: pixel p = (n, h, w) starts at
-// base + n*sN + h*sH + w*sW. `flat` when that is simply base + p*step (contiguous NHWC, and
-// channel slices of it), which avoids the divisions.
+// Rows of a channels-innermost 4-D tensor (or a dense matrix) at `base` (PixelRows: the
+// offsets, shared with the CUDA GEMM).
 template <class S>
 struct Rows {
   S* base = nullptr;
-  int64_t HW = 1, W = 1, sN = 0, sH = 0, sW = 0, step = 0;
-  bool flat = true;
+  PixelRows at;
 
-  S* row(int64_t p) const {
-    if (flat) return base + p * step;
-    const int64_t n = p / HW, q = p - n * HW, h = q / W, w = q - h * W;
-    return base + n * sN + h * sH + w * sW;
-  }
+  S* row(int64_t p) const { return base + at.off(p); }
 };
 
 template <class S>
 Rows<S> rows_of(const at::Tensor& t) {
-  Rows<S> r;
-  r.base = static_cast<S*>(t.data_ptr());
-  const int64_t N = t.size(0), H = t.size(2), W = t.size(3);
-  r.HW = H * W;
-  r.W = W;
-  r.sN = t.stride(0);
-  r.sH = t.stride(2);
-  r.sW = t.stride(3);
-  r.step = W > 1 ? r.sW : H > 1 ? r.sH : r.sN;
-  r.flat = (W == 1 || r.sW == r.step) && (H == 1 || r.sH == r.step * W) &&
-           (N == 1 || r.sN == r.step * H * W);
-  return r;
+  return {static_cast<S*>(t.data_ptr()),
+          pixel_rows(t.size(0), t.size(2), t.size(3), t.stride(0), t.stride(2), t.stride(3))};
 }
 
 // A dense [rows][ld] matrix viewed as Rows.
 template <class S>
 Rows<S> dense_rows(S* base, int64_t ld) {
-  Rows<S> r;
-  r.base = base;
-  r.step = ld;
-  return r;
+  return {base, effkernels::dense_rows(ld)};
 }
 
 // Panels j in [j0, j1) of B[K][ncols], whose rows are source rows (row(k) -> B[k][0], columns
@@ -226,6 +207,50 @@ Plan<A> plan_tiles(Isa isa, int64_t M, int64_t K, int64_t ncols, bool chunk_tile
   return best;
 }
 
+// Grouped (block-diagonal) weights: the input channels [lo, hi) outside of which a panel's
+// weights are all exactly zero (MixNet's split pointwise convs, effkernels.nn's block-diagonal
+// weight: half of such a GEMM's FMAs are with zeros). Per panel; empty when no panel has any.
+struct PanelK {
+  std::vector<int64_t> lo, hi;
+  bool empty() const { return lo.empty(); }
+};
+
+template <class T>
+PanelK panel_k_ranges(const at::Tensor& weight, int64_t NR) {
+  const int64_t Cout = weight.size(0), Cin = weight.size(1);
+  const auto w = weight.accessor<T, 4>();
+  const int64_t npanels = ceil_div(Cout, NR);
+  PanelK r{std::vector<int64_t>(npanels, Cin), std::vector<int64_t>(npanels, 0)};
+  bool narrower = false;
+  for (int64_t j = 0; j < npanels; ++j) {
+    for (int64_t c = j * NR; c < std::min(Cout, (j + 1) * NR); ++c) {
+      int64_t lo = 0, hi = Cin;  // stops at the first nonzero (NaN included) from either end
+      while (lo < Cin && static_cast<float>(w[c][lo][0][0]) == 0.0f) ++lo;
+      while (hi > lo && static_cast<float>(w[c][hi - 1][0][0]) == 0.0f) --hi;
+      if (lo < hi) {
+        r.lo[j] = std::min(r.lo[j], lo);
+        r.hi[j] = std::max(r.hi[j], hi);
+      }
+    }
+    if (r.lo[j] >= r.hi[j]) r.lo[j] = r.hi[j] = 0;
+    narrower = narrower || r.hi[j] - r.lo[j] < Cin;
+  }
+  return narrower ? r : PanelK{};
+}
+
+// Whether `rows` rows of K values (row stride lda) are all finite: skipping a zero weight is
+// exact only for a finite x (NaN * 0 = NaN), so a tile holding a NaN/Inf takes the full K.
+template <class A>
+bool all_finite(const A* a, int64_t lda, int64_t rows, int64_t K) {
+  A acc = A(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* row = a + r * lda;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < K; ++k) acc += row[k] - row[k];  // NaN for an Inf or a NaN
+  }
+  return acc == A(0);
+}
+
 // Runs C = rows(src) @ B and hands every tile_rows x NR block to
 // consume(tile, row0, rows, panel, block) while it is still in L1/L2; prepare(row0, rows,
 // col0, ncols) runs before the block's GEMM (to prefetch what the epilogue will touch).
@@ -234,9 +259,12 @@ Plan<A> plan_tiles(Isa isa, int64_t M, int64_t K, int64_t ncols, bool chunk_tile
 // overall rather than packed to memory and read back. Dense rows of the accumulation type
 // (fp32/fp64 NHWC) are read in place; other tiles (fp16/bf16, strided rows, a last tile whose
 // final block would read past the end) are first copied, converted and zero-padded.
+// kr (when not empty): each panel's nonzero input channels (panel_k_ranges), the only ones
+// its GEMM reads for a tile whose x values are all finite: the same bits as the full K.
 template <class S, class A, class Pack, class Prepare, class Consume>
 void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
-                const GemmPlan<A>& gemm, const Prepare& prepare, const Consume& consume) {
+                const GemmPlan<A>& gemm, const Prepare& prepare, const Consume& consume,
+                const PanelK& kr = {}) {
   // Padded copy stride: K*sizeof(A) a multiple of 4 KiB would put all rows in one cache set.
   const int64_t ldp = p.K % 64 == 0 ? p.K + 16 : p.K;
   at::parallel_for(0, p.items, 1, [&](int64_t begin, int64_t end) {
@@ -259,9 +287,9 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
       const A* a = nullptr;
       int64_t lda = 0;
       if constexpr (std::is_same_v<S, A>) {
-        if (src.flat && row0 + rows_pad <= p.M) {
+        if (src.at.flat && row0 + rows_pad <= p.M) {
           a = src.row(row0);
-          lda = src.step;
+          lda = src.at.step;
         }
       }
       if (a == nullptr) {
@@ -281,9 +309,12 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
         a = copy;
         lda = ldp;
       }
+      const bool skip = !kr.empty() && all_finite(a, lda, rows, p.K);
       for (int64_t j = j0; j < j1; ++j) {
         prepare(row0, rows, j * p.NR, std::min<int64_t>(p.NR, p.ncols - j * p.NR));
-        gemm.fn({p.K, a, lda, rows, panels + (j - j0) * p.K * p.NR, block, p.NR});
+        const int64_t k0 = skip ? kr.lo[j] : 0, k1 = skip ? kr.hi[j] : p.K;
+        gemm.fn({k1 - k0, a + k0, lda, rows, panels + (j - j0) * p.K * p.NR + k0 * p.NR, block,
+                 p.NR});
         consume(t, row0, rows, j, block);
       }
     }
@@ -415,12 +446,7 @@ BwdEpilogueFn<T> select_bwd_epilogue(Isa isa, Act act, bool res) {
 
 // ---- forward ---------------------------------------------------------------------------------
 
-struct Problem {
-  int64_t N, Cin, H, W, Cout, M;
-  Act act;
-  bool training;
-  double eps;
-};
+using Problem = PwProblem;  // op_checks.h
 
 template <class A>
 at::Tensor stat_tensor(const std::vector<A>& v) {
@@ -445,7 +471,8 @@ void batch_stats(const Problem& pb, const Rows<const T>& xr, const at::Tensor& w
       tp, xr, wp, gemm, [](int64_t, int64_t, int64_t, int64_t) {},
       [&](int64_t t, int64_t, int64_t rows, int64_t j, const A* block) {
         stats[j].add_chunk(t, block, rows, gemm.NR);
-      });
+      },
+      panel_k_ranges<T>(weight, gemm.NR));
   for (int64_t j = 0; j < tp.npanels; ++j)
     stats[j].finalize(mean.data() + j * gemm.NR, var.data() + j * gemm.NR);
 }
@@ -513,7 +540,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
                      e.col0 = j * gemm.NR;
                      e.ncols = std::min<int64_t>(gemm.NR, pb.Cout - e.col0);
                      epilogue(e);
-                   });
+                   },
+                   panel_k_ranges<T>(weight, gemm.NR));
   return {in_format(out, output_format(x)), mean_t, var_t};
 }
 
@@ -642,7 +670,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                      e.sum_g = sum_g + t * pb.Cout;
                      e.sum_gx = sum_gx + t * pb.Cout;
                      epilogue(e);
-                   });
+                   },
+                   panel_k_ranges<T>(weight, gemm.NR));
 
   // dbeta = sum g, dgamma = sum g * xhat (tile partials in tile order), then the coefficients
   // of dy = a * g + b * xhat + c.
@@ -707,48 +736,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   return finish();
 }
 
-// ---- argument checks -------------------------------------------------------------------------
-
-Problem check_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                     const std::optional<at::Tensor>& residual, c10::string_view act,
-                     bool training, double eps) {
-  check_float_input(op, "x", x, 4);
-  check_float_input(op, "weight", weight, 4);
-  check_same(op, "weight", weight, x);
-  Problem pb{};
-  pb.N = x.size(0);
-  pb.Cin = x.size(1);
-  pb.H = x.size(2);
-  pb.W = x.size(3);
-  pb.Cout = weight.size(0);
-  pb.M = pb.N * pb.H * pb.W;
-  EFFK_CHECK(op, weight.size(1) == pb.Cin && weight.size(2) == 1 && weight.size(3) == 1,
-             "weight must have shape (Cout, Cin, 1, 1) with Cin == x.size(1) == ", pb.Cin,
-             "; got ", weight.sizes());
-  if (residual.has_value() && residual->defined()) {
-    check_float_input(op, "residual", *residual, 4);
-    check_same(op, "residual", *residual, x);
-    EFFK_CHECK(op, residual->sizes() == at::IntArrayRef({pb.N, pb.Cout, pb.H, pb.W}),
-               "residual must have shape (N, Cout, H, W) = (", pb.N, ", ", pb.Cout, ", ", pb.H,
-               ", ", pb.W, "); got ", residual->sizes());
-  }
-  EFFK_CHECK(op, eps >= 0.0, "eps must be >= 0; got ", eps);
-  pb.act = parse_act(op, act);
-  pb.training = training;
-  pb.eps = eps;
-  return pb;
-}
-
-void check_stat(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-                int64_t channels) {
-  EFFK_CHECK(op, t.defined(), name, " must be a tensor");
-  EFFK_CHECK(op, t.dim() == 1 && t.size(0) == channels, name, " must have shape (", channels,
-             ",); got ", t.sizes());
-  EFFK_CHECK(op, t.device() == x.device(), name, " must be on ", x.device(), " like x; got ",
-             t.device());
-  EFFK_CHECK(op, t.is_floating_point(), name, " must be floating point; got ", t.scalar_type());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
@@ -756,9 +743,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
     c10::string_view act, bool training, double eps) {
-  const Problem pb = check_common(kOp, x, weight, residual, act, training, eps);
-  check_bn_args(kOp, x, pb.Cout, bn_weight, bn_bias, running_mean, running_var, training);
-  check_training_count(kOp, pb.M, training);
+  const Problem pb = check_pwconv_forward(kOp, x, weight, bn_weight, bn_bias, running_mean,
+                                          running_var, residual, act, training, eps);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
     return forward_impl<scalar_t>(pb, x, weight, bn_weight, bn_bias, running_mean, running_var,
                                   residual);
@@ -770,16 +756,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& residual, c10::string_view act,
     bool training, double eps) {
-  const Problem pb = check_common(kBwdOp, x, weight, residual, act, training, eps);
-  check_float_input(kBwdOp, "grad_out", grad_out, 4);
-  check_same(kBwdOp, "grad_out", grad_out, x);
-  EFFK_CHECK(kBwdOp, grad_out.sizes() == at::IntArrayRef({pb.N, pb.Cout, pb.H, pb.W}),
-             "grad_out must have shape (N, Cout, H, W) = (", pb.N, ", ", pb.Cout, ", ", pb.H,
-             ", ", pb.W, "); got ", grad_out.sizes());
-  check_bn_args(kBwdOp, x, pb.Cout, bn_weight, bn_bias, std::nullopt, std::nullopt,
-                /*training=*/true);
-  check_stat(kBwdOp, "mean", mean, x, pb.Cout);
-  check_stat(kBwdOp, "var", var, x, pb.Cout);
+  const Problem pb = check_pwconv_backward(kBwdOp, grad_out, x, weight, bn_weight, bn_bias, mean,
+                                           var, residual, act, training, eps);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBwdOp, [&] {
     return backward_impl<scalar_t>(pb, grad_out, x, weight, bn_weight, bn_bias, mean, var,
                                    residual);

@@ -1,4 +1,5 @@
-// Second stages of the depthwise kernels' reductions, and the elementwise dy pass. Every
+// Second stages of the depthwise kernels' reductions (the pointwise backend, pwconv_bn_act.cu,
+// uses col_sum, stats_combine and bn_coeffs too), and the depthwise dy pass. Every
 // reduction here runs in an order fixed by the problem size (per-column thread strides, then
 // the block's threads in index order): no atomics, the same bits on every run and GPU.
 #include "dw_kernels.cuh"

@@ -37,6 +37,42 @@ EFFK_HD IndexRange transposed_range(int64_t in_lo, int64_t in_hi, int64_t k, int
   return {floor_div(in_lo + pad - (k - 1) * dil, stride), floor_div(in_hi + pad, stride)};
 }
 
+// Rows of a matrix, as the pointwise GEMMs of every backend read them: row p starts at element
+// offset off(p). `flat`: p * step (dense matrices, contiguous NHWC and channel slices of it: no
+// divisions); otherwise p is a pixel (n, h, w) of a 4-D channels-innermost tensor.
+struct PixelRows {
+  int64_t HW = 1, W = 1, sN = 0, sH = 0, sW = 0, step = 0;
+  bool flat = true;
+
+  EFFK_HD int64_t off(int64_t p) const {
+    if (flat) return p * step;
+    const int64_t n = p / HW, q = p - n * HW, h = q / W, w = q - h * W;
+    return n * sN + h * sH + w * sW;
+  }
+};
+
+// The pixel rows of an (N, C, H, W) tensor with unit channel stride and strides sN, sH, sW.
+EFFK_HD PixelRows pixel_rows(int64_t N, int64_t H, int64_t W, int64_t sN, int64_t sH,
+                             int64_t sW) {
+  PixelRows r;
+  r.HW = H * W;
+  r.W = W;
+  r.sN = sN;
+  r.sH = sH;
+  r.sW = sW;
+  r.step = W > 1 ? sW : H > 1 ? sH : sN;
+  r.flat = (W == 1 || sW == r.step) && (H == 1 || sH == r.step * W) &&
+           (N == 1 || sN == r.step * H * W);
+  return r;
+}
+
+// A dense [rows][ld] matrix.
+EFFK_HD PixelRows dense_rows(int64_t ld) {
+  PixelRows r;
+  r.step = ld;
+  return r;
+}
+
 // Eval-mode BatchNorm folded into a per-channel affine map: bn(y) = y * scale + shift.
 template <typename T>
 struct BnAffine {

@@ -59,4 +59,44 @@ std::pair<DwGeometry, Act> check_dwconv_backward(
     const at::Tensor& var, int64_t stride, int64_t padding, int64_t dilation,
     c10::string_view act, bool training);
 
+// pwconv_bn_act: the problem as the backends see it (M = N * H * W pixels).
+struct PwProblem {
+  int64_t N, Cin, H, W, Cout, M;
+  Act act;
+  bool training;
+  double eps;
+};
+
+// Every argument of pwconv_bn_act / pwconv_bn_act_backward (one sequence for every backend).
+PwProblem check_pwconv_forward(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                               const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var,
+                               const std::optional<at::Tensor>& residual, c10::string_view act,
+                               bool training, double eps);
+PwProblem check_pwconv_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                                const at::Tensor& weight, const at::Tensor& bn_weight,
+                                const at::Tensor& bn_bias, const at::Tensor& mean,
+                                const at::Tensor& var, const std::optional<at::Tensor>& residual,
+                                c10::string_view act, bool training, double eps);
+
+// inverted_residual_inference: the block as the fused backends see it (hidden C channels; pad
+// = dilation * (k - 1) / 2).
+struct IrProblem {
+  int64_t N, Cin, H, W;
+  int64_t C, Cout;             // hidden and output channels
+  int64_t K, stride, dil, pad;  // depthwise
+  int64_t Ho, Wo;
+  bool has_expand, has_se, skip;
+  Act act, se_act, se_gate;
+};
+
+// Every argument of inverted_residual_inference (one sequence for every backend).
+IrProblem check_inverted_residual_inference(const char* op, const at::Tensor& x,
+                                            at::TensorList expand, at::TensorList depthwise,
+                                            at::TensorList se, at::TensorList project,
+                                            int64_t stride, int64_t dilation,
+                                            c10::string_view act, c10::string_view se_act,
+                                            c10::string_view se_gate, bool skip, double eps);
+
 }  // namespace effkernels
