@@ -36,6 +36,15 @@ MIX_SHAPES = [
     (1, 9, 9, [(5, 3), (6, 5)], 2, 1),
     (2, 8, 10, [(3, 3), (3, 5), (3, 7), (2, 9)], 1, 2),
 ]
+# Groups of at least one vector (16 fp32 / 8 fp64 channels) whose widths are not multiples of
+# it: the CPU kernels' vector paths (the fp32 sliding-window interior for k 3-9, stride 1/2)
+# and the overlapping tail block of each group, in the forward and the backward.
+WIDE_SHAPES = [
+    ("dwconv_bn_act", (2, 40, 11, 14, 3, 1, 1, None)),
+    ("dwconv_bn_act", (1, 24, 13, 17, 5, 2, 1, None)),
+    ("mixconv_bn_act", (2, 12, 14, [(20, 3), (17, 5), (35, 7), (16, 9)], 1, 1)),
+    ("mixconv_bn_act", (2, 13, 11, [(24, 3), (19, 5), (9, 7)], 2, 1)),
+]
 ACTS = ["identity", "relu", "relu6", "hswish", "silu"]
 # (N, Cin, Cout, H, W, expand ratio, k, stride, SE, (act, se_act, se_gate))
 IR_SHAPES = [
@@ -159,6 +168,41 @@ def test_pwconv_acts(backend, act):
                                            training), backend, torch.float32)
 
 
+def _block_diagonal_case(dtype, training, layout="channels_last", groups=((20, 60), (20, 60))):
+    """A grouped 1x1 conv as effkernels.nn passes it: the block-diagonal dense weight (the CPU
+    kernel skips each panel's all-zero input channels)."""
+    cin, cout = sum(g[0] for g in groups), sum(g[1] for g in groups)
+    tensors, kwargs = pw_case((2, cin, cout, 9, 11, False), dtype, layout, "silu", training)
+    blocks = [conv_weight((co, ci, 1, 1), dtype).flatten(1) for ci, co in groups]
+    tensors["weight"] = torch.block_diag(*blocks)[:, :, None, None]
+    return tensors, kwargs
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_pwconv_block_diagonal_weight(backend, dtype, training):
+    check_op("pwconv_bn_act", *_block_diagonal_case(dtype, training), backend, dtype)
+    check_op("pwconv_bn_act", *_block_diagonal_case(dtype, training, "strided",
+                                                    ((7, 40), (13, 9), (30, 20))), backend, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pwconv_block_diagonal_weight_nan_like_dense_conv(backend):
+    """Skipping zero weights is exact for finite x only: a NaN in x reaches every output channel
+    of its pixel, as in F.conv2d with the dense weight (0 * NaN = NaN)."""
+    import effkernels
+    from effkernels import ops, reference
+    tensors, kwargs = _block_diagonal_case(torch.float32, False)
+    tensors["x"] = tensors["x"].clone()
+    tensors["x"][1, 3, 4, 5] = float("nan")
+    with effkernels.backend(backend), torch.no_grad():
+        y = ops.pwconv_bn_act(**tensors, **kwargs)
+    y_ref = reference.pwconv_bn_act(**tensors, **kwargs)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+    assert torch.isnan(y[1, :, 4, 5]).all() and torch.isnan(y).sum() == y.shape[1]
+
+
 # ---- mixconv -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -174,6 +218,18 @@ def test_mixconv_fp32(backend, shape, layout, training):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mixconv_dtypes(backend, dtype):
     check_op("mixconv_bn_act", *mix_case(MIX_SHAPES[0], dtype, "channels_last"), backend, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "channels_last"),
+                                          (torch.float32, "contiguous"),
+                                          (torch.float64, "channels_last"),
+                                          (torch.bfloat16, "strided_cl")], ids=str)
+@pytest.mark.parametrize("op,shape", WIDE_SHAPES, ids=[f"{o}-{s}" for o, s in WIDE_SHAPES])
+def test_depthwise_wide_groups(backend, op, shape, dtype, layout, training):
+    make = dw_case if op == "dwconv_bn_act" else mix_case
+    check_op(op, *make(shape, dtype, layout, training=training), backend, dtype)
 
 
 # ---- inverted residual ----------------------------------------------------------------------

@@ -6,6 +6,14 @@
 // An NCHW input therefore costs one NHWC copy of x (and of grad_out in backward) on the way in
 // and one copy of the result back to NCHW on the way out; NHWC is the fast path.
 //
+// Channel groups. The kernels work on a layer of channel groups, each with its own kernel size
+// and padding (ConvParams / GradInputParams describe one group: its channels, K, pad, and
+// pointers at its first channel; `ldo` is the layer's pixel stride). dwconv_bn_act is a layer
+// of one group; mixconv_bn_act one group per kernel size. Every pass runs all groups of an
+// image row in the same parallel task, straight into their channel slices of one NHWC buffer;
+// BN statistics and BN-backward sums are per channel over whole rows. A group's channel tail
+// (C % 16) is one more overlapping vector block (tail_block), not scalar steps.
+//
 // Passes (each an at::parallel_for over image rows; every reduction is split into chunks fixed
 // by the problem and combined in chunk order, so the bits do not depend on the thread count):
 //   forward, eval      conv with the BN scale folded into the weights -> + shift -> act -> out.
@@ -143,12 +151,17 @@ EFFK_INLINE void store(A* p, const Vec<A, L>& v) {
 constexpr int kTile = 4;         // interior step: kTile pixels x 1 channel block
 constexpr int kBorderGroup = 4;  // border step: 1 pixel x kBorderGroup channel blocks
 
+// One channel group of a layer (dwconv: the only one; mixconv: one per kernel size). Channel
+// indices c are the group's own, [0, g.C); x, shift and the output rows point at its first
+// channel, whose index in the layer is c0.
 template <typename T>
 struct ConvParams {
   using A = acc_type<T>;
-  DwGeometry g;
-  const T* x;  // x(n, c, h, w) = x[n*sn + h*sh + w*sw + c]
+  DwGeometry g;  // the group's channels g.C, kernel g.K and padding g.pad; the rest the layer's
+  int64_t c0;    // the group's first channel in the layer
+  const T* x;    // x(n, c, h, w) = x[n*sn + h*sh + w*sw + c]
   int64_t sn, sh, sw;
+  int64_t ldo;     // pixel stride of the output rows (the layer's channel count)
   const A* w;      // weights [kh][kw][c]; the BN scale is folded in for the output pass
   const A* shift;  // [c], added before the activation (zeros for the raw conv)
   Act act;         // Identity for the raw conv
@@ -203,19 +216,31 @@ EFFK_INLINE void conv_step(const ConvParams<T>& p, const T* xn, O* out, int64_t 
   EFFK_DISPATCH_ACT(p.act, [&] {
     for (int q = 0; q < P; ++q)
       for (int b = 0; b < B; ++b)
-        store_act<ACT>(Lanes{}, out + (ow + q) * g.C + c + b * L, acc[q][b], p.shift + c + b * L);
+        store_act<ACT>(Lanes{}, out + (ow + q) * p.ldo + c + b * L, acc[q][b], p.shift + c + b * L);
   });
 }
 
-// Channels [c0, C) of P pixels: groups of B vector blocks, then single blocks, then scalars.
+// The channel tail of a group of C >= L channels (C % L of them) is done as one more vector
+// block [C - L, C) that overlaps the previous one: the overlapped channels are computed again by
+// the same code with the same operands, so they get the same bits. Scalar tail steps cost as
+// much as a dozen vector blocks (MixNet's groups of 120, 90, 300 channels paid ~1.5x for them).
+// Only groups narrower than one vector take scalar steps.
+EFFK_INLINE int64_t tail_block(int64_t C, int64_t L) { return C >= L ? C - L : -1; }
+
+// Channels [0, C) of P pixels: groups of B vector blocks, then single blocks, then the tail.
 template <int P, int B, typename T, typename O>
 EFFK_INLINE void conv_pixels(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0,
-                             TapRange kh, int64_t ow, TapRange kw, int64_t c0 = 0) {
+                             TapRange kh, int64_t ow, TapRange kw) {
   constexpr int L = kLanes<acc_type<T>>;
   const int64_t C = p.g.C;
-  int64_t c = c0;
+  int64_t c = 0;
   for (; c + B * L <= C; c += B * L) conv_step<P, B, L>(p, xn, out, ih0, kh, ow, kw, c);
   for (; c + L <= C; c += L) conv_step<P, 1, L>(p, xn, out, ih0, kh, ow, kw, c);
+  if (c == C) return;
+  if (tail_block(C, L) >= 0) {
+    conv_step<P, 1, L>(p, xn, out, ih0, kh, ow, kw, tail_block(C, L));
+    return;
+  }
   for (; c < C; ++c) conv_step<P, 1, 1>(p, xn, out, ih0, kh, ow, kw, c);
 }
 
@@ -243,7 +268,8 @@ EFFK_INLINE void prefetch_next_rows(const ConvParams<T>& p, const T* xn, int64_t
 }
 
 // Interior columns [ow_lo, ow_end) (a multiple of kTile) of an output row whose K window rows
-// are all inside the image, channel blocks [0, c_end), for compile-time kernel size K and
+// are all inside the image, every channel (C >= L; the tail block overlaps), for compile-time
+// kernel size K and
 // stride S (dilation 1). The K*K weight vectors of a channel block are loaded once per row
 // (they stay in registers for K <= 5) and each input vector of a window row is loaded once and
 // used by every (pixel, tap) pair that reads it. Zen 4 loads 64 bytes a cycle, so the generic
@@ -252,12 +278,13 @@ EFFK_INLINE void prefetch_next_rows(const ConvParams<T>& p, const T* xn, int64_t
 // inlined into the big flattened conv_row, its k=5 code lost 40% to register allocation.
 template <int K, int S, typename T, typename O>
 EFFK_CPU_CLONES void conv_interior_k(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0,
-                                     int64_t ow_lo, int64_t ow_end, int64_t c_end) {
+                                     int64_t ow_lo, int64_t ow_end) {
   using A = acc_type<T>;
   constexpr int L = kLanes<A>, P = kTile;
   using Lanes = std::integral_constant<int, L>;
   const DwGeometry& g = p.g;
-  for (int64_t c = 0; c < c_end; c += L) {
+  for (int64_t cb = 0; cb < g.C; cb += L) {
+    const int64_t c = std::min(cb, g.C - L);
     Vec<A, L> w[K][K];
 #pragma GCC unroll 16
     for (int i = 0; i < K; ++i)
@@ -282,7 +309,7 @@ EFFK_CPU_CLONES void conv_interior_k(const ConvParams<T>& p, const T* xn, O* out
       }
       EFFK_DISPATCH_ACT(p.act, [&] {
         for (int q = 0; q < P; ++q)
-          store_act<ACT>(Lanes{}, out + (ow + q) * g.C + c, acc[q], p.shift + c);
+          store_act<ACT>(Lanes{}, out + (ow + q) * p.ldo + c, acc[q], p.shift + c);
       });
     }
   }
@@ -290,16 +317,17 @@ EFFK_CPU_CLONES void conv_interior_k(const ConvParams<T>& p, const T* xn, O* out
 
 template <int K, typename T, typename O>
 EFFK_INLINE void conv_interior_s(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0,
-                                 int64_t ow_lo, int64_t ow_end, int64_t c_end) {
+                                 int64_t ow_lo, int64_t ow_end) {
   if (p.g.stride == 1) {
-    conv_interior_k<K, 1>(p, xn, out, ih0, ow_lo, ow_end, c_end);
+    conv_interior_k<K, 1>(p, xn, out, ih0, ow_lo, ow_end);
   } else {
-    conv_interior_k<K, 2>(p, xn, out, ih0, ow_lo, ow_end, c_end);
+    conv_interior_k<K, 2>(p, xn, out, ih0, ow_lo, ow_end);
   }
 }
 
 // The fast interior path where it applies (fp32, k in 3/5/7/9, stride 1/2, dilation 1); returns
-// the end of the columns it did for channels [0, C - C % 16). fp16/bf16/fp64 take the generic
+// the end of the columns it did, for every channel (groups of at least 16). fp16/bf16/fp64 take
+// the generic
 // steps (3 more dtypes x 8 kernels x 3 ISAs would more than double the build time of this file).
 template <typename T, typename O>
 EFFK_INLINE int64_t conv_interior(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0,
@@ -307,13 +335,12 @@ EFFK_INLINE int64_t conv_interior(const ConvParams<T>& p, const T* xn, O* out, i
   if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) {
     const DwGeometry& g = p.g;
     const int64_t ow_end = ow_lo + (ow_hi - ow_lo) / kTile * kTile;
-    const int64_t c_end = g.C - g.C % kLanes<float>;
-    if (g.dil != 1 || c_end == 0 || ow_end == ow_lo) return ow_lo;
+    if (g.dil != 1 || g.C < kLanes<float> || ow_end == ow_lo) return ow_lo;
     switch (g.K) {
-      case 3: conv_interior_s<3>(p, xn, out, ih0, ow_lo, ow_end, c_end); return ow_end;
-      case 5: conv_interior_s<5>(p, xn, out, ih0, ow_lo, ow_end, c_end); return ow_end;
-      case 7: conv_interior_s<7>(p, xn, out, ih0, ow_lo, ow_end, c_end); return ow_end;
-      case 9: conv_interior_s<9>(p, xn, out, ih0, ow_lo, ow_end, c_end); return ow_end;
+      case 3: conv_interior_s<3>(p, xn, out, ih0, ow_lo, ow_end); return ow_end;
+      case 5: conv_interior_s<5>(p, xn, out, ih0, ow_lo, ow_end); return ow_end;
+      case 7: conv_interior_s<7>(p, xn, out, ih0, ow_lo, ow_end); return ow_end;
+      case 9: conv_interior_s<9>(p, xn, out, ih0, ow_lo, ow_end); return ow_end;
       default: return ow_lo;
     }
   }
@@ -333,12 +360,8 @@ EFFK_CPU_CLONES void conv_row(const ConvParams<T>& p, int64_t n, int64_t oh, O* 
   const int64_t ow_hi = std::max(ow_lo, last >= 0 ? std::min(g.Wo, last / g.stride + 1) : 0);
   const T* xn = p.x + n * p.sn;
   const TapRange all{0, g.K};
-  // [ow_lo, ow_fast): the fast path's columns, whose tail channels (C % 16) remain to do.
+  // [ow_lo, ow_fast): the fast path's columns.
   const int64_t ow_fast = conv_interior(p, xn, out, ih0, ow_lo, ow_hi);
-  const int64_t c_tail = g.C - g.C % kLanes<acc_type<T>>;
-  if (c_tail < g.C)
-    for (int64_t ow = ow_lo; ow < ow_fast; ow += kTile)
-      conv_pixels<kTile, 1>(p, xn, out, ih0, kh, ow, all, c_tail);
   const int64_t ow_tiles = ow_fast + (ow_hi - ow_fast) / kTile * kTile;
   for (int64_t ow = ow_fast; ow < ow_tiles; ow += kTile) {
     prefetch_next_rows(p, xn, ih0, ow * g.stride - g.pad, kTile * g.stride, 0, g.C);
@@ -427,11 +450,12 @@ EFFK_CPU_CLONES void bn_grad_row(const BnGradParams<T>& p, acc_type<T>* y, const
 template <typename T>
 struct GradInputParams {
   using A = acc_type<T>;
-  DwGeometry g;
-  const T* x;  // as in ConvParams
+  DwGeometry g;  // as in ConvParams: one channel group
+  const T* x;
   int64_t sn, sh, sw;
+  int64_t ldo;  // pixel stride of dy and grad_x (the layer's channel count)
   const A* w;   // raw weights [kh][kw][c]
-  const A* dy;  // NHWC (N, Ho, Wo, C)
+  const A* dy;  // NHWC (N, Ho, Wo, ldo), at the group's first channel
 };
 
 // For one (kh, kw) tap and L channels: gx[iw] += dy[ow] * w and dw += sum x[iw] * dy[ow] over
@@ -441,7 +465,7 @@ template <int L, typename T, typename A>
 EFFK_INLINE void grad_input_tap(const GradInputParams<T>& p, const T* x, const A* dy, A* gx,
                                 const A* w, A* dw, int64_t iw0, TapRange ow) {
   using V = Vec<A, L>;
-  const int64_t C = p.g.C, s = p.g.stride;
+  const int64_t C = p.ldo, s = p.g.stride;
   const V wv = load<A, L>(w);
   V acc[2] = {};  // two chains: the dweight sum is a loop-carried dependency
   int64_t o = ow.lo;
@@ -464,67 +488,134 @@ EFFK_INLINE void grad_input_tap(const GradInputParams<T>& p, const T* x, const A
 }
 
 // Channels [c, c + L) of input row (n, ih): the block's rows of x, dy and gx stay in L1 while
-// all K*K taps run over them.
+// all K*K taps run over them. dw: the block's dweight partials, tap t at dw + t * ldw.
 template <int L, typename T, typename A>
 EFFK_INLINE void grad_input_block(const GradInputParams<T>& p, int64_t n, int64_t ih, int64_t c,
-                                  A* gx, A* dw, T* grad_x) {
+                                  A* gx, A* dw, int64_t ldw, T* grad_x) {
   const DwGeometry& g = p.g;
   std::fill(gx, gx + g.W * L, A(0));
   const T* xr = p.x + n * p.sn + ih * p.sh + c;
   for (int64_t kh = 0; kh < g.K; ++kh) {
     const int64_t t = ih + g.pad - kh * g.dil;  // = oh * stride
     if (t < 0 || t % g.stride != 0 || t / g.stride >= g.Ho) continue;
-    const A* dyr = p.dy + (n * g.Ho + t / g.stride) * g.Wo * g.C + c;
+    const A* dyr = p.dy + (n * g.Ho + t / g.stride) * g.Wo * p.ldo + c;
     for (int64_t kw = 0; kw < g.K; ++kw) {
       const int64_t iw0 = kw * g.dil - g.pad;  // input column of output column 0
       const TapRange ow = tap_range(iw0, g.W, g.Wo, g.stride);
-      const int64_t tap = (kh * g.K + kw) * g.C + c;
-      grad_input_tap<L>(p, xr, dyr, gx, p.w + tap, dw + tap, iw0, ow);
+      const int64_t tap = kh * g.K + kw;
+      grad_input_tap<L>(p, xr, dyr, gx, p.w + tap * g.C + c, dw + tap * ldw, iw0, ow);
     }
   }
   for (int64_t iw = 0; iw < g.W; ++iw)
 #pragma omp simd
-    for (int i = 0; i < L; ++i) grad_x[iw * g.C + c + i] = static_cast<T>(gx[iw * L + i]);
+    for (int i = 0; i < L; ++i) grad_x[iw * p.ldo + c + i] = static_cast<T>(gx[iw * L + i]);
 }
 
-// Input row (n, ih): grad_x (gather over the output rows that read it, scatter over columns into
-// a private row buffer gx[W][L]) and dweight partials dw[kh][kw][c] += x * dy.
+// Input row (n, ih) of one channel group: grad_x (gather over the output rows that read it,
+// scatter over columns into a private row buffer gx[W][L]) and dweight partials
+// dw[kh][kw][c] += x * dy. The channel tail is an overlapping vector block (tail_block), whose
+// dweight sums go to a scratch `tail` [K*K][L] of which only the new channels are added.
 template <typename T>
 EFFK_CPU_CLONES void grad_input_row(const GradInputParams<T>& p, int64_t n, int64_t ih,
-                                    acc_type<T>* gx, acc_type<T>* dw, T* grad_x) {
-  constexpr int L = kLanes<acc_type<T>>;
+                                    acc_type<T>* gx, acc_type<T>* dw, acc_type<T>* tail,
+                                    T* grad_x) {
+  using A = acc_type<T>;
+  constexpr int L = kLanes<A>;
+  const int64_t C = p.g.C, taps = p.g.K * p.g.K;
   int64_t c = 0;
-  for (; c + L <= p.g.C; c += L) grad_input_block<L>(p, n, ih, c, gx, dw, grad_x);
-  for (; c < p.g.C; ++c) grad_input_block<1>(p, n, ih, c, gx, dw, grad_x);
+  for (; c + L <= C; c += L) grad_input_block<L>(p, n, ih, c, gx, dw + c, C, grad_x);
+  if (c == C) return;
+  const int64_t cb = tail_block(C, L);
+  if (cb < 0) {
+    for (; c < C; ++c) grad_input_block<1>(p, n, ih, c, gx, dw + c, C, grad_x);
+    return;
+  }
+  std::fill(tail, tail + taps * L, A(0));
+  grad_input_block<L>(p, n, ih, cb, gx, tail, L, grad_x);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t i = c - cb; i < L; ++i) dw[t * C + cb + i] += tail[t * L + i];
 }
 
 // ---- host side -------------------------------------------------------------------------------
 
-// weight (C, 1, K, K), any strides -> [kh][kw][c] in A, times scale[c] when given.
+// A channel group of the layer: channels [c0, c0 + C) with a K x K kernel padded `pad`; its
+// packed weights (and its dweight partials) are [K][K][C] at offset `woff` of the layer's.
+struct Group {
+  int64_t c0, C, K, pad, woff;
+};
+
+// The groups of weights[i] (C_i, 1, k_i, k_i) with pads[i], in channel order.
+std::vector<Group> layer_groups(at::TensorList weights, at::IntArrayRef pads) {
+  std::vector<Group> gs;
+  int64_t c0 = 0, woff = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const int64_t C = weights[i].size(0), K = weights[i].size(2);
+    gs.push_back({c0, C, K, pads[i], woff});
+    c0 += C;
+    woff += K * K * C;
+  }
+  return gs;
+}
+
+// The number of taps of all groups (sum C_i k_i^2): the layer's MACs per output pixel.
+int64_t layer_taps(const std::vector<Group>& gs) {
+  return gs.empty() ? 0 : gs.back().woff + gs.back().K * gs.back().K * gs.back().C;
+}
+
+// The geometry of one group: the layer's with the group's channels, kernel and padding.
+DwGeometry group_geometry(const DwGeometry& g, const Group& gr) {
+  DwGeometry r = g;
+  r.C = gr.C;
+  r.K = gr.K;
+  r.pad = gr.pad;
+  return r;
+}
+
+// weights[i] (C_i, 1, K_i, K_i), any strides -> group i's [kh][kw][c] at its woff, in A, times
+// scale[c0 + c] when given.
 template <typename T>
-std::vector<acc_type<T>> pack_weights(const at::Tensor& weight, const acc_type<T>* scale) {
+std::vector<acc_type<T>> pack_weights(at::TensorList weights, const std::vector<Group>& gs,
+                                      const acc_type<T>* scale) {
   using A = acc_type<T>;
-  const int64_t C = weight.size(0), K = weight.size(2);
-  const auto wa = weight.accessor<T, 4>();
-  std::vector<A> w(K * K * C);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t i = 0; i < K; ++i)
-      for (int64_t j = 0; j < K; ++j)
-        w[(i * K + j) * C + c] = static_cast<A>(wa[c][0][i][j]) * (scale ? scale[c] : A(1));
+  std::vector<A> w(layer_taps(gs));
+  for (size_t gi = 0; gi < gs.size(); ++gi) {
+    const Group& gr = gs[gi];
+    const auto wa = weights[gi].accessor<T, 4>();
+    A* wg = w.data() + gr.woff;
+    for (int64_t c = 0; c < gr.C; ++c) {
+      const A s = scale ? scale[gr.c0 + c] : A(1);
+      for (int64_t i = 0; i < gr.K; ++i)
+        for (int64_t j = 0; j < gr.K; ++j)
+          wg[(i * gr.K + j) * gr.C + c] = static_cast<A>(wa[c][0][i][j]) * s;
+    }
+  }
   return w;
 }
 
-// Zeros covering an input row (ConvParams::zero_row).
+// Zeros covering an input row (ConvParams::zero_row), for any group's channel offset.
 template <typename T>
 std::vector<T> zero_row(const DwGeometry& g, const at::Tensor& xc) {
   return std::vector<T>(g.W * xc.stride(3) + g.C, T(0));
 }
 
+// One ConvParams per group; w: pack_weights' layout, shift: the layer's [C].
 template <typename T>
-ConvParams<T> conv_params(const DwGeometry& g, const at::Tensor& xc, const acc_type<T>* w,
-                          const acc_type<T>* shift, Act act, const std::vector<T>& zeros) {
-  return {g,     xc.data_ptr<T>(), xc.stride(0), xc.stride(2), xc.stride(3),
-          w,     shift,            act,          zeros.data()};
+std::vector<ConvParams<T>> conv_params(const DwGeometry& g, const std::vector<Group>& gs,
+                                       const at::Tensor& xc, const acc_type<T>* w,
+                                       const acc_type<T>* shift, Act act,
+                                       const std::vector<T>& zeros) {
+  std::vector<ConvParams<T>> ps;
+  for (const Group& gr : gs)
+    ps.push_back({group_geometry(g, gr), gr.c0, xc.data_ptr<T>() + gr.c0, xc.stride(0),
+                  xc.stride(2), xc.stride(3), g.C, w + gr.woff, shift + gr.c0, act,
+                  zeros.data()});
+  return ps;
+}
+
+// Output row (n, oh) of every group, each into its channel slice of out[Wo][C].
+template <typename T, typename O>
+void conv_layer_row(const std::vector<ConvParams<T>>& ps, int64_t n, int64_t oh, O* out) {
+  for (const ConvParams<T>& p : ps) conv_row(p, n, oh, out + p.c0);
 }
 
 // Rows per parallel task: at least ~16K outputs so that small layers do not pay for threads.
@@ -532,13 +623,19 @@ inline int64_t row_grain(int64_t row_elems) {
   return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, row_elems));
 }
 
+// Rows per parallel task of a conv pass: ~16K outputs of a 3x3 conv, fewer for bigger kernels.
+inline int64_t conv_row_grain(const DwGeometry& g, const std::vector<Group>& gs) {
+  return row_grain(g.Wo * layer_taps(gs) / 9);
+}
+
 template <typename T>
-void forward_impl(const DwGeometry& g, const at::Tensor& xc, const at::Tensor& weight,
-                  const at::Tensor& bn_weight, const at::Tensor& bn_bias, Act act,
-                  bool training, double eps, at::Tensor& mean, at::Tensor& var, at::Tensor& out) {
+void forward_impl(const DwGeometry& g, const std::vector<Group>& gs, const at::Tensor& xc,
+                  at::TensorList weights, const at::Tensor& bn_weight,
+                  const at::Tensor& bn_bias, Act act, bool training, double eps,
+                  at::Tensor& mean, at::Tensor& var, at::Tensor& out) {
   using A = acc_type<T>;
   const int64_t rows = g.N * g.Ho, row_elems = g.Wo * g.C;
-  const int64_t grain = row_grain(row_elems * g.K * g.K / 9);
+  const int64_t grain = conv_row_grain(g, gs);
   const std::vector<T> zrow = zero_row<T>(g, xc);
   at::Tensor ybuf;
   A* y = nullptr;
@@ -553,8 +650,8 @@ void forward_impl(const DwGeometry& g, const at::Tensor& xc, const at::Tensor& w
       ybuf = at::empty({rows * row_elems}, out.options().dtype(mean.scalar_type()));
       y = ybuf.data_ptr<A>();
     }
-    const std::vector<A> w = pack_weights<T>(weight, nullptr), zeros(g.C, A(0));
-    const ConvParams<T> p = conv_params<T>(g, xc, w.data(), zeros.data(), Act::Identity, zrow);
+    const std::vector<A> w = pack_weights<T>(weights, gs, nullptr), zeros(g.C, A(0));
+    const auto ps = conv_params<T>(g, gs, xc, w.data(), zeros.data(), Act::Identity, zrow);
     const int64_t per = std::clamp<int64_t>((rows + 31) / 32, 1,
                                             std::max<int64_t>(1, (int64_t(1) << 16) / row_elems));
     const int64_t chunks = (rows + per - 1) / per;
@@ -562,7 +659,7 @@ void forward_impl(const DwGeometry& g, const at::Tensor& xc, const at::Tensor& w
     at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r0 = k * per, r1 = std::min(rows, r0 + per);
-        for (int64_t r = r0; r < r1; ++r) conv_row(p, r / g.Ho, r % g.Ho, y + r * row_elems);
+        for (int64_t r = r0; r < r1; ++r) conv_layer_row(ps, r / g.Ho, r % g.Ho, y + r * row_elems);
         add_stats_chunk(stats, k, y + r0 * row_elems, (r1 - r0) * g.Wo, g.C);
       }
     });
@@ -589,24 +686,25 @@ void forward_impl(const DwGeometry& g, const at::Tensor& xc, const at::Tensor& w
     return;
   }
   // Eval: BN folded into the weights (scale) and the epilogue (shift).
-  const std::vector<A> w = pack_weights<T>(weight, scale.data());
-  const ConvParams<T> p = conv_params<T>(g, xc, w.data(), shift.data(), act, zrow);
+  const std::vector<A> w = pack_weights<T>(weights, gs, scale.data());
+  const auto ps = conv_params<T>(g, gs, xc, w.data(), shift.data(), act, zrow);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) conv_row(p, r / g.Ho, r % g.Ho, op + r * row_elems);
+    for (int64_t r = r0; r < r1; ++r) conv_layer_row(ps, r / g.Ho, r % g.Ho, op + r * row_elems);
   });
 }
 
 template <typename T>
-void backward_impl(const DwGeometry& g, const at::Tensor& goc, const at::Tensor& xc,
-                   const at::Tensor& weight, const at::Tensor& bn_weight,
+void backward_impl(const DwGeometry& g, const std::vector<Group>& gs, const at::Tensor& goc,
+                   const at::Tensor& xc, at::TensorList weights, const at::Tensor& bn_weight,
                    const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var,
                    Act act, bool training, double eps, at::Tensor& grad_x,
-                   at::Tensor& grad_weight, at::Tensor& grad_gamma, at::Tensor& grad_beta) {
+                   std::vector<at::Tensor>& grad_weights, at::Tensor& grad_gamma,
+                   at::Tensor& grad_beta) {
   using A = acc_type<T>;
   const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
-  const int64_t C = g.C, K = g.K;
+  const int64_t C = g.C;
   const int64_t rows = g.N * g.Ho, row_elems = g.Wo * C;
-  const int64_t grain = row_grain(row_elems * K * K / 9);
+  const int64_t grain = conv_row_grain(g, gs);
 
   const at::Tensor gamma = acc_vector(bn_weight, acc), beta = acc_vector(bn_bias, acc);
   const at::Tensor mean_a = acc_vector(mean, acc), var_a = acc_vector(var, acc);
@@ -624,14 +722,14 @@ void backward_impl(const DwGeometry& g, const at::Tensor& goc, const at::Tensor&
                            cb.data(),
                            cc.data()};
 
-  const std::vector<A> w = pack_weights<T>(weight, nullptr), zeros(C, A(0));
+  const std::vector<A> w = pack_weights<T>(weights, gs, nullptr), zeros(C, A(0));
   const std::vector<T> zrow = zero_row<T>(g, xc);
-  const ConvParams<T> cp = conv_params<T>(g, xc, w.data(), zeros.data(), Act::Identity, zrow);
+  const auto cps = conv_params<T>(g, gs, xc, w.data(), zeros.data(), Act::Identity, zrow);
   const T* go = goc.data_ptr<T>();
   const int64_t gsn = goc.stride(0), gsh = goc.stride(2), gsw = goc.stride(3);
   auto go_row = [&](int64_t r) { return go + (r / g.Ho) * gsn + (r % g.Ho) * gsh; };
 
-  // Pass 1: y = conv(x) into the buffer; per-chunk sums of g and g * xhat.
+  // Pass 1: y = conv(x) into the buffer (every group); per-chunk sums of g and g * xhat.
   at::Tensor ybuf = at::empty({rows * row_elems}, xc.options().dtype(acc));
   A* y = ybuf.data_ptr<A>();
   const Chunking ch1(rows, 2 * C);
@@ -641,7 +739,7 @@ void backward_impl(const DwGeometry& g, const at::Tensor& goc, const at::Tensor&
     for (int64_t k = k0; k < k1; ++k) {
       double* pk = &part1[k * 2 * C];
       for (int64_t r = ch1.begin(k); r < ch1.end(k); ++r) {
-        conv_row(cp, r / g.Ho, r % g.Ho, y + r * row_elems);
+        conv_layer_row(cps, r / g.Ho, r % g.Ho, y + r * row_elems);
         std::fill(sums.begin(), sums.end(), A(0));
         bn_grad_row<false>(bp, y + r * row_elems, go_row(r), gsw, sums.data(), sums.data() + C);
         for (int64_t c = 0; c < 2 * C; ++c) pk[c] += sums[c];
@@ -670,32 +768,85 @@ void backward_impl(const DwGeometry& g, const at::Tensor& goc, const at::Tensor&
       bn_grad_row<true>(bp, y + r * row_elems, go_row(r), gsw, nullptr, nullptr);
   });
 
-  // Pass 3: grad_x and per-chunk dweight partials, by input row.
-  const GradInputParams<T> ip{g, cp.x, cp.sn, cp.sh, cp.sw, w.data(), y};
-  const int64_t in_rows = g.N * g.H, taps = K * K * C;
+  // Pass 3: grad_x and per-chunk dweight partials (every group), by input row.
+  std::vector<GradInputParams<T>> ips;
+  int64_t kmax = 1;
+  for (const ConvParams<T>& p : cps) {
+    ips.push_back({p.g, p.x, p.sn, p.sh, p.sw, C, p.w, y + p.c0});
+    kmax = std::max(kmax, p.g.K);
+  }
+  const int64_t in_rows = g.N * g.H, taps = layer_taps(gs);
   const Chunking ch3(in_rows, taps);
   std::vector<A> part3(ch3.count * taps, A(0));
   T* gxp = grad_x.data_ptr<T>();
   at::parallel_for(0, ch3.count, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<A> gx(g.W * kLanes<A>);
+    std::vector<A> gx(g.W * kLanes<A>), tail(kmax * kmax * kLanes<A>);
     for (int64_t k = k0; k < k1; ++k)
       for (int64_t r = ch3.begin(k); r < ch3.end(k); ++r)
-        grad_input_row<T>(ip, r / g.H, r % g.H, gx.data(), &part3[k * taps],
-                          gxp + r * g.W * C);
+        for (size_t gi = 0; gi < gs.size(); ++gi)
+          grad_input_row<T>(ips[gi], r / g.H, r % g.H, gx.data(), &part3[k * taps + gs[gi].woff],
+                            tail.data(), gxp + r * g.W * C + gs[gi].c0);
   });
 
   // Combine in chunk order, in double, and cast to the parameters' dtypes.
-  at::Tensor dw = at::zeros({K, K, C}, xc.options().dtype(at::kDouble));
-  double* dwp = dw.data_ptr<double>();
+  std::vector<double> dw(taps, 0.0);
   for (int64_t k = 0; k < ch3.count; ++k)
-    for (int64_t i = 0; i < taps; ++i) dwp[i] += part3[k * taps + i];
-  grad_weight.copy_(dw.permute({2, 0, 1}).unsqueeze(1));
+    for (int64_t i = 0; i < taps; ++i) dw[i] += part3[k * taps + i];
   const auto dopt = at::TensorOptions().dtype(at::kDouble);
+  for (size_t gi = 0; gi < gs.size(); ++gi) {
+    const Group& gr = gs[gi];
+    const at::Tensor dwg = at::from_blob(dw.data() + gr.woff, {gr.K, gr.K, gr.C}, dopt);
+    grad_weights[gi].copy_(dwg.permute({2, 0, 1}).unsqueeze(1));
+  }
   grad_gamma.copy_(at::from_blob(sum_gx.data(), {C}, dopt));
   grad_beta.copy_(at::from_blob(sum_g.data(), {C}, dopt));
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_groups_forward(
+    const DwGeometry& g, const at::Tensor& x, at::TensorList weights,
+    at::IntArrayRef pads, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    Act act, bool training, double eps) {
+  auto [mean, var] = initial_stats(x, g.C, running_mean, running_var, training);
+  at::Tensor out = empty_nhwc({g.N, g.C, g.Ho, g.Wo}, x.options());
+  if (x.numel() > 0) {
+    const at::Tensor xc = channels_innermost(x);
+    const std::vector<Group> gs = layer_groups(weights, pads);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dw_forward", [&] {
+      forward_impl<scalar_t>(g, gs, xc, weights, bn_weight, bn_bias, act, training, eps, mean,
+                             var, out);
+    });
+  }
+  return {in_format(out, output_format(x)), mean, var};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> depthwise_groups_backward(
+    const DwGeometry& g, const at::Tensor& grad_out, const at::Tensor& x,
+    at::TensorList weights, at::IntArrayRef pads, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, Act act,
+    bool training, double eps) {
+  at::Tensor grad_x = empty_nhwc(x.sizes(), x.options());
+  std::vector<at::Tensor> grad_weights;
+  for (const at::Tensor& w : weights) grad_weights.push_back(at::empty_like(w));
+  at::Tensor grad_gamma = at::empty_like(bn_weight);
+  at::Tensor grad_beta = at::empty_like(bn_bias);
+  if (x.numel() == 0) {
+    for (at::Tensor& gw : grad_weights) gw.zero_();
+    grad_gamma.zero_();
+    grad_beta.zero_();
+  } else {
+    const at::Tensor xc = channels_innermost(x);
+    const at::Tensor goc = channels_innermost(grad_out);
+    const std::vector<Group> gs = layer_groups(weights, pads);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dw_backward", [&] {
+      backward_impl<scalar_t>(g, gs, goc, xc, weights, bn_weight, bn_bias, mean, var, act,
+                              training, eps, grad_x, grad_weights, grad_gamma, grad_beta);
+    });
+  }
+  return {in_format(grad_x, output_format(x)), grad_weights, grad_gamma, grad_beta};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
@@ -706,17 +857,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act(
   const auto [g, a] = check_dwconv_forward(op, x, weight, bn_weight, bn_bias, running_mean,
                                            running_var, stride, padding, dilation, act,
                                            training);
-
-  auto [mean, var] = initial_stats(x, g.C, running_mean, running_var, training);
-  at::Tensor out = empty_nhwc({g.N, g.C, g.Ho, g.Wo}, x.options());
-  if (x.numel() > 0) {
-    const at::Tensor xc = channels_innermost(x);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-      forward_impl<scalar_t>(g, xc, weight, bn_weight, bn_bias, a, training, eps, mean, var,
-                             out);
-    });
-  }
-  return {in_format(out, output_format(x)), mean, var};
+  return depthwise_groups_forward(g, x, {weight}, {padding}, bn_weight, bn_bias,
+                                  running_mean, running_var, a, training, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_backward(
@@ -727,24 +869,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_backwar
   constexpr const char* op = "dwconv_bn_act_backward";
   const auto [g, a] = check_dwconv_backward(op, grad_out, x, weight, bn_weight, bn_bias, mean,
                                             var, stride, padding, dilation, act, training);
-
-  at::Tensor grad_x = empty_nhwc(x.sizes(), x.options());
-  at::Tensor grad_weight = at::empty_like(weight);
-  at::Tensor grad_gamma = at::empty_like(bn_weight);
-  at::Tensor grad_beta = at::empty_like(bn_bias);
-  if (x.numel() == 0) {
-    grad_weight.zero_();
-    grad_gamma.zero_();
-    grad_beta.zero_();
-  } else {
-    const at::Tensor xc = channels_innermost(x);
-    const at::Tensor goc = channels_innermost(grad_out);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-      backward_impl<scalar_t>(g, goc, xc, weight, bn_weight, bn_bias, mean, var, a, training,
-                              eps, grad_x, grad_weight, grad_gamma, grad_beta);
-    });
-  }
-  return {in_format(grad_x, output_format(x)), grad_weight, grad_gamma, grad_beta};
+  auto [grad_x, grad_weights, grad_gamma, grad_beta] = depthwise_groups_backward(
+      g, grad_out, x, {weight}, {padding}, bn_weight, bn_bias, mean, var, a, training, eps);
+  return {grad_x, grad_weights[0], grad_gamma, grad_beta};
 }
 
 TORCH_LIBRARY_IMPL(effkernels, CPU, m) {

@@ -1,25 +1,37 @@
-// CPU MixNet mixed depthwise conv + BN + act. For now it composes the CPU depthwise kernel over
-// the channel groups: BatchNorm is per channel, so one BN over all C channels equals one BN per
-// group slice, in training and eval alike. The groups run on channel-slice views of one NHWC
-// copy of x (no per-group copies); the group outputs are concatenated once. A single-pass fused
-// kernel comes with the fused-CPU issue.
+// CPU MixNet mixed depthwise conv + BN + act: the depthwise kernels of dwconv_bn_act.cpp on a
+// layer of channel groups, one per kernel size (depthwise_groups_forward/backward). Every pass
+// is one parallel loop over image rows in which each group convolves its channels with its own
+// kernel size and padding straight into its channel slice of the one NHWC output (and, in
+// backward, of grad_x and its own dweight partials); the batch statistics and the BatchNorm
+// backward sums are per channel over whole rows, so all groups share those passes too.
 #include <torch/library.h>
 
-#include <ATen/ops/cat.h>
+#include <vector>
 
 #include "dwconv_bn_act.h"
-#include "cpu_common.h"
+#include "effkernels/checks.h"
 #include "effkernels/op_checks.h"
 
 namespace effkernels::cpu {
 namespace {
 
-constexpr const char* kOp = "mixconv_bn_act";
-
-std::optional<at::Tensor> narrow_opt(const std::optional<at::Tensor>& t, int64_t c0,
-                                     int64_t ci) {
-  if (!t.has_value() || !t->defined()) return std::nullopt;
-  return t->narrow(0, c0, ci);
+// The layer's geometry (K and pad are per group) and each group's padding dil * (k_i - 1) / 2.
+std::pair<DwGeometry, std::vector<int64_t>> mix_geometry(const at::Tensor& x,
+                                                         at::TensorList weights, int64_t ho,
+                                                         int64_t wo, int64_t stride,
+                                                         int64_t dilation) {
+  DwGeometry g{};
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.Ho = ho;
+  g.Wo = wo;
+  g.stride = stride;
+  g.dil = dilation;
+  std::vector<int64_t> pads;
+  for (const at::Tensor& w : weights) pads.push_back(dilation * (w.size(2) - 1) / 2);
+  return {g, pads};
 }
 
 }  // namespace
@@ -29,24 +41,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixconv_bn_act(
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, int64_t dilation,
     c10::string_view act, bool training, double eps) {
-  check_mixconv_groups(kOp, x, weights, stride, dilation);
-  check_bn_args(kOp, x, x.size(1), bn_weight, bn_bias, running_mean, running_var, training);
-  const at::Tensor xin = channels_innermost(x);
-  std::vector<at::Tensor> outs, means, vars;
-  int64_t c0 = 0;
-  for (const at::Tensor& w : weights) {
-    const int64_t ci = w.size(0);
-    const int64_t pad = dilation * (w.size(2) - 1) / 2;
-    auto [o, m, v] = dwconv_bn_act(xin.narrow(1, c0, ci), w, bn_weight.narrow(0, c0, ci),
-                                   bn_bias.narrow(0, c0, ci), narrow_opt(running_mean, c0, ci),
-                                   narrow_opt(running_var, c0, ci), stride, pad, dilation,
-                                   act, training, eps);
-    outs.push_back(o);
-    means.push_back(m);
-    vars.push_back(v);
-    c0 += ci;
-  }
-  return {in_format(at::cat(outs, 1), output_format(x)), at::cat(means), at::cat(vars)};
+  constexpr const char* op = "mixconv_bn_act";
+  const auto [ho, wo] = check_mixconv_groups(op, x, weights, stride, dilation);
+  check_bn_args(op, x, x.size(1), bn_weight, bn_bias, running_mean, running_var, training);
+  check_training_count(op, x.size(0) * ho * wo, training);
+  const Act a = parse_act(op, act);
+  const auto [g, pads] = mix_geometry(x, weights, ho, wo, stride, dilation);
+  return depthwise_groups_forward(g, x, weights, pads, bn_weight, bn_bias, running_mean,
+                                  running_var, a, training, eps);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixconv_bn_act_backward(
@@ -56,29 +58,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixconv_
     bool training, double eps) {
   constexpr const char* op = "mixconv_bn_act_backward";
   const auto [ho, wo] = check_mixconv_groups(op, x, weights, stride, dilation);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) &&
-                  grad_out.size(1) == x.size(1) && grad_out.size(2) == ho &&
-                  grad_out.size(3) == wo,
-              op, ": grad_out must have shape (", x.size(0), ", ", x.size(1), ", ", ho, ", ", wo,
-              "); got ", grad_out.sizes());
-  const at::Tensor xin = channels_innermost(x);
-  const at::Tensor gin = channels_innermost(grad_out);
-  std::vector<at::Tensor> dxs, dws, dgs, dbs;
-  int64_t c0 = 0;
-  for (const at::Tensor& w : weights) {
-    const int64_t ci = w.size(0);
-    const int64_t pad = dilation * (w.size(2) - 1) / 2;
-    auto [dx, dw, dg, db] = dwconv_bn_act_backward(
-        gin.narrow(1, c0, ci), xin.narrow(1, c0, ci), w, bn_weight.narrow(0, c0, ci),
-        bn_bias.narrow(0, c0, ci), mean.narrow(0, c0, ci), var.narrow(0, c0, ci), stride, pad,
-        dilation, act, training, eps);
-    dxs.push_back(dx);
-    dws.push_back(dw);
-    dgs.push_back(dg);
-    dbs.push_back(db);
-    c0 += ci;
-  }
-  return {in_format(at::cat(dxs, 1), output_format(x)), dws, at::cat(dgs), at::cat(dbs)};
+  const int64_t C = x.size(1);
+  check_bn_args(op, x, C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
+  check_saved_stats(op, x, C, mean, var);
+  check_training_count(op, x.size(0) * ho * wo, training);
+  check_float_input(op, "grad_out", grad_out, 4);
+  check_same(op, "grad_out", grad_out, x);
+  EFFK_CHECK(op, grad_out.sizes() == at::IntArrayRef({x.size(0), C, ho, wo}),
+             "grad_out must have shape (", x.size(0), ", ", C, ", ", ho, ", ", wo, "); got ",
+             grad_out.sizes());
+  const Act a = parse_act(op, act);
+  const auto [g, pads] = mix_geometry(x, weights, ho, wo, stride, dilation);
+  return depthwise_groups_backward(g, grad_out, x, weights, pads, bn_weight, bn_bias, mean,
+                                   var, a, training, eps);
 }
 
 TORCH_LIBRARY_IMPL(effkernels, CPU, m) {

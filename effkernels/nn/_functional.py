@@ -67,7 +67,9 @@ def convs(conv: ConvLike) -> List[nn.Conv2d]:
 
 def pointwise_weight(conv: ConvLike) -> torch.Tensor:
     """(Cout, Cin, 1, 1). A split 1x1 convolution (channel groups, each its own 1x1 conv, as
-    MixNet's grouped pointwise) is the block-diagonal weight: one GEMM instead of split/cat."""
+    MixNet's grouped pointwise) is the block-diagonal weight: one GEMM instead of split/cat.
+    The CPU kernel skips each panel's all-zero input channels (for finite x), so it does the
+    grouped convolution's FMAs, not the dense ones."""
     parts = convs(conv)
     if len(parts) == 1 and parts[0].groups > 1:
         return block_diagonal(list(parts[0].weight.chunk(parts[0].groups, dim=0)))
