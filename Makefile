@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test bench build deps test-python test-slow test-triton ctest kernels-report clean
+.PHONY: test bench build deps test-python test-slow test-hardening test-triton ctest kernels-report clean
 
 deps: $(VENV)/.deps
 
@@ -36,6 +36,12 @@ test-python:
 test-slow: build
 	$(PYTEST) tests -n 2 -q -rs --ignore=tests/triton -m slow
 
+# The slow hardening tests that CI runs too: pip install without a CUDA toolkit / Triton / CUDA
+# torch (tests/test_install.py) and tensors above 2^31 elements (tests/test_large.py, ~16 GiB,
+# one test at a time).
+test-hardening: build
+	$(PYTEST) -q -rs -m slow tests/test_install.py tests/test_large.py
+
 # Triton kernels run on CPU tensors in the interpreter, in a process of their own.
 test-triton:
 	TRITON_INTERPRET=1 $(PYTEST) tests/triton -q -rs
@@ -47,10 +53,11 @@ ctest: deps
 kernels-report: build
 	$(PY) -m bench.kernels_report
 
-# Verify + time (bench/README.md), then the PNG plots of the run from its CSV (also after a
-# WRONG result; the target still fails then).
+# Verify + time (bench/README.md), then the PNG plots and the Markdown report of the run from
+# its CSV (also after a WRONG result; the target still fails then).
 bench: build
-	$(PY) -m bench.run $(BENCH_ARGS); rc=$$?; $(PY) -m bench.plot || rc=1; exit $$rc
+	$(PY) -m bench.run $(BENCH_ARGS); rc=$$?; $(PY) -m bench.plot || rc=1; \
+	  $(PY) -m bench.report > /dev/null || rc=1; exit $$rc
 
 clean:
 	rm -rf build cmake-build effkernels/_C*.so

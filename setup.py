@@ -1,8 +1,9 @@
 """Builds effkernels._C: a CUDA extension when torch is a CUDA build and a CUDA toolkit is found,
 a C++-only one otherwise. Switches (environment):
 
-  EFFK_BUILD_CUDA=auto|0|1   auto (default): CUDA iff torch.version.cuda and CUDA_HOME are set;
-                             1: require CUDA (error otherwise); 0: never.
+  EFFK_BUILD_CUDA=auto|0|1   auto (default): CUDA iff torch.version.cuda is set and a toolkit
+                             (CUDA_HOME with bin/nvcc) is found; 1: require CUDA (error
+                             otherwise); 0: never.
   TORCH_CUDA_ARCH_LIST       e.g. "8.0;9.0" (the default when unset).
   MAX_JOBS                   parallel compile jobs (ninja).
   EFFK_NO_EXTENSION=1        install the Python package only (the Makefile builds in place).
@@ -25,18 +26,39 @@ def read_sources():
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
+def find_nvcc(cuda_home):
+    """The toolkit's nvcc under cuda_home, or None. torch takes CUDA_HOME/CUDA_PATH as set, even
+    when the directory does not exist or holds no toolkit, so the build checks for nvcc itself."""
+    if cuda_home is None:
+        return None
+    for name in ("nvcc", "nvcc.exe"):
+        nvcc = os.path.join(cuda_home, "bin", name)
+        if os.path.isfile(nvcc) and os.access(nvcc, os.X_OK):
+            return nvcc
+    return None
+
+
 def resolve_cuda(torch_cuda_version, cuda_home):
+    """(build the CUDA kernels?, why) from the torch build (torch.version.cuda), the toolkit
+    (cpp_extension.CUDA_HOME) and EFFK_BUILD_CUDA; never from whether a GPU is present."""
     mode = os.environ.get("EFFK_BUILD_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         sys.exit(f"effkernels setup: EFFK_BUILD_CUDA must be auto, 0 or 1; got {mode!r}")
-    possible = torch_cuda_version is not None and cuda_home is not None
-    if mode == "1" and not possible:
-        why = "torch is a CPU-only build" if torch_cuda_version is None else "no CUDA toolkit (CUDA_HOME) found"
-        sys.exit(f"effkernels setup: EFFK_BUILD_CUDA=1 but {why}")
+    if torch_cuda_version is None:
+        why_not = "torch is a CPU-only build (torch.version.cuda is None)"
+    elif cuda_home is None:
+        why_not = ("no CUDA toolkit found (CUDA_HOME/CUDA_PATH unset, no nvcc on PATH, no "
+                   "/usr/local/cuda)")
+    elif find_nvcc(cuda_home) is None:
+        why_not = f"no CUDA toolkit at CUDA_HOME={cuda_home} (no bin/nvcc there)"
+    else:
+        why_not = None
+    if mode == "1" and why_not is not None:
+        sys.exit(f"effkernels setup: EFFK_BUILD_CUDA=1 but {why_not}")
     if mode == "0":
         return False, "disabled by EFFK_BUILD_CUDA=0"
-    if not possible:
-        return False, "torch is a CPU-only build" if torch_cuda_version is None else "no CUDA toolkit (CUDA_HOME)"
+    if why_not is not None:
+        return False, why_not
     return True, f"torch CUDA {torch_cuda_version}, toolkit at {cuda_home}"
 
 

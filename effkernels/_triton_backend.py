@@ -4,6 +4,7 @@ It runs CUDA tensors on a GPU, and CPU tensors in Triton's interpreter (TRITON_I
 before triton is imported), which is how CI verifies the kernels without a GPU."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Optional
 
@@ -18,7 +19,10 @@ def _load() -> Optional[str]:
         try:
             import triton  # noqa: F401
         except Exception as exc:
-            _import_error = f"triton is not installed ({type(exc).__name__}: {exc})"
+            # Not installed, or installed but broken (a missing part, a mismatched build).
+            missing = isinstance(exc, ModuleNotFoundError) and exc.name == "triton"
+            _import_error = (f"triton {'is not installed' if missing else 'could not be imported'}"
+                             f" ({type(exc).__name__}: {exc})")
             return _import_error
         try:
             import torch
@@ -32,7 +36,22 @@ def _load() -> Optional[str]:
     return _import_error
 
 
+def _missing() -> Optional[str]:
+    """Why triton is not installed (found without importing it), or None."""
+    try:
+        if importlib.util.find_spec("triton") is not None:
+            return None
+        return "triton is not installed (pip install triton)"
+    except (ImportError, ValueError) as exc:
+        return f"triton is not installed ({type(exc).__name__}: {exc})"
+
+
 def why_not(device_type: str) -> Optional[str]:
+    # A missing triton is named first, whatever the device: the other reasons below would hide
+    # it on a machine without a GPU.
+    missing = _missing()
+    if missing is not None:
+        return missing
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return ("the triton backend runs CUDA tensors (and CPU tensors only in Triton's "
                 "interpreter, TRITON_INTERPRET=1)")

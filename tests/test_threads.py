@@ -1,6 +1,7 @@
 """Determinism and threads: the same inputs give the same bits on every run and for any
 thread count (two-stage, fixed-order reductions), and Python threads may call ops at once."""
 import threading
+import traceback
 
 import pytest
 import torch
@@ -11,59 +12,116 @@ from effkernels import ops
 from .helpers import assert_close, bn_params, conv_weight, make_input
 
 
-def _run_dw(training, seed=0):
+# Each op as inputs (made with the global RNG, in the calling thread, grad_out included) and a
+# computation on fresh copies of them that touches no RNG, so that Python threads can run it at
+# once and must reproduce the single-threaded bits.
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def _copy(t):
+    return t.detach().clone()
+
+
+def _stage(shape):
+    """[weight, bn_weight, bn_bias, running_mean, running_var]."""
+    return [conv_weight(shape, torch.float32), *bn_params(shape[0])]
+
+
+def _stage_copy(stage):
+    """Weight and BN affine parameters as leaves, running statistics as plain copies."""
+    return [*map(_leaf, stage[:3]), *map(_copy, stage[3:])]
+
+
+def _inputs_dw(seed):
     torch.manual_seed(seed)
-    x = make_input((4, 24, 19, 21), torch.float32, "channels_last", requires_grad=True)
-    w = conv_weight((24, 1, 5, 5), torch.float32).requires_grad_()
-    g, b, rm, rv = bn_params(24)
-    g.requires_grad_(); b.requires_grad_()
+    x = make_input((4, 24, 19, 21), torch.float32, "channels_last")
+    return [x, _stage((24, 1, 5, 5)), torch.randn(4, 24, 10, 11)]
+
+
+def _compute_dw(inputs, training):
+    x, (w, g, b, rm, rv), gy = _leaf(inputs[0]), _stage_copy(inputs[1]), inputs[2]
     y = ops.dwconv_bn_act(x, w, g, b, rm, rv, stride=2, act="silu", training=training)
-    y.backward(torch.randn_like(y))
+    y.backward(gy)
     return [y.detach(), x.grad, w.grad, g.grad, b.grad, rm, rv]
 
 
-def _run_pw(training, seed=0):
+def _inputs_pw(seed):
     torch.manual_seed(seed)
-    x = make_input((4, 40, 13, 15), torch.float32, "channels_last", requires_grad=True)
-    w = conv_weight((72, 40, 1, 1), torch.float32).requires_grad_()
-    g, b, rm, rv = bn_params(72)
-    g.requires_grad_(); b.requires_grad_()
+    x = make_input((4, 40, 13, 15), torch.float32, "channels_last")
+    return [x, _stage((72, 40, 1, 1)), torch.randn(4, 72, 13, 15)]
+
+
+def _compute_pw(inputs, training):
+    x, (w, g, b, rm, rv), gy = _leaf(inputs[0]), _stage_copy(inputs[1]), inputs[2]
     y = ops.pwconv_bn_act(x, w, g, b, rm, rv, act="hswish", training=training)
-    y.backward(torch.randn_like(y))
+    y.backward(gy)
     return [y.detach(), x.grad, w.grad, g.grad, b.grad, rm, rv]
 
 
-def _run_mix(training, seed=0):
+def _inputs_mix(seed):
     torch.manual_seed(seed)
-    x = make_input((3, 20, 17, 15), torch.float32, "contiguous", requires_grad=True)
-    ws = [conv_weight((c, 1, k, k), torch.float32).requires_grad_()
-          for c, k in ((8, 3), (7, 5), (5, 7))]
-    g, b, rm, rv = bn_params(20)
-    g.requires_grad_(); b.requires_grad_()
+    x = make_input((3, 20, 17, 15), torch.float32, "contiguous")
+    ws = [conv_weight((c, 1, k, k), torch.float32) for c, k in ((8, 3), (7, 5), (5, 7))]
+    return [x, ws, bn_params(20), torch.randn(3, 20, 9, 8)]
+
+
+def _compute_mix(inputs, training):
+    x, ws, gy = _leaf(inputs[0]), [_leaf(w) for w in inputs[1]], inputs[3]
+    g, b, rm, rv = _leaf(inputs[2][0]), _leaf(inputs[2][1]), *map(_copy, inputs[2][2:])
     y = ops.mixconv_bn_act(x, ws, g, b, rm, rv, stride=2, act="relu", training=training)
+    y.backward(gy)
+    return [y.detach(), x.grad, *(w.grad for w in ws), g.grad, b.grad, rm, rv]
+
+
+def _run_mix_wide(training, seed=0):
+    """Groups wider than a vector with channel tails (the overlapping tail blocks)."""
+    torch.manual_seed(seed)
+    x = make_input((3, 61, 16, 18), torch.float32, "channels_last", requires_grad=True)
+    ws = [conv_weight((c, 1, k, k), torch.float32).requires_grad_()
+          for c, k in ((24, 3), (19, 5), (18, 7))]
+    g, b, rm, rv = bn_params(61)
+    g.requires_grad_(); b.requires_grad_()
+    y = ops.mixconv_bn_act(x, ws, g, b, rm, rv, stride=1, act="silu", training=training)
     y.backward(torch.randn_like(y))
     return [y.detach(), x.grad, *(w.grad for w in ws), g.grad, b.grad, rm, rv]
 
 
-def _run_ir(training, seed=0, with_se=True):
+def _inputs_ir(seed, with_se=True):
     torch.manual_seed(seed)
-    x = make_input((3, 16, 13, 11), torch.float32, "channels_last", requires_grad=True)
+    x = make_input((3, 16, 13, 11), torch.float32, "channels_last")
+    expand, dw, project = _stage((48, 16, 1, 1)), _stage((48, 1, 5, 5)), _stage((16, 48, 1, 1))
+    se = [conv_weight((12, 48, 1, 1), torch.float32), torch.randn(12),
+          conv_weight((48, 12, 1, 1), torch.float32), torch.randn(48)] if with_se else []
+    return [x, expand, dw, se, project, torch.randn(3, 16, 13, 11)]
 
-    def stage(shape):
-        w = conv_weight(shape, torch.float32).requires_grad_()
-        g, b, rm, rv = bn_params(shape[0])
-        return [w, g.requires_grad_(), b.requires_grad_(), rm, rv]
 
-    expand, dw, project = stage((48, 16, 1, 1)), stage((48, 1, 5, 5)), stage((16, 48, 1, 1))
-    se = [conv_weight((12, 48, 1, 1), torch.float32).requires_grad_(),
-          torch.randn(12).requires_grad_(),
-          conv_weight((48, 12, 1, 1), torch.float32).requires_grad_(),
-          torch.randn(48).requires_grad_()] if with_se else []
+def _compute_ir(inputs, training):
+    x, gy = _leaf(inputs[0]), inputs[5]
+    expand, dw, project = (_stage_copy(st) for st in (inputs[1], inputs[2], inputs[4]))
+    se = [_leaf(t) for t in inputs[3]]
     y = ops.inverted_residual(x, expand, dw, se, project, act="hswish", se_gate="hsigmoid",
                               training=training)
-    y.backward(torch.randn_like(y))
+    y.backward(gy)
     params = expand + dw + se + project
     return [y.detach(), x.grad] + [p.grad if p.requires_grad else p for p in params]
+
+
+def _run_dw(training, seed=0):
+    return _compute_dw(_inputs_dw(seed), training)
+
+
+def _run_pw(training, seed=0):
+    return _compute_pw(_inputs_pw(seed), training)
+
+
+def _run_mix(training, seed=0):
+    return _compute_mix(_inputs_mix(seed), training)
+
+
+def _run_ir(training, seed=0, with_se=True):
+    return _compute_ir(_inputs_ir(seed, with_se), training)
 
 
 def _run_ir_no_se(training, seed=0):
@@ -77,7 +135,8 @@ RUN_IDS = ["dwconv", "pwconv", "mixconv", "inverted_residual"]
 # The block's squeeze-excite runs PyTorch's own F.conv2d on (N, C, 1, 1) tensors (csrc/
 # inverted_residual.cpp), whose oneDNN result changes with the thread count; so across thread
 # counts the block is checked without SE (with SE: repeated runs, test below).
-@pytest.mark.parametrize("run", RUNS[:3] + [_run_ir_no_se], ids=RUN_IDS)
+@pytest.mark.parametrize("run", RUNS[:3] + [_run_mix_wide, _run_ir_no_se],
+                         ids=RUN_IDS[:3] + ["mixconv_wide", RUN_IDS[3]])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_bitwise_deterministic_across_runs_and_thread_counts(run, training):
     before = torch.get_num_threads()
@@ -155,3 +214,45 @@ def test_ops_from_several_python_threads():
     for i, exp in enumerate(expected):
         for a, b in zip(results[i], exp):
             assert torch.equal(a, b)
+
+
+OPS = {"dwconv": (_inputs_dw, _compute_dw), "pwconv": (_inputs_pw, _compute_pw),
+       "mixconv": (_inputs_mix, _compute_mix), "inverted_residual": (_inputs_ir, _compute_ir)}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_op_from_several_python_threads_at_once(training):
+    """16 Python threads started together, each running one op's forward and backward on the
+    cpu backend (every op, two inputs each, every call twice, so that the same op also runs in
+    several threads at once, sharing the 2-thread intra-op pool): each gets the bits of the
+    same call made alone."""
+    tasks = [(name, seed) for name in OPS for seed in (0, 1)]
+    inputs = {task: OPS[task[0]][0](task[1]) for task in tasks}
+    jobs = tasks + tasks[::-1]
+    results, errors = {}, []
+    barrier = threading.Barrier(len(jobs))
+
+    def work(j):
+        name, seed = jobs[j]
+        try:
+            barrier.wait(timeout=60)
+            results[j] = OPS[name][1](inputs[(name, seed)], training)
+        except Exception:  # reported below
+            errors.append(f"{name} seed {seed}: {traceback.format_exc()}")
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with effkernels.backend("cpu"):
+            expected = {task: OPS[task[0]][1](inputs[task], training) for task in tasks}
+            threads = [threading.Thread(target=work, args=(j,)) for j in range(len(jobs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        torch.set_num_threads(before)
+    assert not errors, "\n".join(errors)
+    for j, task in enumerate(jobs):
+        for i, (a, b) in enumerate(zip(results[j], expected[task])):
+            assert torch.equal(a, b), f"{task[0]} seed {task[1]}: result {i} differs in a thread"
