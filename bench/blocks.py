@@ -171,13 +171,16 @@ def block_case(name: str, n: int, mode: str, opts) -> Case:
     return Case("blocks", "inverted_residual", f"{name} {desc}", n, mode, build)
 
 
-# The GPU targets of issues 3 and 4 (bench/gpu_check.sh: --targets --dtype float16).
-TARGETS = [("ir_mbv2", 64, "fwd")]
+# --targets: issue 7's CPU block (eval, N=1 and 8: >= ONNX Runtime, >= 3x eager) and the GPU
+# target of issues 3 and 4 (bench/gpu_check.sh: --targets --dtype float16).
+CPU_TARGETS = [("ir_mbv2", 1, "fwd"), ("ir_mbv2", 8, "fwd")]
+GPU_TARGETS = [("ir_mbv2", 64, "fwd")]
 
 
 def cases(opts) -> List[Case]:
     if getattr(opts, "targets", False):
-        return [block_case(b, n, m, opts) for b, n, m in TARGETS]
+        targets = CPU_TARGETS if opts.device == "cpu" else GPU_TARGETS
+        return [block_case(b, n, m, opts) for b, n, m in targets]
     if opts.quick:
         return [block_case(b, n, m, opts) for b, n, m in QUICK]
     return [block_case(b, n, m, opts) for b in BLOCKS for m in ("fwd", "fwd+bwd") for n in (1, 8)]

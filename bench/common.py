@@ -91,7 +91,7 @@ def csv_path(device: str) -> Path:
 FIELDS = ["timestamp", "device", "device_name", "versions", "threads", "backend", "suite", "op",
           "shape", "batch", "dtype", "mode", "impl", "median_ms", "p20_ms", "p80_ms",
           "items_per_s", "peak_mem_mb", "mem_measure", "compile_s", "setup_s", "speedup",
-          "verified", "max_err", "note", "speedup_vs"]
+          "verified", "max_err", "note", "speedup_vs", "command"]
 
 
 def append_rows(path: Path, rows: List[Dict[str, object]]) -> None:

@@ -29,6 +29,10 @@ FULL = [("eval", 1), ("eval", 32), ("train-step", 16)]
 QUICK_MODELS = ("mobilenetv3_large_100",)
 QUICK = [("eval", 1), ("train-step", 2)]
 CHECKED = ("conv_stem.weight", "classifier.weight")
+# --targets on CPU (issue 7): batch 1 latency and batch 8 throughput, eval, within 1.2x of ONNX
+# Runtime and faster than torch.compile.
+TARGET_MODELS = ("mobilenetv2_100", "mobilenetv3_large_100", "mixnet_s")
+TARGETS = [("eval", 1), ("eval", 8)]
 
 
 def _models(name: str):
@@ -120,6 +124,10 @@ def model_case(name: str, mode: str, n: int, opts) -> Case:
 
 
 def cases(opts) -> List[Case]:
+    if getattr(opts, "targets", False):
+        if opts.device != "cpu":
+            return []
+        return [model_case(m, mode, n, opts) for m in TARGET_MODELS for mode, n in TARGETS]
     names = QUICK_MODELS if opts.quick and not opts.model else MODELS
     if opts.model:
         names = [m for m in MODELS if any(f in m for f in opts.model.split(","))] or \

@@ -61,6 +61,16 @@ QUICK_MODES = {"dwconv_bn_act": ("fwd", "bwd"), "pwconv_bn_act": ("fwd", "fwd+bw
                "mixconv_bn_act": ("fwd", "fwd+bwd")}
 
 
+def dw_label(c, h, k, stride, act) -> str:
+    """The CSV's shape of a depthwise case (an MBV2_DW/MBV3_DW tuple)."""
+    return f"C{c} {h}x{h} k{k} s{stride} {act}"
+
+
+def pw_label(cin, cout, h, act, residual) -> str:
+    """The CSV's shape of a pointwise case (an MBV2_PW/MBV3_PW tuple)."""
+    return f"{cin}->{cout} {h}x{h} {act}{' +res' if residual else ''}"
+
+
 def _split(c: int, groups: int) -> List[int]:
     sizes = [c // groups] * groups
     sizes[0] += c - sum(sizes)
@@ -152,7 +162,7 @@ def dw_case(c, h, k, stride, act, n, mode, opts) -> Case:
         inputs = [torch.randn(n, c, h, h), torch.randn(c, 1, k, k) / k] + _bn(c)
         return _build(eager, ours, inputs, acts=[0], grads=[0, 1, 2, 3], mode=mode, opts=opts)
 
-    return Case("ops", "dwconv_bn_act", f"C{c} {h}x{h} k{k} s{stride} {act}", n, mode, build)
+    return Case("ops", "dwconv_bn_act", dw_label(c, h, k, stride, act), n, mode, build)
 
 
 def pw_case(cin, cout, h, act, residual, n, mode, opts) -> Case:
@@ -175,8 +185,7 @@ def pw_case(cin, cout, h, act, residual, n, mode, opts) -> Case:
             acts, grads = [0, 6], [0, 1, 2, 3, 6]
         return _build(eager, ours, inputs, acts=acts, grads=grads, mode=mode, opts=opts)
 
-    shape = f"{cin}->{cout} {h}x{h} {act}{' +res' if residual else ''}"
-    return Case("ops", "pwconv_bn_act", shape, n, mode, build)
+    return Case("ops", "pwconv_bn_act", pw_label(cin, cout, h, act, residual), n, mode, build)
 
 
 def mix_case(c, h, ks, stride, act, n, mode, opts) -> Case:
@@ -210,16 +219,22 @@ def _dedupe(rows):
     return list(dict.fromkeys(rows))
 
 
-# The GPU targets of issues 3 and 4 (bench/gpu_check.sh: --targets --dtype float16): the
-# k=3 depthwise layer at N=64 (forward; backward = its weight gradient), MixNet-M's mixconv.
-TARGETS = {"dwconv_bn_act": [((144, 56, 3, 1, "relu6"), ("fwd", "bwd"))],
-           "pwconv_bn_act": [((24, 144, 56, "relu6", False), ("fwd",))],
-           "mixconv_bn_act": [(s, ("fwd",)) for s in MIXNET_M]}
+# --targets: the cases the issues set speed targets on, per device.
+# CPU (issue 2): the MobileNetV2 depthwise (k=3) and pointwise layers, eval forward, N=1 and 8
+# (targets: dw >= 1.5x, pw >= 1.2x PyTorch eager channels_last).
+CPU_TARGETS = {"dwconv_bn_act": [(s, ("fwd",), (1, 8)) for s in MBV2_DW],
+               "pwconv_bn_act": [(s, ("fwd",), (1, 8)) for s in MBV2_PW],
+               "mixconv_bn_act": []}
+# GPU (issues 3 and 4; bench/gpu_check.sh: --targets --dtype float16): the k=3 depthwise layer
+# at N=64 (forward; backward = its weight gradient), the pointwise GEMM, MixNet-M's mixconv.
+GPU_TARGETS = {"dwconv_bn_act": [((144, 56, 3, 1, "relu6"), ("fwd", "bwd"), (64,))],
+               "pwconv_bn_act": [((24, 144, 56, "relu6", False), ("fwd",), (64,))],
+               "mixconv_bn_act": [(s, ("fwd",), (64,)) for s in MIXNET_M]}
 
 
 def cases(opts) -> List[Case]:
-    """Full: every shape in FULL_MODES. Quick: QUICK/QUICK_MODES at N=2. --targets: TARGETS at
-    N=64."""
+    """Full: every shape in FULL_MODES. Quick: QUICK/QUICK_MODES at N=2. --targets: the
+    device's target cases (CPU_TARGETS / GPU_TARGETS)."""
     tables = {"dwconv_bn_act": (dw_case, _dedupe(MBV2_DW + MBV3_DW + [(144, 56, 5, 1, "relu6"),
                                                                       (144, 56, 7, 1, "relu6")])),
               "pwconv_bn_act": (pw_case, MBV2_PW + MBV3_PW),
@@ -227,7 +242,9 @@ def cases(opts) -> List[Case]:
     out: List[Case] = []
     for op, (make, shapes) in tables.items():
         if getattr(opts, "targets", False):
-            out += [make(*s, 64, mode, opts) for s, modes in TARGETS[op] for mode in modes]
+            targets = CPU_TARGETS if opts.device == "cpu" else GPU_TARGETS
+            out += [make(*s, n, mode, opts) for s, modes, batches in targets[op]
+                    for mode in modes for n in batches]
             continue
         if opts.quick:
             out += [make(*s, 2, mode, opts) for mode in QUICK_MODES[op] for s in QUICK[op]]

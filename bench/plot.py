@@ -98,7 +98,7 @@ def plot(path: Path, run: str = None) -> List[Path]:
         _bars(ax, labels, series, f"effkernels speed-up: {what}\n{subtitle}")
         fig.tight_layout()
         out = path.with_name(f"{path.stem}-{name}.png")
-        fig.savefig(out, dpi=110)
+        fig.savefig(out, dpi=110, bbox_inches="tight")  # long case labels
         plt.close(fig)
         written.append(out)
     return written

@@ -63,3 +63,44 @@ def test_old_csv_is_migrated(tmp_path):
     with path.open() as f:
         back = list(csv.DictReader(f))
     assert back[0]["median_ms"] == "1.5" and back[1]["median_ms"] == "2"
+
+
+def _row(suite, op, shape, batch, mode, impl, ms, **kw):
+    return {"timestamp": "2000-01-01T00:00:00", "device": "cpu", "device_name": "test cpu",
+            "versions": "torch x", "threads": 2, "backend": "cpu", "dtype": "float32",
+            "command": "python -m bench.run --targets", "suite": suite, "op": op,
+            "shape": shape, "batch": batch, "mode": mode, "impl": impl, "median_ms": ms, **kw}
+
+
+def test_report_checks_the_targets_and_updates_the_readme(tmp_path):
+    from bench import report
+
+    dw = ops.dw_label(*ops.MBV2_DW[0])
+    pw = ops.pw_label(*ops.MBV2_PW[0])
+    rows = [_row("ops", "dwconv_bn_act", dw, 1, "fwd", "eager_cl", 3.0),    # 1.5x: met
+            _row("ops", "dwconv_bn_act", dw, 1, "fwd", "effkernels", 2.0),
+            _row("ops", "pwconv_bn_act", pw, 8, "fwd", "eager_cl", 1.1),    # 1.1x: missed
+            _row("ops", "pwconv_bn_act", pw, 8, "fwd", "effkernels", 1.0),
+            _row("ops", "dwconv_bn_act", "C7 9x9 k5 s1 relu", 1, "fwd", "eager_cl", 1.0),
+            _row("ops", "dwconv_bn_act", "C7 9x9 k5 s1 relu", 1, "fwd", "effkernels", 1.0),
+            _row("models", "mixnet_s", "224x224", 8, "eval", "onnxruntime", 10.0),
+            _row("models", "mixnet_s", "224x224", 8, "eval", "compile", 13.0),
+            _row("models", "mixnet_s", "224x224", 8, "eval", "effkernels", 12.0)]
+    path = tmp_path / "cpu-x.csv"
+    common.append_rows(path, rows)
+    text = report.report(path)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()
+             if line.startswith("| ") and "|---" not in line}
+    assert lines[f"dwconv_bn_act {dw}"].rstrip(" |").endswith("met")
+    assert "missed vs eager CL >= 1.20x" in lines[f"pwconv_bn_act {pw}"]
+    assert lines["dwconv_bn_act C7 9x9 k5 s1 relu"].endswith("|  |")  # no target named
+    # mixnet_s at batch 8: 10/12 = 0.83x ORT (>= 1/1.2: met), 13/12 vs compile: met
+    assert lines["mixnet_s 224x224"].rstrip(" |").endswith("met")
+    assert "met on 2 of 3 cases" in text and "`python -m bench.run --targets`" in text
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\nrest\n")
+    report.update_readme(readme, text)
+    new = readme.read_text()
+    assert new.startswith("intro\n") and new.endswith(f"{report.END}\nrest\n")
+    assert "old" not in new and text in new
