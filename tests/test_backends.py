@@ -129,3 +129,29 @@ def test_cuda_backend_claims_only_ops_with_kernels():
 
 def _extension_built_with_cuda():
     return effkernels._extension.built_with_cuda()
+
+
+def test_calls_autograd_would_not_record_go_straight_to_the_kernel():
+    """ops._call skips torch.library's Python autograd wrapper when no input needs a gradient,
+    for plain eager tensors only: a dispatch mode (FlopCounterMode, FakeTensorMode), a vmap or a
+    tensor requiring grad keeps the full dispatch. Same result either way."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from effkernels import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(10, 6, 1, 1)
+    g, b, rm, rv = torch.rand(10) + 0.5, torch.randn(10), torch.randn(10), torch.rand(10) + 0.5
+    args = (x, w, g, b, rm, rv, None, "relu6", False, 1e-5)
+    assert ops._direct(args)
+    with torch.no_grad():
+        assert ops._direct(args[:1] + (w.requires_grad_(),) + args[2:])
+    assert not ops._direct(args)  # grad mode on and w requires grad
+    w.requires_grad_(False)
+    with FlopCounterMode(display=False):
+        assert not ops._direct(args)
+    assert not ops._direct(([x, x.clone().requires_grad_()],))
+    direct = ops._call("cpu", "pwconv_bn_act", *args)[0]
+    full = torch.ops.effkernels.pwconv_bn_act(*args)[0]
+    assert torch.equal(direct, full)
