@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import effkernels
 
@@ -121,3 +122,16 @@ def assert_lowp_close(actual, expected64, torch_lowp, dtype, name=""):
     assert ours <= 2 * theirs + floor, (
         f"{name}: max error {ours:.4g} exceeds 2x PyTorch's {dtype} error {theirs:.4g} "
         f"(+ floor {floor:.2g})\n" + (mismatch_report(actual, expected64, *TOL[dtype], name) or ""))
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the overload packets (e.g. "effkernels.inverted_residual_inference") dispatched
+    while it is active, in `names`: which kernel a call was routed to."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

@@ -429,30 +429,19 @@ def test_inverted_residual_cuda_strided(case, layout):
 def test_inverted_residual_cuda_matches_cpu_and_routing():
     """ops.inverted_residual on the cuda backend: eval without gradients -> the fused kernel
     (same result as the CPU fused op), with gradients or training -> the composite."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from .helpers import assert_close
-
-    class _Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
+    from .helpers import RecordOps, assert_close
 
     _need_fused_ir()
     x, block64, kw = _ir_cuda_args("k5_se_s2", torch.float32, "channels_last")
     block = _cast_block(block64, torch.float32)
-    with effkernels.backend("cuda"), _Ops() as mode:
+    with effkernels.backend("cuda"), RecordOps() as mode:
         out = ops.inverted_residual(x, *block, training=False, **kw)
     assert "effkernels.inverted_residual_inference" in mode.names
     if effkernels.available_backends("cpu")["cpu"] == "available":
         cpu = _ir_fused(x.cpu(), [[t.cpu() for t in st] for st in block], kw)
         assert_close(out.cpu(), cpu, torch.float32, "cuda vs cpu fused")
     block_g = [[t.clone().requires_grad_() for t in st] for st in block]
-    with effkernels.backend("cuda"), _Ops() as mode:
+    with effkernels.backend("cuda"), RecordOps() as mode:
         out_g = ops.inverted_residual(x, *block_g, training=False, **kw)
     assert "effkernels.inverted_residual_inference" not in mode.names
     assert_close(out_g.detach(), out, torch.float32, "composite vs fused")

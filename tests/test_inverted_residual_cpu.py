@@ -11,12 +11,12 @@ import textwrap
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import effkernels
 from effkernels import ops, reference
 
-from .helpers import assert_close, assert_lowp_close, bn_params, conv_weight, make_input
+from .helpers import (RecordOps, assert_close, assert_lowp_close, bn_params, conv_weight,
+                      make_input)
 
 pytestmark = pytest.mark.skipif(
     effkernels.available_backends("cpu")["cpu"] != "available",
@@ -177,18 +177,8 @@ def test_opcheck():
              kw["se_gate"], kw["skip"], 1e-5))
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def _routed(x, block, kw, training=False):
-    with _Ops() as mode:
+    with RecordOps() as mode:
         out = ops.inverted_residual(x, *block, training=training, **kw)
     return out, mode.names
 
