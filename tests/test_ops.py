@@ -42,6 +42,10 @@ MIX_SHAPES = [
 WIDE_SHAPES = [
     ("dwconv_bn_act", (2, 40, 11, 14, 3, 1, 1, None)),
     ("dwconv_bn_act", (1, 24, 13, 17, 5, 2, 1, None)),
+    # rows narrower than the window / one 4-pixel tile, other paddings (edge tiles only)
+    ("dwconv_bn_act", (1, 20, 6, 2, 7, 1, 1, None)),
+    ("dwconv_bn_act", (2, 33, 9, 5, 3, 2, 1, 0)),
+    ("dwconv_bn_act", (1, 16, 7, 7, 9, 1, 1, 5)),
     ("mixconv_bn_act", (2, 12, 14, [(20, 3), (17, 5), (35, 7), (16, 9)], 1, 1)),
     ("mixconv_bn_act", (2, 13, 11, [(24, 3), (19, 5), (9, 7)], 2, 1)),
 ]

@@ -267,84 +267,106 @@ EFFK_INLINE void prefetch_next_rows(const ConvParams<T>& p, const T* xn, int64_t
 #endif
 }
 
-// Interior columns [ow_lo, ow_end) (a multiple of kTile) of an output row whose K window rows
-// are all inside the image, every channel (C >= L; the tail block overlaps), for compile-time
-// kernel size K and
-// stride S (dilation 1). The K*K weight vectors of a channel block are loaded once per row
-// (they stay in registers for K <= 5) and each input vector of a window row is loaded once and
-// used by every (pixel, tap) pair that reads it. Zen 4 loads 64 bytes a cycle, so the generic
-// step (5 loads per 4 FMAs) is load-bound; this one needs ((kTile-1)*S + K) / (kTile*K) loads per
-// FMA: k=3/5 layers ran 1.4-1.7x faster, k=7/9 1.1x. A function of its own (one call per row):
-// inlined into the big flattened conv_row, its k=5 code lost 40% to register allocation.
-template <int K, int S, typename T, typename O>
-EFFK_CPU_CLONES void conv_interior_k(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0,
-                                     int64_t ow_lo, int64_t ow_end) {
-  using A = acc_type<T>;
-  constexpr int L = kLanes<A>, P = kTile;
+// kTile output pixels from column ow of channels [c, c + L), fp32, compile-time kernel size K
+// and stride S (dilation 1). Each input vector of a window row is loaded once and used by every
+// (pixel, tap) pair that reads it: ((kTile-1)*S + K) / (kTile*K) loads per FMA, where the
+// generic step needs 5 loads per 4 FMAs (Zen 4 loads 64 bytes a cycle: the generic step is
+// load-bound). EDGE tiles have input columns outside the row (those read as zeros) or fewer
+// than kTile pixels in the row (`pixels` of them are stored); the others check neither.
+template <int K, int S, bool EDGE, typename T, typename O>
+EFFK_INLINE void conv_tile_k(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0,
+                             int64_t ow, int64_t c, const Vec<float, kLanes<float>> (&w)[K][K],
+                             int64_t pixels) {
+  constexpr int L = kLanes<float>, P = kTile;
+  using V = Vec<float, L>;
   using Lanes = std::integral_constant<int, L>;
+  const DwGeometry& g = p.g;
+  const int64_t iw0 = ow * S - g.pad;
+  prefetch_next_rows(p, xn, ih0, iw0, P * S, c, L);
+  V acc[P] = {};
+#pragma GCC unroll 16
+  for (int i = 0; i < K; ++i) {
+    const T* x = (ih0 + i >= 0 && ih0 + i < g.H ? xn + (ih0 + i) * p.sh : p.zero_row) + c;
+#pragma GCC unroll 32
+    for (int col = 0; col < (P - 1) * S + K; ++col) {
+      // Edge columns outside the row read zeros too (a pointer select, not a branch).
+      const bool inside =
+          !EDGE || static_cast<uint64_t>(iw0 + col) < static_cast<uint64_t>(g.W);
+      const V xv = load<float, L>(inside ? x + (iw0 + col) * p.sw : p.zero_row);
+#pragma GCC unroll 16
+      for (int q = 0; q < P; ++q) {
+        const int j = col - q * S;
+        if (j >= 0 && j < K) acc[q] += xv * w[i][j];
+      }
+    }
+  }
+  EFFK_DISPATCH_ACT(p.act, [&] {
+    for (int q = 0; q < P; ++q)
+      if (!EDGE || q < pixels)
+        store_act<ACT>(Lanes{}, out + (ow + q) * p.ldo + c, acc[q], p.shift + c);
+  });
+}
+
+// A whole output row, every channel (C >= 16; the tail block overlaps), in kTile-pixel tiles
+// from column 0: the tiles whose window leaves the row and a last partial tile are EDGE tiles.
+// Per channel block the K*K weight vectors are loaded once per row (they stay in registers for
+// K <= 5). Window rows outside the image read p.zero_row: the unrolled loops cannot afford a
+// row check (it cost 30%). k=3/5 layers ran 1.4-1.7x faster than the generic step, k=7/9 1.1x;
+// on 7x7/14x14 rows the edge tiles (instead of generic border pixels, 3 of 7 columns) another
+// ~1.3x. A function of its own (one call per row): inlined into the big flattened conv_row,
+// its k=5 code lost 40% to register allocation.
+template <int K, int S, typename T, typename O>
+EFFK_CPU_CLONES void conv_row_k(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0) {
+  constexpr int L = kLanes<float>, P = kTile;
   const DwGeometry& g = p.g;
   for (int64_t cb = 0; cb < g.C; cb += L) {
     const int64_t c = std::min(cb, g.C - L);
-    Vec<A, L> w[K][K];
+    Vec<float, L> w[K][K];
 #pragma GCC unroll 16
     for (int i = 0; i < K; ++i)
 #pragma GCC unroll 16
-      for (int j = 0; j < K; ++j) w[i][j] = load<A, L>(p.w + (i * K + j) * g.C + c);
-    for (int64_t ow = ow_lo; ow < ow_end; ow += P) {
-      prefetch_next_rows(p, xn, ih0, ow * S - g.pad, P * S, c, L);
-      const int64_t off = c + (ow * S - g.pad) * p.sw;
-      Vec<A, L> acc[P] = {};
-#pragma GCC unroll 16
-      for (int i = 0; i < K; ++i) {
-        const T* x = (ih0 + i >= 0 && ih0 + i < g.H ? xn + (ih0 + i) * p.sh : p.zero_row) + off;
-#pragma GCC unroll 32
-        for (int col = 0; col < (P - 1) * S + K; ++col) {
-          const Vec<A, L> xv = load<A, L>(x + col * p.sw);
-#pragma GCC unroll 16
-          for (int q = 0; q < P; ++q) {
-            const int j = col - q * S;
-            if (j >= 0 && j < K) acc[q] += xv * w[i][j];
-          }
-        }
+      for (int j = 0; j < K; ++j) w[i][j] = load<float, L>(p.w + (i * K + j) * g.C + c);
+    for (int64_t ow0 = 0; ow0 < g.Wo; ow0 += P) {
+      // A last partial tile moves left over its neighbour (those pixels are computed again,
+      // to the same bits): only rows narrower than a tile store fewer pixels.
+      const int64_t ow = std::max<int64_t>(0, std::min(ow0, g.Wo - P));
+      const int64_t iw0 = ow * S - g.pad;
+      if (iw0 >= 0 && (P - 1) * S + K + iw0 <= g.W && ow + P <= g.Wo) {
+        conv_tile_k<K, S, false>(p, xn, out, ih0, ow, c, w, P);
+      } else {
+        conv_tile_k<K, S, true>(p, xn, out, ih0, ow, c, w, std::min<int64_t>(P, g.Wo - ow));
       }
-      EFFK_DISPATCH_ACT(p.act, [&] {
-        for (int q = 0; q < P; ++q)
-          store_act<ACT>(Lanes{}, out + (ow + q) * p.ldo + c, acc[q], p.shift + c);
-      });
     }
   }
 }
 
 template <int K, typename T, typename O>
-EFFK_INLINE void conv_interior_s(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0,
-                                 int64_t ow_lo, int64_t ow_end) {
+EFFK_INLINE void conv_row_s(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0) {
   if (p.g.stride == 1) {
-    conv_interior_k<K, 1>(p, xn, out, ih0, ow_lo, ow_end);
+    conv_row_k<K, 1>(p, xn, out, ih0);
   } else {
-    conv_interior_k<K, 2>(p, xn, out, ih0, ow_lo, ow_end);
+    conv_row_k<K, 2>(p, xn, out, ih0);
   }
 }
 
-// The fast interior path where it applies (fp32, k in 3/5/7/9, stride 1/2, dilation 1); returns
-// the end of the columns it did, for every channel (groups of at least 16). fp16/bf16/fp64 take
-// the generic
-// steps (3 more dtypes x 8 kernels x 3 ISAs would more than double the build time of this file).
+// The fast path where it applies (fp32, k in 3/5/7/9, stride 1/2, dilation 1, groups of at
+// least 16 channels): does the whole output row and returns true. fp16/bf16/fp64 take the
+// generic steps (3 more dtypes x 8 kernels x 3 ISAs would more than double the build time of
+// this file).
 template <typename T, typename O>
-EFFK_INLINE int64_t conv_interior(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0,
-                                  int64_t ow_lo, int64_t ow_hi) {
+EFFK_INLINE bool conv_row_fast(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0) {
   if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) {
     const DwGeometry& g = p.g;
-    const int64_t ow_end = ow_lo + (ow_hi - ow_lo) / kTile * kTile;
-    if (g.dil != 1 || g.C < kLanes<float> || ow_end == ow_lo) return ow_lo;
+    if (g.dil != 1 || g.C < kLanes<float> || g.stride > 2) return false;
     switch (g.K) {
-      case 3: conv_interior_s<3>(p, xn, out, ih0, ow_lo, ow_end); return ow_end;
-      case 5: conv_interior_s<5>(p, xn, out, ih0, ow_lo, ow_end); return ow_end;
-      case 7: conv_interior_s<7>(p, xn, out, ih0, ow_lo, ow_end); return ow_end;
-      case 9: conv_interior_s<9>(p, xn, out, ih0, ow_lo, ow_end); return ow_end;
-      default: return ow_lo;
+      case 3: conv_row_s<3>(p, xn, out, ih0); return true;
+      case 5: conv_row_s<5>(p, xn, out, ih0); return true;
+      case 7: conv_row_s<7>(p, xn, out, ih0); return true;
+      case 9: conv_row_s<9>(p, xn, out, ih0); return true;
+      default: return false;
     }
   }
-  return ow_lo;
+  return false;
 }
 
 // out[Wo][C] = O(act(conv(x) + shift)) for output row (n, oh): O is x's dtype for the output
@@ -359,11 +381,10 @@ EFFK_CPU_CLONES void conv_row(const ConvParams<T>& p, int64_t n, int64_t oh, O* 
   const int64_t last = g.W - 1 - (g.K - 1) * g.dil + g.pad;
   const int64_t ow_hi = std::max(ow_lo, last >= 0 ? std::min(g.Wo, last / g.stride + 1) : 0);
   const T* xn = p.x + n * p.sn;
+  if (conv_row_fast(p, xn, out, ih0)) return;
   const TapRange all{0, g.K};
-  // [ow_lo, ow_fast): the fast path's columns.
-  const int64_t ow_fast = conv_interior(p, xn, out, ih0, ow_lo, ow_hi);
-  const int64_t ow_tiles = ow_fast + (ow_hi - ow_fast) / kTile * kTile;
-  for (int64_t ow = ow_fast; ow < ow_tiles; ow += kTile) {
+  const int64_t ow_tiles = ow_lo + (ow_hi - ow_lo) / kTile * kTile;
+  for (int64_t ow = ow_lo; ow < ow_tiles; ow += kTile) {
     prefetch_next_rows(p, xn, ih0, ow * g.stride - g.pad, kTile * g.stride, 0, g.C);
     conv_pixels<kTile, 1>(p, xn, out, ih0, kh, ow, all);
   }
