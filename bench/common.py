@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import gc
 import os
 import platform
 import statistics
@@ -48,34 +49,72 @@ def synchronize(device: str) -> None:
 
 def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.3,
             warmup: int = 3, min_samples: int = 5) -> Dict[str, float]:
-    """Median and p20/p80 in milliseconds. GPU: triton.testing.do_bench when available (CUDA
-    events otherwise); CPU: after warm-up calls (one only when a call takes over 0.2 s), timed
-    calls until min_time seconds and at least min_samples calls."""
-    if device == "cuda":
-        try:
-            from triton.testing import do_bench
-            q = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-            return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
-        except ImportError:
-            pass
-    for i in range(warmup):
+    """Median and p20/p80 in milliseconds of one function (time_interleaved with one)."""
+    return time_interleaved({"fn": fn}, device, min_time, warmup, min_samples)["fn"]
+
+
+def _warm_up(fn: Callable[[], object], device: str, warmup: int) -> None:
+    """`warmup` calls, one only when a call takes over 0.2 s."""
+    for _ in range(warmup):
         synchronize(device)
         t0 = time.perf_counter()
         fn()
         synchronize(device)
         if time.perf_counter() - t0 > 0.2:
             break
-    samples: List[float] = []
-    start = time.perf_counter()
-    while len(samples) < min_samples or (time.perf_counter() - start < min_time
-                                         and len(samples) < 2000):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(samples, n=10)
-    return {"median_ms": statistics.median(samples), "p20_ms": q[1], "p80_ms": q[7]}
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: str, min_time: float = 0.3,
+                     warmup: int = 3, min_samples: int = 5,
+                     rounds: int = 10) -> Dict[str, Dict[str, float]]:
+    """Median and p20/p80 in milliseconds of each function. GPU: triton.testing.do_bench per
+    function when available (CUDA events otherwise). CPU: after warm-up, `rounds` rounds in
+    which each function in turn is called for min_time/rounds seconds (at least once, and
+    min_samples calls over all rounds), so that a slow spell of this shared machine falls on
+    every function alike rather than on the one being timed (the ratios are what we report);
+    Python's garbage collector is off while timing, as in timeit (a collection's cost would
+    fall on whichever call triggers it)."""
+    if device == "cuda":
+        try:
+            from triton.testing import do_bench
+            out = {}
+            for name, fn in fns.items():
+                q = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+                out[name] = {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
+            return out
+        except ImportError:
+            pass
+    for fn in fns.values():
+        _warm_up(fn, device, warmup)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    slice_s = min_time / rounds
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            last = r == rounds - 1
+            for name, fn in fns.items():
+                got = samples[name]
+                start = time.perf_counter()
+                while True:
+                    synchronize(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    synchronize(device)
+                    t1 = time.perf_counter()
+                    got.append((t1 - t0) * 1e3)
+                    if len(got) >= 2000 or (t1 - start >= slice_s
+                                            and (not last or len(got) >= min_samples)):
+                        break
+    finally:
+        if was_enabled:
+            gc.enable()
+    out = {}
+    for name, got in samples.items():
+        q = statistics.quantiles(got, n=10) if len(got) > 1 else got * 9
+        out[name] = {"median_ms": statistics.median(got), "p20_ms": q[1], "p80_ms": q[7]}
+    return out
 
 
 def csv_path(device: str) -> Path:

@@ -8,11 +8,12 @@ the harness
      or float32),
   2. for every implementation: sets it up (torch.compile warm-up, ONNX export; the time is
      printed and recorded, never part of the timing), verifies its result against the
-     reference — a wrong one is recorded as WRONG and not timed — then times it and measures
-     its peak memory,
+     reference — a wrong one is recorded as WRONG and not timed
      (a baseline outside the tolerance is marked "inexact" and still timed: it is PyTorch or
      ONNX Runtime itself),
-  3. returns one CSV row per implementation; baseline rows carry the speed-up of effkernels
+  3. times the verified implementations together, in interleaved rounds (CPU), then measures
+     each one's peak memory,
+  4. returns one CSV row per implementation; baseline rows carry the speed-up of effkernels
      over them (baseline median / effkernels median).
 """
 from __future__ import annotations
@@ -49,6 +50,10 @@ class Impl:
     result: Callable[[], Sequence[torch.Tensor]]    # output (+ grads) for verification
     setup: Optional[Callable[[], None]] = None      # compile warm-up / export, untimed
     compiles: bool = False                          # setup counts against the compile budget
+    # Runs on a thread pool of its own whose idle threads spin (ONNX Runtime): timed alone,
+    # after the others, since in interleaved rounds its spinning threads took the cores from
+    # the next function (ours measured 2-4x slower behind it).
+    own_threads: bool = False
     note: str = ""
 
 
@@ -196,7 +201,7 @@ def ort_impl(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> Impl:
     def result():
         return [torch.from_numpy(run()[0])]
 
-    return Impl("onnxruntime", run, result, setup=setup)
+    return Impl("onnxruntime", run, result, setup=setup, own_threads=True)
 
 
 class _Module(torch.nn.Module):
@@ -216,6 +221,43 @@ def fn_module(fn: Callable) -> torch.nn.Module:
 
 # ---------------------------------------------------------------------------------------------
 
+def _time_all(case: Case, device: str, impls: List[Impl], rows: Dict[str, dict],
+              min_time: float, min_samples: int, measure_memory: bool) -> None:
+    """Times the implementations in interleaved rounds (common.time_interleaved: the ratios
+    do not depend on which one a slow spell of the machine hit), those with own_threads each
+    on its own after them, as is every one should the rounds raise (so that the others are
+    still measured). Then their peak memory."""
+    together = [i for i in impls if not i.own_threads]
+    try:
+        stats = common.time_interleaved({i.name: i.run for i in together}, device, min_time,
+                                        min_samples=min_samples)
+    except Exception:  # noqa: BLE001 - find the failing one, time the rest
+        stats = {}
+    for impl in impls:
+        if impl.name not in stats:
+            try:
+                stats[impl.name] = common.time_fn(impl.run, device, min_time,
+                                                  min_samples=min_samples)
+            except Exception as e:  # noqa: BLE001
+                rows[impl.name].update(verified=f"ERROR: {type(e).__name__}: {str(e)[:160]}")
+    for impl in impls:
+        row = rows[impl.name]
+        if impl.name not in stats:
+            continue
+        row.update(stats[impl.name])
+        if case.items:
+            row["items_per_s"] = case.items / (row["median_ms"] / 1e3)
+        if measure_memory:
+            try:
+                mem, what = common.peak_memory_mb(impl.run, device)
+            except Exception as e:  # noqa: BLE001
+                row.update(verified=f"ERROR: {type(e).__name__}: {str(e)[:160]}")
+                row.pop("median_ms", None)
+                continue
+            if mem is not None:
+                row["peak_mem_mb"], row["mem_measure"] = mem, what
+
+
 def run_case(case: Case, device: str, min_time: float, budget: CompileBudget,
              measure_memory: bool = True, min_samples: int = 5) -> List[dict]:
     built = case.build()
@@ -227,6 +269,7 @@ def run_case(case: Case, device: str, min_time: float, budget: CompileBudget,
     ref = built.reference()
     noise = 0.0
     budget_key = f"{case.suite}:{case.op}"
+    timed: List[Impl] = []  # verified (or inexact baselines), timed together below
     for impl in built.impls:
         row = {**base, "impl": impl.name, "note": impl.note}
         rows[impl.name] = row
@@ -262,17 +305,8 @@ def run_case(case: Case, device: str, min_time: float, budget: CompileBudget,
             # A baseline is PyTorch or ONNX Runtime itself: its inaccuracy is reported (e.g.
             # CPU channels_last train-mode BatchNorm backward in float32), and it is timed.
             row["verified"] = f"inexact: {why}"
-        try:
-            row.update(common.time_fn(impl.run, device, min_time, min_samples=min_samples))
-            if case.items:
-                row["items_per_s"] = case.items / (row["median_ms"] / 1e3)
-            if measure_memory:
-                mem, what = common.peak_memory_mb(impl.run, device)
-                if mem is not None:
-                    row["peak_mem_mb"], row["mem_measure"] = mem, what
-        except Exception as e:  # noqa: BLE001
-            row.update(verified=f"ERROR: {type(e).__name__}: {str(e)[:160]}")
-            row.pop("median_ms", None)
+        timed.append(impl)
+    _time_all(case, device, timed, rows, min_time, min_samples, measure_memory)
     if any(i.compiles for i in built.impls):
         import torch._dynamo
 

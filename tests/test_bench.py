@@ -56,6 +56,54 @@ def test_wrong_kernel_is_reported_not_timed():
     assert all("speedup" not in r for r in rows)
 
 
+def test_interleaved_timing_rounds_and_gc():
+    import gc
+
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    stats = common.time_interleaved(fns, "cpu", min_time=0.0, warmup=1, min_samples=3,
+                                    rounds=4)
+    assert set(stats) == {"a", "b"}
+    assert all(s["median_ms"] >= 0 and s["p20_ms"] <= s["p80_ms"] for s in stats.values())
+    timed = calls[2:]  # after one warm-up call each
+    # Rounds alternate the functions; the last round tops each up to min_samples.
+    assert timed[:6] == ["a", "b", "a", "b", "a", "b"]
+    assert timed.count("a") >= 3 and timed.count("b") >= 3
+    assert gc.isenabled()
+
+    def boom():
+        raise RuntimeError("x")
+
+    with pytest.raises(RuntimeError):
+        common.time_interleaved({"a": fns["a"], "boom": boom}, "cpu", min_time=0.0, warmup=0)
+    assert gc.isenabled()
+
+
+def test_a_failing_implementation_leaves_the_others_timed():
+    opts = _opts()
+    case = ops.dw_case(8, 6, 3, 1, "relu6", 2, "fwd", opts)
+    built = case.build
+    state = {"n": 0}
+
+    def flaky():  # passes verification, then raises while timed
+        b = built()
+        nchw = next(i for i in b.impls if i.name == "eager_nchw")
+        run = nchw.run
+
+        def run_then_fail():
+            state["n"] += 1
+            if state["n"] > 1:
+                raise RuntimeError("flaky")
+            return run()
+        nchw.run = run_then_fail
+        return b
+    case.build = flaky
+    rows = {r["impl"]: r for r in harness.run_case(case, "cpu", 0.0, harness.CompileBudget(0),
+                                                   min_samples=2)}
+    assert rows["eager_nchw"]["verified"].startswith("ERROR")
+    assert rows[harness.OURS]["median_ms"] > 0 and rows["eager_cl"]["speedup"] > 0
+
+
 def test_old_csv_is_migrated(tmp_path):
     path = tmp_path / "cpu-old.csv"
     path.write_text("timestamp,op,median_ms,speedup_vs\n2000,dwconv_bn_act,1.5,\n")
