@@ -16,7 +16,8 @@
 //
 // Passes (each an at::parallel_for over image rows; every reduction is split into chunks fixed
 // by the problem and combined in chunk order, so the bits do not depend on the thread count):
-//   forward, eval      conv with the BN scale folded into the weights -> + shift -> act -> out.
+//   forward, eval      conv with the BN scale folded into the weights -> + shift -> act -> out
+//                      (outputs larger than the threads' caches: streaming stores, stream_results).
 //   forward, training  (1) y = conv(x) into the output buffer (fp32 scratch for fp16/bf16) and
 //                      cpu::ChannelStats over fixed runs of output rows; (2) out = act(y * scale
 //                      + shift) elementwise, in place (scale/shift from fold_bn).
@@ -165,6 +166,7 @@ struct ConvParams {
   const A* w;      // weights [kh][kw][c]; the BN scale is folded in for the output pass
   const A* shift;  // [c], added before the activation (zeros for the raw conv)
   Act act;         // Identity for the raw conv
+  bool stream;     // streaming stores (stream_results) for the fast path's output lines
   // W * sw zeros: stands in for the window rows above and below the image in the fast path,
   // whose unrolled loops cannot afford a row check (it cost 30%).
   const T* zero_row;
@@ -202,6 +204,21 @@ EFFK_INLINE void store_act(std::integral_constant<int, L>, O* out, const Vec<A, 
   store<A, L>(z, acc + load<A, L>(shift));
 #pragma omp simd
   for (int i = 0; i < L; ++i) out[i] = static_cast<O>(act_forward<ACT>(z[i]));
+}
+
+// The same for a line of 16 fp32 results, written around the caches (stream_results) when
+// `stream` and out is line-aligned.
+template <Act ACT>
+EFFK_INLINE void store_act(std::integral_constant<int, 16> lanes, float* out,
+                           const Vec<float, 16>& acc, const float* shift, bool stream) {
+  if (stream) {
+    float z[16];
+    store<float, 16>(z, acc + load<float, 16>(shift));
+#pragma omp simd
+    for (int i = 0; i < 16; ++i) z[i] = act_forward<ACT>(z[i]);
+    if (stream_line(out, z)) return;
+  }
+  store_act<ACT>(lanes, out, acc, shift);
 }
 
 // P output pixels from column ow, channels [c, c + B*L) of output row `out`.
@@ -303,7 +320,7 @@ EFFK_INLINE void conv_tile_k(const ConvParams<T>& p, const T* xn, O* out, int64_
   EFFK_DISPATCH_ACT(p.act, [&] {
     for (int q = 0; q < P; ++q)
       if (!EDGE || q < pixels)
-        store_act<ACT>(Lanes{}, out + (ow + q) * p.ldo + c, acc[q], p.shift + c);
+        store_act<ACT>(Lanes{}, out + (ow + q) * p.ldo + c, acc[q], p.shift + c, p.stream);
   });
 }
 
@@ -629,7 +646,7 @@ std::vector<ConvParams<T>> conv_params(const DwGeometry& g, const std::vector<Gr
   for (const Group& gr : gs)
     ps.push_back({group_geometry(g, gr), gr.c0, xc.data_ptr<T>() + gr.c0, xc.stride(0),
                   xc.stride(2), xc.stride(3), g.C, w + gr.woff, shift + gr.c0, act,
-                  zeros.data()});
+                  false, zeros.data()});
   return ps;
 }
 
@@ -708,9 +725,12 @@ void forward_impl(const DwGeometry& g, const std::vector<Group>& gs, const at::T
   }
   // Eval: BN folded into the weights (scale) and the epilogue (shift).
   const std::vector<A> w = pack_weights<T>(weights, gs, scale.data());
-  const auto ps = conv_params<T>(g, gs, xc, w.data(), shift.data(), act, zrow);
+  auto ps = conv_params<T>(g, gs, xc, w.data(), shift.data(), act, zrow);
+  const bool stream = stream_results(rows * row_elems * static_cast<int64_t>(sizeof(T)));
+  for (ConvParams<T>& p : ps) p.stream = stream;
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) conv_layer_row(ps, r / g.Ho, r % g.Ho, op + r * row_elems);
+    stream_fence();
   });
 }
 
