@@ -330,8 +330,9 @@ EFFK_INLINE void conv_tile_k(const ConvParams<T>& p, const T* xn, O* out, int64_
 // K <= 5). Window rows outside the image read p.zero_row: the unrolled loops cannot afford a
 // row check (it cost 30%). k=3/5 layers ran 1.4-1.7x faster than the generic step, k=7/9 1.1x;
 // on 7x7/14x14 rows the edge tiles (instead of generic border pixels, 3 of 7 columns) another
-// ~1.3x. A function of its own (one call per row): inlined into the big flattened conv_row,
-// its k=5 code lost 40% to register allocation.
+// 5-10%. Tried without gain: 8-pixel tiles for k=3 (1.2x slower on 14x14-56x56 layers), the
+// activation as a template parameter (no per-tile switch). A function of its own (one call per
+// row): inlined into the big flattened conv_row, its k=5 code lost 40% to register allocation.
 template <int K, int S, typename T, typename O>
 EFFK_CPU_CLONES void conv_row_k(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0) {
   constexpr int L = kLanes<float>, P = kTile;
