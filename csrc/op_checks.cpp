@@ -17,6 +17,13 @@ void check_float_input(const char* op, const char* name, const at::Tensor& t, in
               op, ": ", name, " must be float32, float64, float16 or bfloat16; got ", st);
 }
 
+// Only the batch may be empty: F.conv2d refuses an empty C, H or W, and so does the Python API.
+void check_nonempty(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0, op,
+              ": x must have at least one channel and non-empty H and W (only N may be 0, as "
+              "for torch.nn.functional.conv2d); got shape ", x.sizes());
+}
+
 void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
               " like x; got ", t.device());
@@ -88,6 +95,7 @@ std::pair<int64_t, int64_t> check_mixconv_groups(const char* op, const at::Tenso
                                                  at::TensorList weights, int64_t stride,
                                                  int64_t dilation) {
   check_float_input(op, "x", x, 4);
+  check_nonempty(op, x);
   TORCH_CHECK(!weights.empty(), op, ": weights must hold at least one (C_i, 1, k_i, k_i) tensor");
   int64_t total = 0;
   std::pair<int64_t, int64_t> out_hw{-1, -1};
@@ -132,6 +140,7 @@ std::pair<DwGeometry, Act> check_dwconv_forward(
     const std::optional<at::Tensor>& running_var, int64_t stride, int64_t padding,
     int64_t dilation, c10::string_view act, bool training) {
   check_float_input(op, "x", x, 4);
+  check_nonempty(op, x);
   const DwGeometry g = check_dwconv_args(op, x, weight, x.size(1), stride, padding, dilation);
   check_bn_args(op, x, g.C, bn_weight, bn_bias, running_mean, running_var, training);
   check_training_count(op, g.N * g.Ho * g.Wo, training);
@@ -162,8 +171,11 @@ PwProblem check_pwconv_common(const char* op, const at::Tensor& x, const at::Ten
                               const std::optional<at::Tensor>& residual, c10::string_view act,
                               bool training, double eps) {
   check_float_input(op, "x", x, 4);
+  check_nonempty(op, x);
   check_float_input(op, "weight", weight, 4);
   check_same(op, "weight", weight, x);
+  EFFK_CHECK(op, weight.size(0) >= 1,
+             "weight must have shape (Cout, Cin, 1, 1) with Cout >= 1; got ", weight.sizes());
   PwProblem pb{};
   pb.N = x.size(0);
   pb.Cin = x.size(1);
@@ -263,6 +275,7 @@ IrProblem check_inverted_residual_inference(const char* op, const at::Tensor& x,
                                             c10::string_view act, c10::string_view se_act,
                                             c10::string_view se_gate, bool skip, double eps) {
   check_float_input(op, "x", x, 4);
+  check_nonempty(op, x);
   check_ir_stage(op, "expand", expand, true);
   check_ir_stage(op, "depthwise", depthwise, false);
   check_ir_stage(op, "project", project, false);

@@ -155,3 +155,39 @@ def test_calls_autograd_would_not_record_go_straight_to_the_kernel():
     direct = ops._call("cpu", "pwconv_bn_act", *args)[0]
     full = torch.ops.effkernels.pwconv_bn_act(*args)[0]
     assert torch.equal(direct, full)
+
+
+def test_eval_calls_skip_the_python_checks_and_bad_ones_still_name_the_argument(monkeypatch):
+    """Eval calls that go straight to a CPU kernel (ops._eval_direct) leave the argument checks
+    to the C++ op; an input it refuses takes the checked Python path, whose error names the
+    argument (ValueError/TypeError, not the kernel's RuntimeError)."""
+    from effkernels import _checks, ops
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 1, 3, 3)
+    g, b, rm, rv = torch.rand(6) + 0.5, torch.randn(6), torch.randn(6), torch.rand(6) + 0.5
+    with torch.no_grad(), effkernels.backend("cpu"):
+        checked = ops.dwconv_bn_act(x, w, g, b, rm, rv, stride=2)
+        calls = []
+        monkeypatch.setattr(_checks, "depthwise", lambda *a, **k: calls.append(a))
+        fast = ops.dwconv_bn_act(x, w, g, b, rm, rv, stride=2)
+        assert calls == [] and torch.equal(fast, checked)
+        # Refused by the C++ op, then by the (restored) Python check with its own message.
+        monkeypatch.undo()
+        for bad, match in (
+                (dict(stride=3), "stride must be 1 or 2"),
+                (dict(x=torch.randn(2, 0, 5, 7)), "at least one channel"),
+                (dict(w=w[:4]), r"weight must have shape \(C, 1, k, k\)"),
+                (dict(act="gelu"), "act must be one of")):
+            kw = {**dict(x=x, w=w, stride=1, act="relu6"), **bad}
+            with pytest.raises((ValueError, TypeError), match=match):
+                ops.dwconv_bn_act(kw["x"], kw["w"], g, b, rm, rv, stride=kw["stride"],
+                                  act=kw["act"])
+        # Cout = 0 and empty H/W: refused by the C++ op itself too (direct torch.ops calls).
+        with pytest.raises(RuntimeError, match="Cout >= 1"):
+            torch.ops.effkernels.pwconv_bn_act(x, torch.randn(0, 6, 1, 1), g[:0], b[:0], rm[:0],
+                                               rv[:0], None, "relu", False, 1e-5)
+        with pytest.raises(RuntimeError, match="non-empty H and W"):
+            torch.ops.effkernels.dwconv_bn_act(x[:, :, :0], w, g, b, rm, rv, 1, 1, 1, "relu",
+                                               False, 1e-5)
