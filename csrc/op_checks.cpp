@@ -91,6 +91,9 @@ DwGeometry check_dwconv_args(const char* op, const at::Tensor& x, const at::Tens
   return g;
 }
 
+namespace {
+
+// The groups of a mixconv layer; returns the output size (Ho, Wo) they share.
 std::pair<int64_t, int64_t> check_mixconv_groups(const char* op, const at::Tensor& x,
                                                  at::TensorList weights, int64_t stride,
                                                  int64_t dilation) {
@@ -114,6 +117,17 @@ std::pair<int64_t, int64_t> check_mixconv_groups(const char* op, const at::Tenso
               x.size(1), "; got ", total);
   return out_hw;
 }
+
+// grad_out: floating, on x's device with x's dtype, of the forward output's shape.
+void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                    at::IntArrayRef shape) {
+  check_float_input(op, "grad_out", grad_out, 4);
+  check_same(op, "grad_out", grad_out, x);
+  EFFK_CHECK(op, grad_out.sizes() == shape, "grad_out must have shape (", shape[0], ", ",
+             shape[1], ", ", shape[2], ", ", shape[3], "); got ", grad_out.sizes());
+}
+
+}  // namespace
 
 void check_saved_stats(const char* op, const at::Tensor& x, int64_t channels,
                        const at::Tensor& mean, const at::Tensor& var) {
@@ -157,12 +171,33 @@ std::pair<DwGeometry, Act> check_dwconv_backward(
   check_bn_args(op, x, g.C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
   check_saved_stats(op, x, g.C, mean, var);
   check_training_count(op, g.N * g.Ho * g.Wo, training);
-  check_float_input(op, "grad_out", grad_out, 4);
-  check_same(op, "grad_out", grad_out, x);
-  EFFK_CHECK(op, grad_out.sizes() == at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}),
-             "grad_out must have shape (", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "); got ",
-             grad_out.sizes());
+  check_grad_out(op, grad_out, x, {g.N, g.C, g.Ho, g.Wo});
   return {g, parse_act(op, act)};
+}
+
+MixProblem check_mixconv_forward(const char* op, const at::Tensor& x, at::TensorList weights,
+                                 const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                 const std::optional<at::Tensor>& running_mean,
+                                 const std::optional<at::Tensor>& running_var, int64_t stride,
+                                 int64_t dilation, c10::string_view act, bool training) {
+  const auto [ho, wo] = check_mixconv_groups(op, x, weights, stride, dilation);
+  check_bn_args(op, x, x.size(1), bn_weight, bn_bias, running_mean, running_var, training);
+  check_training_count(op, x.size(0) * ho * wo, training);
+  return {ho, wo, parse_act(op, act)};
+}
+
+MixProblem check_mixconv_backward(const char* op, const at::Tensor& grad_out,
+                                  const at::Tensor& x, at::TensorList weights,
+                                  const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                  const at::Tensor& mean, const at::Tensor& var, int64_t stride,
+                                  int64_t dilation, c10::string_view act, bool training) {
+  const auto [ho, wo] = check_mixconv_groups(op, x, weights, stride, dilation);
+  const int64_t C = x.size(1);
+  check_bn_args(op, x, C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
+  check_saved_stats(op, x, C, mean, var);
+  check_training_count(op, x.size(0) * ho * wo, training);
+  check_grad_out(op, grad_out, x, {x.size(0), C, ho, wo});
+  return {ho, wo, parse_act(op, act)};
 }
 
 namespace {

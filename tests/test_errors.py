@@ -107,3 +107,9 @@ def test_direct_op_calls_are_checked_in_cpp():
     mix = torch.ops.effkernels.mixconv_bn_act
     with pytest.raises(RuntimeError, match="must sum to C"):
         mix(x, [torch.randn(2, 1, 3, 3)], g, b, rm, rv, 1, 1, "relu", False, 1e-5)
+    mix_bwd = torch.ops.effkernels.mixconv_bn_act_backward
+    ws = [torch.randn(3, 1, 3, 3), torch.randn(3, 1, 5, 5)]
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape \(2, 6, 8, 8\)"):
+        mix_bwd(torch.randn(2, 6, 7, 8), x, ws, g, b, rm, rv, 1, 1, "relu", True, 1e-5)
+    with pytest.raises(RuntimeError, match="mean must"):
+        mix_bwd(torch.randn(2, 6, 8, 8), x, ws, g, b, rm[:2], rv, 1, 1, "relu", True, 1e-5)

@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "dwconv_bn_act.h"
-#include "effkernels/checks.h"
 #include "effkernels/op_checks.h"
 
 namespace effkernels::cpu {
@@ -41,14 +40,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixconv_bn_act(
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, int64_t dilation,
     c10::string_view act, bool training, double eps) {
-  constexpr const char* op = "mixconv_bn_act";
-  const auto [ho, wo] = check_mixconv_groups(op, x, weights, stride, dilation);
-  check_bn_args(op, x, x.size(1), bn_weight, bn_bias, running_mean, running_var, training);
-  check_training_count(op, x.size(0) * ho * wo, training);
-  const Act a = parse_act(op, act);
-  const auto [g, pads] = mix_geometry(x, weights, ho, wo, stride, dilation);
+  const MixProblem mp = check_mixconv_forward("mixconv_bn_act", x, weights, bn_weight, bn_bias,
+                                              running_mean, running_var, stride, dilation, act,
+                                              training);
+  const auto [g, pads] = mix_geometry(x, weights, mp.Ho, mp.Wo, stride, dilation);
   return depthwise_groups_forward(g, x, weights, pads, bn_weight, bn_bias, running_mean,
-                                  running_var, a, training, eps);
+                                  running_var, mp.act, training, eps);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixconv_bn_act_backward(
@@ -56,21 +53,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixconv_
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
     const at::Tensor& var, int64_t stride, int64_t dilation, c10::string_view act,
     bool training, double eps) {
-  constexpr const char* op = "mixconv_bn_act_backward";
-  const auto [ho, wo] = check_mixconv_groups(op, x, weights, stride, dilation);
-  const int64_t C = x.size(1);
-  check_bn_args(op, x, C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
-  check_saved_stats(op, x, C, mean, var);
-  check_training_count(op, x.size(0) * ho * wo, training);
-  check_float_input(op, "grad_out", grad_out, 4);
-  check_same(op, "grad_out", grad_out, x);
-  EFFK_CHECK(op, grad_out.sizes() == at::IntArrayRef({x.size(0), C, ho, wo}),
-             "grad_out must have shape (", x.size(0), ", ", C, ", ", ho, ", ", wo, "); got ",
-             grad_out.sizes());
-  const Act a = parse_act(op, act);
-  const auto [g, pads] = mix_geometry(x, weights, ho, wo, stride, dilation);
+  const MixProblem mp =
+      check_mixconv_backward("mixconv_bn_act_backward", grad_out, x, weights, bn_weight,
+                             bn_bias, mean, var, stride, dilation, act, training);
+  const auto [g, pads] = mix_geometry(x, weights, mp.Ho, mp.Wo, stride, dilation);
   return depthwise_groups_backward(g, grad_out, x, weights, pads, bn_weight, bn_bias, mean,
-                                   var, a, training, eps);
+                                   var, mp.act, training, eps);
 }
 
 TORCH_LIBRARY_IMPL(effkernels, CPU, m) {

@@ -110,16 +110,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixconv_bn_act(
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, int64_t stride, int64_t dilation,
     c10::string_view act, bool training, double eps) {
-  constexpr const char* op = "mixconv_bn_act";
-  const auto [ho, wo] = check_mixconv_groups(op, x, weights, stride, dilation);
-  check_bn_args(op, x, x.size(1), bn_weight, bn_bias, running_mean, running_var, training);
-  check_training_count(op, x.size(0) * ho * wo, training);
-  const Act a = parse_act(op, act);
+  const MixProblem mp = check_mixconv_forward("mixconv_bn_act", x, weights, bn_weight, bn_bias,
+                                              running_mean, running_var, stride, dilation, act,
+                                              training);
   const c10::cuda::CUDAGuard guard(x.device());
-  const MixLayout m = mix_layout(x, weights, stride, dilation, ho, wo);
+  const MixLayout m = mix_layout(x, weights, stride, dilation, mp.Ho, mp.Wo);
   const at::Tensor wpack = pack_weights(weights, m, acc_dtype(x.scalar_type()));
-  return dw_forward(x, wpack, m.L, bn_weight, bn_bias, running_mean, running_var, a, training,
-                    eps);
+  return dw_forward(x, wpack, m.L, bn_weight, bn_bias, running_mean, running_var, mp.act,
+                    training, eps);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixconv_bn_act_backward(
@@ -127,23 +125,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixconv_
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
     const at::Tensor& var, int64_t stride, int64_t dilation, c10::string_view act,
     bool training, double eps) {
-  constexpr const char* op = "mixconv_bn_act_backward";
-  const auto [ho, wo] = check_mixconv_groups(op, x, weights, stride, dilation);
-  check_bn_args(op, x, x.size(1), bn_weight, bn_bias, std::nullopt, std::nullopt,
-                /*training=*/true);
-  check_saved_stats(op, x, x.size(1), mean, var);
-  check_training_count(op, x.size(0) * ho * wo, training);
-  check_float_input(op, "grad_out", grad_out, 4);
-  check_same(op, "grad_out", grad_out, x);
-  EFFK_CHECK(op, grad_out.sizes() == at::IntArrayRef({x.size(0), x.size(1), ho, wo}),
-             "grad_out must have shape (", x.size(0), ", ", x.size(1), ", ", ho, ", ", wo,
-             "); got ", grad_out.sizes());
-  const Act a = parse_act(op, act);
+  const MixProblem mp =
+      check_mixconv_backward("mixconv_bn_act_backward", grad_out, x, weights, bn_weight,
+                             bn_bias, mean, var, stride, dilation, act, training);
   const c10::cuda::CUDAGuard guard(x.device());
-  const MixLayout m = mix_layout(x, weights, stride, dilation, ho, wo);
+  const MixLayout m = mix_layout(x, weights, stride, dilation, mp.Ho, mp.Wo);
   const at::Tensor wpack = pack_weights(weights, m, acc_dtype(x.scalar_type()));
   auto [grad_x, grad_packed, grad_gamma, grad_beta] =
-      dw_backward(grad_out, x, wpack, m.L, bn_weight, bn_bias, mean, var, a, training, eps);
+      dw_backward(grad_out, x, wpack, m.L, bn_weight, bn_bias, mean, var, mp.act, training, eps);
   const at::Tensor flat = grad_packed.index_select(0, m.unpack_idx);
   std::vector<at::Tensor> grad_weights;
   int64_t e0 = 0;

@@ -30,12 +30,6 @@ DwGeometry check_dwconv_args(const char* op, const at::Tensor& x, const at::Tens
                              int64_t channels, int64_t stride,
                              int64_t padding, int64_t dilation);
 
-// mixconv: x (N, C, H, W); weights[i] (C_i, 1, k_i, k_i) with odd k_i, padding
-// dilation * (k_i - 1) / 2, sum C_i == C. Returns the output size (Ho, Wo) shared by the groups.
-std::pair<int64_t, int64_t> check_mixconv_groups(const char* op, const at::Tensor& x,
-                                                 at::TensorList weights, int64_t stride,
-                                                 int64_t dilation);
-
 // Backward ops: the saved statistics (mean, var) are floating, (channels,), on x's device.
 void check_saved_stats(const char* op, const at::Tensor& x, int64_t channels,
                        const at::Tensor& mean, const at::Tensor& var);
@@ -58,6 +52,24 @@ std::pair<DwGeometry, Act> check_dwconv_backward(
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
     const at::Tensor& var, int64_t stride, int64_t padding, int64_t dilation,
     c10::string_view act, bool training);
+
+// Every argument of mixconv_bn_act / mixconv_bn_act_backward (one sequence for every backend):
+// x (N, C, H, W); weights[i] (C_i, 1, k_i, k_i) with odd k_i, padding dilation * (k_i - 1) / 2,
+// sum C_i == C. Returns the output size (Ho, Wo) shared by the groups and the activation.
+struct MixProblem {
+  int64_t Ho, Wo;
+  Act act;
+};
+MixProblem check_mixconv_forward(const char* op, const at::Tensor& x, at::TensorList weights,
+                                 const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                 const std::optional<at::Tensor>& running_mean,
+                                 const std::optional<at::Tensor>& running_var, int64_t stride,
+                                 int64_t dilation, c10::string_view act, bool training);
+MixProblem check_mixconv_backward(const char* op, const at::Tensor& grad_out,
+                                  const at::Tensor& x, at::TensorList weights,
+                                  const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                  const at::Tensor& mean, const at::Tensor& var, int64_t stride,
+                                  int64_t dilation, c10::string_view act, bool training);
 
 // pwconv_bn_act: the problem as the backends see it (M = N * H * W pixels).
 struct PwProblem {
