@@ -209,16 +209,13 @@ EFFK_INLINE void store_act(std::integral_constant<int, L>, O* out, const Vec<A, 
 // The same for a line of 16 fp32 results, written around the caches (stream_results) when
 // `stream` and out is line-aligned.
 template <Act ACT>
-EFFK_INLINE void store_act(std::integral_constant<int, 16> lanes, float* out,
+EFFK_INLINE void store_act(std::integral_constant<int, 16>, float* out,
                            const Vec<float, 16>& acc, const float* shift, bool stream) {
-  if (stream) {
-    float z[16];
-    store<float, 16>(z, acc + load<float, 16>(shift));
+  float z[16];
+  store<float, 16>(z, acc + load<float, 16>(shift));
 #pragma omp simd
-    for (int i = 0; i < 16; ++i) z[i] = act_forward<ACT>(z[i]);
-    if (stream_line(out, z)) return;
-  }
-  store_act<ACT>(lanes, out, acc, shift);
+  for (int i = 0; i < 16; ++i) z[i] = act_forward<ACT>(z[i]);
+  if (!(stream && stream_line(out, z))) std::memcpy(out, z, sizeof(z));
 }
 
 // P output pixels from column ow, channels [c, c + B*L) of output row `out`.
@@ -393,13 +390,13 @@ template <typename T, typename O>
 EFFK_CPU_CLONES void conv_row(const ConvParams<T>& p, int64_t n, int64_t oh, O* out) {
   const DwGeometry& g = p.g;
   const int64_t ih0 = oh * g.stride - g.pad;
+  const T* xn = p.x + n * p.sn;
+  if (conv_row_fast(p, xn, out, ih0)) return;
   const TapRange kh = tap_range(ih0, g.H, g.K, g.dil);
   // Output columns [ow_lo, ow_hi) have all their taps inside the row.
   const int64_t ow_lo = std::min(g.Wo, (g.pad + g.stride - 1) / g.stride);
   const int64_t last = g.W - 1 - (g.K - 1) * g.dil + g.pad;
   const int64_t ow_hi = std::max(ow_lo, last >= 0 ? std::min(g.Wo, last / g.stride + 1) : 0);
-  const T* xn = p.x + n * p.sn;
-  if (conv_row_fast(p, xn, out, ih0)) return;
   const TapRange all{0, g.K};
   const int64_t ow_tiles = ow_lo + (ow_hi - ow_lo) / kTile * kTile;
   for (int64_t ow = ow_lo; ow < ow_tiles; ow += kTile) {
