@@ -33,10 +33,11 @@ namespace effkernels::cpu {
 // around the caches: when they exceed what the working threads' caches can keep for the next
 // layer anyway (each thread's L2 plus a typical 2 MB share of the L3), a normal store costs a
 // read for ownership of every line from memory too. Measured (dwconv eval, N=8, 2 threads,
-// alternating): 1.35-1.8x on 9.6-14.4 MB outputs; 1.03-1.09x on 1-2 MB ones, which stay cached
-// for the next layer instead. (The pointwise epilogue, whose 64-column blocks were streamed the
-// same way, ran 1.6-3x slower on 14-38 MB outputs, with or without its write prefetches; not
-// understood, not used there.) EFFK_CPU_STREAM=0 turns it off, =1 on for every size.
+// by an ad-hoc script alternating the setting, not in bench/): 1.35-1.8x on 9.6-14.4 MB
+// outputs; 1.03-1.09x on 1-2 MB ones, which stay cached for the next layer instead. (The
+// pointwise epilogue, whose 64-column blocks were streamed the same way, ran 1.6-3x slower on
+// 14-38 MB outputs, with or without its write prefetches; not understood, not used there.)
+// EFFK_CPU_STREAM=0 turns it off, =1 on for every size.
 inline bool stream_results(int64_t bytes) {
 #if EFFK_CPU_STREAM_STORES
   static const int64_t mode = [] {
