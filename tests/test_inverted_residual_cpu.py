@@ -149,8 +149,10 @@ def test_fused_eps_and_forced_no_skip():
     assert_close(out, ref, torch.float32, "out")
 
 
+# At N=1 with 2 or 3 threads the small maps take the channel-sliced two-phase path (hidden
+# channels split over the threads, project split by output panels); 1 thread never does.
 @pytest.mark.parametrize("case", ["mbv2_s1_skip", "k5_s1_se_skip", "odd_7x11_s2_se", "dil2",
-                                  "k7_s2"])
+                                  "k7_s2", "k7_s1", "k9_generic", "wide_7x7_960"])
 @pytest.mark.parametrize("n", [1, 3])
 def test_threads_bitwise(case, n):
     x, block, kw = _args(case, torch.float32, "channels_last")

@@ -33,7 +33,11 @@
 //
 // Threads: OpenMP (at::parallel_for) over (image, band); bands are only cut when there are fewer
 // images than the work split wants (one boundary costs dilation*(k-1) recomputed hidden rows).
-// Every value is computed by the same code in the same order whatever the band or thread (the
+// With fewer images than threads on small maps, where those recomputed rows would be more than
+// 1/8 of the image (batch 1 from 28x28 down), phase A is split by slices of the hidden channels
+// instead and the block takes the two-phase path even without SE; phase B splits the output
+// channel panels too when the pixel chunks alone would leave a thread idle (a 7x7 map is one
+// chunk). Every value is computed by the same code in the same order whatever the band or thread (the
 // GEMMs are one FMA chain over k per output; the SE sums are per row, combined in row order), so
 // the results are bitwise independent of the thread count.
 //
@@ -45,6 +49,8 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -116,6 +122,7 @@ struct DwArgs {
   A* out;                // [Wo][Cp]
   A* sums;               // [Cp]: sum over the row of out (SE), or null
   int64_t Wo, Cp, K, stride, dil;
+  int64_t c0, c1;        // the channels to compute (whole vectors; [0, Cp) or a slice)
   Act act;
 };
 
@@ -123,7 +130,7 @@ struct DwArgs {
 template <class A>
 EFFK_INLINE void row_sums(const DwArgs<A>& a) {
   constexpr int L = kLanes<A>;
-  for (int64_t c = 0; c < a.Cp; c += L) {
+  for (int64_t c = a.c0; c < a.c1; c += L) {
     CV<A> s = {};
     for (int64_t ow = 0; ow < a.Wo; ++ow) s += vload(a.out + ow * a.Cp + c);
     std::memcpy(a.sums + c, &s, sizeof(s));
@@ -140,7 +147,7 @@ struct DwRowFast {
   static void run(const Args& a) {
     constexpr int L = kLanes<A>, P = 4;
     const int64_t Cp = a.Cp, Wo4 = a.Wo / P * P;
-    for (int64_t c = 0; c < Cp; c += L) {
+    for (int64_t c = a.c0; c < a.c1; c += L) {
       CV<A> w[K][K];
 #pragma GCC unroll 16
       for (int i = 0; i < K; ++i)
@@ -188,7 +195,7 @@ struct DwRowGeneric {
   static void run(const Args& a) {
     constexpr int L = kLanes<A>;
     const int64_t Cp = a.Cp;
-    for (int64_t c = 0; c < Cp; c += L) {
+    for (int64_t c = a.c0; c < a.c1; c += L) {
       for (int64_t ow = 0; ow < a.Wo; ++ow) {
         CV<A> acc = {};
         for (int64_t i = 0; i < a.K; ++i) {
@@ -332,6 +339,12 @@ void fold(at::TensorList stage, double eps, std::vector<A>& scale, std::vector<A
   }
 }
 
+// A slice of the hidden channels: depthwise channels [c0, c1) (whole vectors) and the expand
+// panels [j0, j1) that produce them.
+struct HiddenSlice {
+  int64_t c0, c1, j0, j1;
+};
+
 // One task's working set.
 template <class T, class A>
 class Worker {
@@ -349,16 +362,19 @@ class Worker {
     if (g_.has_expand) tile_ = thread_scratch<A>(kTileA, (kChunkPixels + 12) * p_.ldx);
     if (!g_.has_se) {
       // Rows past a step's pixels are read by the GEMM's last block: keep them finite.
+      // (Only the one-phase path uses them.)
       dw_rows_ = thread_scratch<A>(kDwRows, step_rows * g_.Cp);
       std::fill(dw_rows_, dw_rows_ + step_rows * g_.Cp, A(0));
     }
     ptrs_.resize(step_rows);
   }
 
-  // Output rows [oh0, oh1) of image n. Without SE they are projected and stored; with SE the
-  // depthwise rows go to dw_image (image n's [Ho*Wo][Cp] buffer) and their channel sums to
-  // row_sums ([Ho][Cp]).
-  void band(int64_t n, int64_t oh0, int64_t oh1, A* dw_image, A* row_sums) {
+  // Output rows [oh0, oh1) of image n, the hidden channels of `slice`. One-phase (dw_image
+  // null; all channels): they are projected and stored. Two-phase: the depthwise rows go to
+  // dw_image (image n's [Ho*Wo][Cp] buffer) and, with SE, their channel sums to row_sums
+  // ([Ho][Cp]).
+  void band(int64_t n, int64_t oh0, int64_t oh1, A* dw_image, A* row_sums,
+            const HiddenSlice& slice) {
     int64_t next_ih = std::numeric_limits<int64_t>::min();
     const int64_t reach = g_.dil * (g_.K - 1);
     for (int64_t oh = oh0; oh < oh1; oh += g_.G) {
@@ -366,7 +382,7 @@ class Worker {
       const int64_t lo = oh * g_.stride - g_.pad, hi = (oh + rows - 1) * g_.stride - g_.pad + reach;
       const int64_t r0 = std::max({lo, next_ih, int64_t(0)}), r1 = std::min(hi, g_.H - 1);
       if (r0 <= r1) {
-        hidden_rows(n, r0, r1);
+        hidden_rows(n, r0, r1, slice);
         next_ih = r1 + 1;
       }
       A* dst = dw_image ? dw_image + oh * g_.Wo * g_.Cp : dw_rows_;
@@ -379,6 +395,8 @@ class Worker {
       a.stride = g_.stride;
       a.dil = g_.dil;
       a.act = g_.act;
+      a.c0 = slice.c0;
+      a.c1 = slice.c1;
       for (int64_t q = 0; q < rows; ++q) {
         const int64_t ih0 = (oh + q) * g_.stride - g_.pad;
         for (int64_t i = 0; i < g_.K; ++i) {
@@ -389,13 +407,15 @@ class Worker {
         a.sums = row_sums ? row_sums + (oh + q) * g_.Cp : nullptr;
         p_.dw(a);
       }
-      if (!dw_image) project(n, oh * g_.Wo, rows * g_.Wo, dw_rows_, p_.pp);
+      if (!dw_image) project(n, oh * g_.Wo, rows * g_.Wo, dw_rows_, p_.pp, 0, p_.npp);
     }
   }
 
-  // Output pixels [p0, p0 + M) of image n (row-major over Ho x Wo) = project(a rows) + shift
-  // (+ x). `a` is readable (finite) for round_up(M, 12) rows of Cp.
-  void project(int64_t n, int64_t p0, int64_t M, const A* a, const A* panels) {
+  // Output pixels [p0, p0 + M) of image n (row-major over Ho x Wo), the output channels of
+  // panels [j0, j1) = project(a rows) + shift (+ x). `a` is readable (finite) for
+  // round_up(M, 12) rows of Cp.
+  void project(int64_t n, int64_t p0, int64_t M, const A* a, const A* panels, int64_t j0,
+               int64_t j1) {
     const int NR = p_.gp.NR;
     T* out = p_.out + (n * g_.Ho * g_.Wo + p0) * g_.Cout;
     if (g_.skip) {
@@ -404,7 +424,7 @@ class Worker {
         res_[r] = p_.x + n * p_.sN + h * p_.sH + w * p_.sW;
       }
     }
-    for (int64_t j = 0; j < p_.npp; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       p_.gp.fn({g_.C, a, g_.Cp, M, panels + j * g_.C * NR, block_, NR});
       ProjectEpiArgs<T, A> e{block_, NR, M, j * NR, std::min<int64_t>(NR, g_.Cout - j * NR),
                              p_.shift_p.data(), out, g_.Cout, res_.data()};
@@ -415,8 +435,9 @@ class Worker {
  private:
   A* ring_row(int64_t ih) const { return ring_ + (ih % g_.ring_rows) * g_.Wp * g_.Cp; }
 
-  // Hidden rows [r0, r1] of image n into the ring.
-  void hidden_rows(int64_t n, int64_t r0, int64_t r1) {
+  // Hidden rows [r0, r1] of image n into the ring (the slice's channels; all of them without
+  // an expand stage).
+  void hidden_rows(int64_t n, int64_t r0, int64_t r1, const HiddenSlice& slice) {
     const int64_t total = (r1 - r0 + 1) * g_.W;
     const T* xn = p_.x + n * p_.sN;
     for (int64_t p0 = 0; p0 < total; p0 += kChunkPixels) {
@@ -435,7 +456,7 @@ class Worker {
       if (!g_.has_expand) continue;
       const int NR = p_.ge.NR;
       std::fill(tile_ + M * p_.ldx, tile_ + (M + 12) * p_.ldx, A(0));
-      for (int64_t j = 0; j < p_.npe; ++j) {
+      for (int64_t j = slice.j0; j < slice.j1; ++j) {
         p_.ge.fn({g_.Cin, tile_, p_.ldx, M, p_.pe + j * g_.Cin * NR, block_, NR});
         p_.expand_epi({block_, NR, M, j * NR, std::min<int64_t>(NR, g_.C - j * NR),
                        p_.shift_e.data(), ptrs_.data(), g_.act});
@@ -465,9 +486,11 @@ int64_t bands_per_image(int64_t images, int64_t rows) {
 
 // Squeeze-excite's two small layers on one image's pooled means, in double:
 // gate = se_gate(W2 @ se_act(W1 @ pooled + b1) + b2). The weights are read in their own dtype
-// (no per-call converted copies). Every output sums its inputs in index order; kRowsAtOnce
-// outputs are summed together so that their chains of adds overlap (one chain at a time is
-// bound by the add latency: ~2M dependent adds per MobileNetV3-Large image).
+// (no per-call converted copies). Each output is one fixed order of adds, whatever the ISA or
+// thread: kLanes partial sums over the inputs (input c into partial c % kLanes; independent
+// chains the compiler turns into vector adds), then the tail, the bias and the partials in
+// order. One chain of adds per output was bound by the add latency (~2M dependent adds per
+// MobileNetV3-Large image).
 template <class T>
 struct SeLayer {
   at::Tensor reduce_w, reduce_b, expand_w, expand_b;  // contiguous: [Cr][C], [Cr], [C][Cr], [C]
@@ -484,48 +507,83 @@ struct SeLayer {
   }
 
  private:
-  static constexpr int kRowsAtOnce = 8;
+  static constexpr int kLanes = 8;
 
-  // out[r] = b[r] + sum_c w[r][c] * in[c], c in order.
+  // out[r] = b[r] + sum_c w[r][c] * in[c].
   static void dense(const T* w, const T* b, const double* in, int64_t rows, int64_t cols,
                     double* out) {
-    int64_t r = 0;
-    for (; r + kRowsAtOnce <= rows; r += kRowsAtOnce) {
-      double acc[kRowsAtOnce];
-      for (int q = 0; q < kRowsAtOnce; ++q) acc[q] = static_cast<double>(b[r + q]);
-      for (int64_t c = 0; c < cols; ++c) {
-        const double v = in[c];
-        for (int q = 0; q < kRowsAtOnce; ++q)
-          acc[q] += static_cast<double>(w[(r + q) * cols + c]) * v;
-      }
-      for (int q = 0; q < kRowsAtOnce; ++q) out[r + q] = acc[q];
-    }
-    for (; r < rows; ++r) {
+    const int64_t body = cols / kLanes * kLanes;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* wr = w + r * cols;
+      double part[kLanes] = {};
+      for (int64_t c = 0; c < body; c += kLanes)
+        for (int j = 0; j < kLanes; ++j) part[j] += static_cast<double>(wr[c + j]) * in[c + j];
       double acc = static_cast<double>(b[r]);
-      for (int64_t c = 0; c < cols; ++c) acc += static_cast<double>(w[r * cols + c]) * in[c];
+      for (int64_t c = body; c < cols; ++c) acc += static_cast<double>(wr[c]) * in[c];
+      for (int j = 0; j < kLanes; ++j) acc += part[j];
       out[r] = acc;
     }
   }
 };
 
+// Slice `part` of `parts` of the hidden channels: contiguous runs of whole units (a unit: whole
+// expand panels and whole vectors), the last one up to Cp.
+template <class T, class A>
+HiddenSlice hidden_slice(const Plan<T, A>& p, int64_t part, int64_t parts) {
+  const Geometry& g = p.g;
+  const int64_t unit = g.has_expand ? std::lcm<int64_t>(p.ge.NR, kLanes<A>) : kLanes<A>;
+  const int64_t units = ceil_div(g.Cp, unit);
+  const int64_t u0 = units * part / parts, u1 = units * (part + 1) / parts;
+  HiddenSlice s{u0 * unit, std::min(u1 * unit, g.Cp), 0, 0};
+  if (g.has_expand) {
+    s.j0 = s.c0 / p.ge.NR;
+    s.j1 = std::min(ceil_div(s.c1, p.ge.NR), p.npe);
+  }
+  return s;
+}
+
+// How the first phase splits a group of `images` images over the threads: row bands (each cut
+// recomputes the dil*(k-1) hidden rows under it), or, when the images are fewer than the threads
+// and the cuts would recompute more than 1/8 of the hidden rows (late, small feature maps at
+// batch 1: a 7x7 map cut in two recomputes 4 of its 7 rows for k = 5), slices of the hidden
+// channels (0 = bands; else the slice count). Slices need the two-phase path: the project GEMM
+// reads all hidden channels.
+template <class T, class A>
+int64_t channel_slices(const Plan<T, A>& p, int64_t images) {
+  const Geometry& g = p.g;
+  const int64_t threads = std::max(1, at::get_num_threads());
+  if (images >= threads) return 0;
+  const int64_t recomputed = (bands_per_image(images, g.Ho) - 1) * g.dil * (g.K - 1);
+  if (recomputed * 8 <= g.H) return 0;
+  const int64_t unit = g.has_expand ? std::lcm<int64_t>(p.ge.NR, kLanes<A>) : kLanes<A>;
+  const int64_t slices = std::min(threads, ceil_div(g.Cp, unit));
+  return slices > 1 ? slices : 0;
+}
+
 template <class T, class A>
 void run_block(const Plan<T, A>& p, at::TensorList se) {
   const Geometry& g = p.g;
-  if (!g.has_se) {
+  const HiddenSlice all{0, g.Cp, 0, p.npe};
+  const int64_t threads = std::max(1, at::get_num_threads());
+  if (!g.has_se && channel_slices(p, g.N) == 0) {
+    // One phase: each task projects the depthwise rows it computes.
     const int64_t nb = bands_per_image(g.N, g.Ho), per = ceil_div(g.Ho, nb);
     at::parallel_for(0, g.N * nb, 1, [&](int64_t b, int64_t e) {
       Worker<T, A> wk(p, /*bands=*/true);
       for (int64_t item = b; item < e; ++item) {
         const int64_t n = item / nb, oh0 = (item % nb) * per;
-        if (oh0 < g.Ho) wk.band(n, oh0, std::min(g.Ho, oh0 + per), nullptr, nullptr);
+        if (oh0 < g.Ho) wk.band(n, oh0, std::min(g.Ho, oh0 + per), nullptr, nullptr, all);
       }
     });
     return;
   }
-  // SE: images in groups of (at most) one per thread.
-  const SeLayer<T> layer{se[0].contiguous(), se[1].contiguous(), se[2].contiguous(),
-                         se[3].contiguous(), g.C, se[0].size(0), g.se_act, g.se_gate};
-  const int64_t group = std::min<int64_t>(g.N, std::max(1, at::get_num_threads()));
+  // Two phases (SE, or channel slices): images in groups of (at most) one per thread; phase A
+  // writes their depthwise output to image buffers, phase B projects the buffers.
+  std::optional<SeLayer<T>> layer;
+  if (g.has_se)
+    layer.emplace(SeLayer<T>{se[0].contiguous(), se[1].contiguous(), se[2].contiguous(),
+                             se[3].contiguous(), g.C, se[0].size(0), g.se_act, g.se_gate});
+  const int64_t group = std::min(g.N, threads);
   const int64_t HW = g.Ho * g.Wo, img_stride = (round_up(HW, 12) + 12) * g.Cp;
   A* images = thread_scratch<A>(kImages, group * (img_stride + g.Ho * g.Cp));
   A* sums = images + group * img_stride;
@@ -533,31 +591,33 @@ void run_block(const Plan<T, A>& p, at::TensorList se) {
     std::fill(images + i * img_stride + HW * g.Cp, images + (i + 1) * img_stride, A(0));
   const int NR = p.gp.NR;
   const int64_t panel_elems = p.npp * g.C * NR;
-  A* panels = thread_scratch<A>(kGatedPanels, group * panel_elems);
+  A* panels = g.has_se ? thread_scratch<A>(kGatedPanels, group * panel_elems) : nullptr;
   std::vector<double> pooled(g.C);
   std::vector<A> gate(g.C);
   for (int64_t n0 = 0; n0 < g.N; n0 += group) {
     const int64_t m = std::min(group, g.N - n0);
-    // Phase A: hidden rows and depthwise rows into the image buffers.
-    const int64_t nb = bands_per_image(m, g.Ho), per = ceil_div(g.Ho, nb);
-    at::parallel_for(0, m * nb, 1, [&](int64_t b, int64_t e) {
+    // Phase A: hidden rows and depthwise rows into the image buffers, by (image, band, slice).
+    const int64_t ns = channel_slices(p, m), slices = std::max<int64_t>(ns, 1);
+    const int64_t nb = ns ? 1 : bands_per_image(m, g.Ho), per = ceil_div(g.Ho, nb);
+    at::parallel_for(0, m * nb * slices, 1, [&](int64_t b, int64_t e) {
       Worker<T, A> wk(p, /*bands=*/true);
       for (int64_t item = b; item < e; ++item) {
-        const int64_t i = item / nb, oh0 = (item % nb) * per;
+        const int64_t i = item / (nb * slices), band = item / slices % nb, oh0 = band * per;
         if (oh0 < g.Ho)
           wk.band(n0 + i, oh0, std::min(g.Ho, oh0 + per), images + i * img_stride,
-                  sums + i * g.Ho * g.Cp);
+                  g.has_se ? sums + i * g.Ho * g.Cp : nullptr,
+                  ns ? hidden_slice(p, item % slices, slices) : all);
       }
     });
-    // Gates, folded into each image's project weights.
-    for (int64_t i = 0; i < m; ++i) {
+    // SE: gates, folded into each image's project weights.
+    for (int64_t i = 0; g.has_se && i < m; ++i) {
       const A* si = sums + i * g.Ho * g.Cp;
       for (int64_t c = 0; c < g.C; ++c) {
         double acc = 0.0;
         for (int64_t r = 0; r < g.Ho; ++r) acc += si[r * g.Cp + c];
         pooled[c] = acc / static_cast<double>(HW);
       }
-      layer.gates(pooled.data(), gate.data());
+      layer->gates(pooled.data(), gate.data());
       // Panel row k (hidden channel k) times gate[k].
       A* dst = panels + i * panel_elems;
       for (int64_t j = 0; j < p.npp; ++j)
@@ -567,14 +627,19 @@ void run_block(const Plan<T, A>& p, at::TensorList se) {
           for (int l = 0; l < NR; ++l) d[l] = src[l] * gate[k];
         }
     }
-    // Phase B: the project GEMM over the image buffers.
-    const int64_t chunks = ceil_div(HW, kChunkPixels);
-    at::parallel_for(0, m * chunks, 1, [&](int64_t b, int64_t e) {
+    // Phase B: the project GEMM over the image buffers, by (image, pixel chunk, panel group).
+    // Chunks of equal size; the output panels are split too when the chunks alone would leave
+    // a thread idle or uneven (a 7x7 map is one chunk).
+    const int64_t chunks = ceil_div(HW, kChunkPixels), chunk = ceil_div(HW, chunks);
+    const int64_t pg = (m * chunks) % threads == 0 ? 1 : std::min<int64_t>(p.npp, threads);
+    at::parallel_for(0, m * chunks * pg, 1, [&](int64_t b, int64_t e) {
       Worker<T, A> wk(p, /*bands=*/false);
       for (int64_t item = b; item < e; ++item) {
-        const int64_t i = item / chunks, p0 = (item % chunks) * kChunkPixels;
-        wk.project(n0 + i, p0, std::min(kChunkPixels, HW - p0),
-                   images + i * img_stride + p0 * g.Cp, panels + i * panel_elems);
+        const int64_t i = item / (chunks * pg), q = item % pg;
+        const int64_t p0 = item / pg % chunks * chunk;
+        wk.project(n0 + i, p0, std::min(chunk, HW - p0), images + i * img_stride + p0 * g.Cp,
+                   g.has_se ? panels + i * panel_elems : p.pp, p.npp * q / pg,
+                   p.npp * (q + 1) / pg);
       }
     });
   }
