@@ -79,6 +79,8 @@ constexpr const char* kOp = "inverted_residual_inference";
 constexpr int kMaxK = 11;
 constexpr int64_t kChunkPixels = 96;  // rows of one expand GEMM call (tile and block in L1/L2)
 constexpr int64_t kStepPixels = 48;   // output pixels per depthwise + project step, at least
+constexpr int64_t kPackGrainElems = 16384;  // weight elements per packing task, at least
+constexpr int64_t kGrainMacs = 16384;       // SE multiply-adds / gated panel elements per task
 
 // Per-thread scratch slots (cpu_gemm.h's thread_scratch; pwconv uses 0-2): 3-6 in the tasks,
 // 7-10 on the calling thread.
@@ -509,20 +511,22 @@ struct SeLayer {
  private:
   static constexpr int kLanes = 8;
 
-  // out[r] = b[r] + sum_c w[r][c] * in[c].
+  // out[r] = b[r] + sum_c w[r][c] * in[c]; rows over the threads.
   static void dense(const T* w, const T* b, const double* in, int64_t rows, int64_t cols,
                     double* out) {
     const int64_t body = cols / kLanes * kLanes;
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* wr = w + r * cols;
-      double part[kLanes] = {};
-      for (int64_t c = 0; c < body; c += kLanes)
-        for (int j = 0; j < kLanes; ++j) part[j] += static_cast<double>(wr[c + j]) * in[c + j];
-      double acc = static_cast<double>(b[r]);
-      for (int64_t c = body; c < cols; ++c) acc += static_cast<double>(wr[c]) * in[c];
-      for (int j = 0; j < kLanes; ++j) acc += part[j];
-      out[r] = acc;
-    }
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainMacs / cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* wr = w + r * cols;
+        double part[kLanes] = {};
+        for (int64_t c = 0; c < body; c += kLanes)
+          for (int j = 0; j < kLanes; ++j) part[j] += static_cast<double>(wr[c + j]) * in[c + j];
+        double acc = static_cast<double>(b[r]);
+        for (int64_t c = body; c < cols; ++c) acc += static_cast<double>(wr[c]) * in[c];
+        for (int j = 0; j < kLanes; ++j) acc += part[j];
+        out[r] = acc;
+      }
+    });
   }
 };
 
@@ -593,7 +597,7 @@ void run_block(const Plan<T, A>& p, at::TensorList se) {
   const int64_t panel_elems = p.npp * g.C * NR;
   A* panels = g.has_se ? thread_scratch<A>(kGatedPanels, group * panel_elems) : nullptr;
   std::vector<double> pooled(g.C);
-  std::vector<A> gate(g.C);
+  std::vector<A> gates(group * g.C);
   for (int64_t n0 = 0; n0 < g.N; n0 += group) {
     const int64_t m = std::min(group, g.N - n0);
     // Phase A: hidden rows and depthwise rows into the image buffers, by (image, band, slice).
@@ -609,7 +613,8 @@ void run_block(const Plan<T, A>& p, at::TensorList se) {
                   ns ? hidden_slice(p, item % slices, slices) : all);
       }
     });
-    // SE: gates, folded into each image's project weights.
+    // SE: each image's gates, folded into its project weights: panel row k (hidden channel k)
+    // times gate[k].
     for (int64_t i = 0; g.has_se && i < m; ++i) {
       const A* si = sums + i * g.Ho * g.Cp;
       for (int64_t c = 0; c < g.C; ++c) {
@@ -617,15 +622,21 @@ void run_block(const Plan<T, A>& p, at::TensorList se) {
         for (int64_t r = 0; r < g.Ho; ++r) acc += si[r * g.Cp + c];
         pooled[c] = acc / static_cast<double>(HW);
       }
-      layer->gates(pooled.data(), gate.data());
-      // Panel row k (hidden channel k) times gate[k].
-      A* dst = panels + i * panel_elems;
-      for (int64_t j = 0; j < p.npp; ++j)
-        for (int64_t k = 0; k < g.C; ++k) {
-          const A* src = p.pp + (j * g.C + k) * NR;
-          A* d = dst + (j * g.C + k) * NR;
-          for (int l = 0; l < NR; ++l) d[l] = src[l] * gate[k];
-        }
+      layer->gates(pooled.data(), gates.data() + i * g.C);
+    }
+    if (g.has_se) {
+      at::parallel_for(0, m * p.npp, std::max<int64_t>(1, kGrainMacs / (g.C * NR)),
+                       [&](int64_t b, int64_t e) {
+                         for (int64_t item = b; item < e; ++item) {
+                           const int64_t i = item / p.npp, j = item % p.npp;
+                           const A* gate = gates.data() + i * g.C;
+                           const A* src = p.pp + j * g.C * NR;
+                           A* dst = panels + i * panel_elems + j * g.C * NR;
+                           for (int64_t k = 0; k < g.C; ++k)
+                             for (int l = 0; l < NR; ++l)
+                               dst[k * NR + l] = src[k * NR + l] * gate[k];
+                         }
+                       });
     }
     // Phase B: the project GEMM over the image buffers, by (image, pixel chunk, panel group).
     // Chunks of equal size; the output panels are split too when the chunks alone would leave
@@ -664,15 +675,34 @@ void forward(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
   p.npp = ceil_div(g.Cout, p.gp.NR);
   p.ldx = g.Cin % 64 == 0 ? g.Cin + 16 : g.Cin;  // no 4 KiB-aliased tile rows
   // BN folded: scales into the packed weights, shifts into the epilogues. Panels live in the
-  // calling thread's scratch (a fresh buffer per call costs page faults).
+  // calling thread's scratch (a fresh buffer per call costs page faults); the threads pack the
+  // expand and project panels together (at batch 1 packing alone on the calling thread left
+  // the other threads waiting).
+  std::vector<A> scale_e(g.C), scale_p(g.Cout);
+  std::optional<WeightPanels<T, A>> panels_e;
+  A* pe = nullptr;
   if (g.has_expand) {
-    std::vector<A> scale(g.C);
     p.shift_e.assign(g.C, A(0));
-    fold<A>(expand, eps, scale, p.shift_e);
-    A* pe = thread_scratch<A>(kPanelsE, p.npe * g.Cin * p.ge.NR);
-    WeightPanels<T, A>(expand[0], p.isa, p.ge.NR, scale.data())(0, p.npe, pe);
-    p.pe = pe;
+    fold<A>(expand, eps, scale_e, p.shift_e);
+    panels_e.emplace(expand[0], p.isa, p.ge.NR, scale_e.data());
+    pe = thread_scratch<A>(kPanelsE, p.npe * g.Cin * p.ge.NR);
   }
+  p.shift_p.assign(g.Cout, A(0));
+  fold<A>(project, eps, scale_p, p.shift_p);
+  const WeightPanels<T, A> panels_p(project[0], p.isa, p.gp.NR, scale_p.data());
+  A* pp = thread_scratch<A>(kPanelsP, p.npp * g.C * p.gp.NR);
+  {
+    const int64_t npe = g.has_expand ? p.npe : 0;
+    const int64_t panel_elems = std::max(g.Cin * p.ge.NR, g.C * p.gp.NR);
+    const int64_t grain = std::max<int64_t>(1, kPackGrainElems / panel_elems);
+    at::parallel_for(0, npe + p.npp, grain, [&](int64_t b, int64_t e) {
+      if (b < npe) (*panels_e)(b, std::min(e, npe), pe + b * g.Cin * p.ge.NR);
+      const int64_t j0 = std::max(b, npe) - npe, j1 = e - npe;
+      if (j0 < j1) panels_p(j0, j1, pp + j0 * g.C * p.gp.NR);
+    });
+  }
+  p.pe = pe;
+  p.pp = pp;
   {
     std::vector<A> scale(g.Cp, A(0));
     p.shift_d.assign(g.Cp, A(0));
@@ -683,14 +713,6 @@ void forward(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
     p.wd.assign(KK * g.Cp, A(0));  // zero for the padding channels
     for (int64_t c = 0; c < g.C; ++c)
       for (int64_t t = 0; t < KK; ++t) p.wd[t * g.Cp + c] = wp[c * KK + t] * scale[c];
-  }
-  {
-    std::vector<A> scale(g.Cout);
-    p.shift_p.assign(g.Cout, A(0));
-    fold<A>(project, eps, scale, p.shift_p);
-    A* pp = thread_scratch<A>(kPanelsP, p.npp * g.C * p.gp.NR);
-    WeightPanels<T, A>(project[0], p.isa, p.gp.NR, scale.data())(0, p.npp, pp);
-    p.pp = pp;
   }
   p.dw = select_dw<A>(p.isa, g.K, g.stride, g.dil);
   p.expand_epi = select_kernel<ExpandEpi<A>>(p.isa);
