@@ -54,17 +54,23 @@ def cuda_ops() -> tuple:
     return ops + (("inverted_residual",) if len(ops) == len(_OPS) else ())
 
 
+_FUSED_INFERENCE: Dict[str, bool] = {}
+
+
 @torch.compiler.assume_constant_result  # a property of the build, constant in a graph
 def fused_inference(device_type: str) -> bool:
     """Whether effkernels::inverted_residual_inference (the fused eval-mode block, BatchNorm
     folded: csrc/cpu/inverted_residual.cpp, csrc/cuda/inverted_residual.cu) has a kernel for
-    `device_type` tensors in this build."""
-    if not _extension.loaded() or not hasattr(torch.ops.effkernels,
-                                              "inverted_residual_inference"):
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "effkernels::inverted_residual_inference", key)
+    `device_type` tensors in this build. Cached: the dispatcher query costs ~10 us, and the
+    kernels are registered once, when the extension loads."""
+    if device_type not in _FUSED_INFERENCE:
+        found = _extension.loaded() and hasattr(torch.ops.effkernels,
+                                                "inverted_residual_inference")
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        _FUSED_INFERENCE[device_type] = bool(
+            found and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+                "effkernels::inverted_residual_inference", key))
+    return _FUSED_INFERENCE[device_type]
 
 
 @torch.compiler.assume_constant_result  # no environment read inside a compiled graph

@@ -138,12 +138,18 @@ def _resolve(x: torch.Tensor, op: str) -> str:
 # torch.library's Python autograd wrapper (~6 us of a ~24 us call on a small tensor; the
 # batch-1 models make ~50 calls). Only for plain eager tensors with no transform (vmap), Python
 # dispatch mode (FlopCounterMode, FakeTensorMode) or compiler involved, which all need the full
-# dispatch. Autocast was applied in Python already (_autocast).
+# dispatch. Autocast was applied in Python already (_autocast). nn.Parameter counts as plain
+# (a marker subclass with torch function handling disabled): the models' weights are
+# Parameters, so without it no module call took this path.
 _KERNEL_KEYS = {}
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _plain(t, grad: bool) -> bool:
-    return type(t) is torch.Tensor and not (grad and t.requires_grad)
+    """t is not a tensor, or a plain one autograd would not record."""
+    if type(t) in _PLAIN_TYPES:
+        return not (grad and t.requires_grad)
+    return not isinstance(t, torch.Tensor)
 
 
 def _direct(args) -> bool:
@@ -151,13 +157,13 @@ def _direct(args) -> bool:
             or torch._C._functorch.peek_interpreter_stack() is not None):
         return False
     grad = torch.is_grad_enabled()
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if not _plain(a, grad):
-                return False
-        elif isinstance(a, (list, tuple)):
-            if not all(_plain(t, grad) for t in a if isinstance(t, torch.Tensor)):
-                return False
+    for a in args:  # plain loops: this runs ~50 times per batch-1 forward
+        if type(a) is list or type(a) is tuple:
+            for t in a:
+                if not _plain(t, grad):
+                    return False
+        elif not _plain(a, grad):
+            return False
     return True
 
 
@@ -168,23 +174,28 @@ def _kernel_key(impl: str) -> torch._C.DispatchKeySet:
     return _KERNEL_KEYS[impl]
 
 
-def _eval_direct(name: str, x, args_of):
+def _eval_direct(name: str, x, args_of, *, api_op: Optional[str] = None):
     """Eval-mode calls that would go straight to a CPU/CUDA kernel (see _direct) skip the
     Python argument checks: the C++ op checks the same things (op_checks.cpp), and eval has no
     side effect to undo, so on any error this returns None and the caller's checked path runs,
     raising the Python API's error (or, should the Python checks pass, the kernel's again).
     The checks cost ~5 of a small call's ~20 us (`python -m bench.spread`). args_of() builds
-    the op's arguments; None: take the checked path."""
+    the op's arguments; None: take the checked path. `api_op`: the public op that C++ op
+    `name` serves in inference (inverted_residual -> the single-output
+    inverted_residual_inference, when this build has it for x's device)."""
     if type(x) is not torch.Tensor:
         return None
     try:
         args = args_of()
         if not _direct(args):
             return None
-        impl = _resolve(x, name)
+        impl = _resolve(x, api_op or name)
         if impl not in ("cpu", "cuda"):
             return None
-        return getattr(_cpp(), name).default.redispatch(_kernel_key(impl), *args)[0]
+        if api_op is not None and not _backend.fused_inference(x.device.type):
+            return None
+        out = getattr(_cpp(), name).default.redispatch(_kernel_key(impl), *args)
+        return out if api_op is not None else out[0]
     except Exception:  # noqa: BLE001 - the checked path names the bad argument
         return None
 
@@ -366,6 +377,14 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
     se_act(reduce(mean_hw(x)))))). skip None: add x when stride == 1 and Cin == Cout.
     """
     op = "inverted_residual"
+    if not training:
+        out = _eval_direct("inverted_residual_inference", x, lambda: (
+            x, list(expand), list(depthwise), list(se), list(project), stride, dilation, act,
+            se_act, se_gate,
+            stride == 1 and x.shape[1] == project[0].shape[0] if skip is None else skip, eps),
+            api_op=op)
+        if out is not None:
+            return out
     _checks.tensor(op, "x", x, 4)
     _checks.nonempty(op, x)
     expand, depthwise, se, project = list(expand), list(depthwise), list(se), list(project)

@@ -152,6 +152,17 @@ def test_calls_autograd_would_not_record_go_straight_to_the_kernel():
     with FlopCounterMode(display=False):
         assert not ops._direct(args)
     assert not ops._direct(([x, x.clone().requires_grad_()],))
+    # Module weights are nn.Parameter: plain (a marker subclass); other subclasses are not.
+    param = torch.nn.Parameter(w.clone())
+    with torch.no_grad():
+        assert ops._direct(args[:1] + (param,) + args[2:])
+    assert not ops._direct(args[:1] + (param,) + args[2:])  # grad mode on, param needs grad
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not ops._direct(args[:1] + (w.as_subclass(Sub),) + args[2:])
+    assert not ops._direct(([x, w.as_subclass(Sub)],))
     direct = ops._call("cpu", "pwconv_bn_act", *args)[0]
     full = torch.ops.effkernels.pwconv_bn_act(*args)[0]
     assert torch.equal(direct, full)
@@ -191,3 +202,27 @@ def test_eval_calls_skip_the_python_checks_and_bad_ones_still_name_the_argument(
         with pytest.raises(RuntimeError, match="non-empty H and W"):
             torch.ops.effkernels.dwconv_bn_act(x[:, :, :0], w, g, b, rm, rv, 1, 1, 1, "relu",
                                                False, 1e-5)
+
+
+def test_eval_block_calls_from_modules_skip_the_python_checks(monkeypatch):
+    """An eval-mode inverted-residual module (Parameters for weights) goes straight to the fused
+    kernel (ops._eval_direct with api_op): no Python argument check runs, same result as the
+    checked path; a bad argument still gets the Python API's error."""
+    from effkernels import _checks, nn as enn, ops
+
+    torch.manual_seed(0)
+    block = enn.InvertedResidual(16, 24, stride=2, expand_ratio=4, se_ratio=0.25,
+                                 act="hswish").eval()
+    x = torch.randn(1, 16, 9, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), effkernels.backend("cpu"):
+        checked = block(x)
+        calls = []
+        monkeypatch.setattr(_checks, "tensor", lambda *a, **k: calls.append(a))
+        fast = block(x)
+        assert calls == [] and torch.equal(fast, checked)
+        monkeypatch.undo()
+        stages = [[torch.randn(8, 16, 1, 1), *(torch.rand(8) + 0.5 for _ in range(4))],
+                  [torch.randn(8, 1, 3, 3), *(torch.rand(8) + 0.5 for _ in range(4))],
+                  [torch.randn(16, 8, 1, 1), *(torch.rand(16) + 0.5 for _ in range(4))]]
+        with pytest.raises(ValueError, match="se must be"):
+            ops.inverted_residual(x, stages[0], stages[1], [torch.randn(2, 8, 1, 1)], stages[2])
