@@ -77,11 +77,14 @@ def mixconv_bn_act(x, weights: Sequence[torch.Tensor], bn_weight, bn_bias, runni
 
 def squeeze_excite(x, reduce_weight, reduce_bias, expand_weight, expand_bias, *, act="relu",
                    gate="sigmoid"):
-    """x * gate(conv_expand(act(conv_reduce(mean_hw(x))))), the SE module of timm/torchvision."""
-    s = x.mean((2, 3), keepdim=True)
-    s = activation(act, F.conv2d(s, reduce_weight, reduce_bias))
-    s = F.conv2d(s, expand_weight, expand_bias)
-    return x * activation(gate, s)
+    """x * gate(conv_expand(act(conv_reduce(mean_hw(x))))), the SE module of timm/torchvision.
+    Its 1x1 convolutions on the pooled (N, C, 1, 1) map are computed as F.linear on (N, C):
+    the same products, but conv2d's CPU path for a 1x1 map in channels_last is the slow im2col
+    convolution (the unfused MixNet blocks run this function at every SE)."""
+    s = x.mean((2, 3))
+    s = activation(act, F.linear(s, reduce_weight.flatten(1), reduce_bias))
+    s = F.linear(s, expand_weight.flatten(1), expand_bias)
+    return x * activation(gate, s)[:, :, None, None]
 
 
 def inverted_residual(x, expand: Sequence[torch.Tensor], depthwise: Sequence[torch.Tensor],
