@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -65,15 +65,17 @@ def _warm_up(fn: Callable[[], object], device: str, warmup: int) -> None:
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: str, min_time: float = 0.3,
-                     warmup: int = 3, min_samples: int = 5,
-                     rounds: int = 10) -> Dict[str, Dict[str, float]]:
+                     warmup: int = 3, min_samples: int = 5, rounds: int = 10,
+                     settle: Optional[Dict[str, float]] = None) -> Dict[str, Dict[str, float]]:
     """Median and p20/p80 in milliseconds of each function. GPU: triton.testing.do_bench per
     function when available (CUDA events otherwise). CPU: after warm-up, `rounds` rounds in
     which each function in turn is called for min_time/rounds seconds (at least once, and
     min_samples calls over all rounds), so that a slow spell of this shared machine falls on
     every function alike rather than on the one being timed (the ratios are what we report);
     Python's garbage collector is off while timing, as in timeit (a collection's cost would
-    fall on whichever call triggers it)."""
+    fall on whichever call triggers it). settle: seconds to pause (untimed) after the named
+    functions' slices, for those that keep their own threads spinning after a call (ONNX
+    Runtime's intra-op pool), so that the next function's slice starts on idle cores."""
     if device == "cuda":
         try:
             from triton.testing import do_bench
@@ -107,6 +109,8 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: str, min_time
                     if len(got) >= 2000 or (t1 - start >= slice_s
                                             and (not last or len(got) >= min_samples)):
                         break
+                if settle and name in settle:
+                    time.sleep(settle[name])
     finally:
         if was_enabled:
             gc.enable()

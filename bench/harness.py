@@ -40,6 +40,7 @@ IMPLS = BASELINES + (OURS, OURS_COMPILE)
 # Verification tolerance (relative to max |reference|), added to twice PyTorch's own error at
 # the same precision (flash-attention's rule), so deep train-mode nets are judged against
 # PyTorch's rounding noise, not an absolute number.
+SETTLE_S = 0.05  # pause after an own_threads slice (0.02 s was not enough for ORT's pool)
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
@@ -50,9 +51,9 @@ class Impl:
     result: Callable[[], Sequence[torch.Tensor]]    # output (+ grads) for verification
     setup: Optional[Callable[[], None]] = None      # compile warm-up / export, untimed
     compiles: bool = False                          # setup counts against the compile budget
-    # Runs on a thread pool of its own whose idle threads spin (ONNX Runtime): timed alone,
-    # after the others, since in interleaved rounds its spinning threads took the cores from
-    # the next function (ours measured 2-4x slower behind it).
+    # Runs on a thread pool of its own whose idle threads spin for a while after a call (ONNX
+    # Runtime): in the interleaved rounds its slices are followed by an untimed pause
+    # (SETTLE_S), else the spinning threads take the cores from the next function.
     own_threads: bool = False
     note: str = ""
 
@@ -224,13 +225,16 @@ def fn_module(fn: Callable) -> torch.nn.Module:
 def _time_all(case: Case, device: str, impls: List[Impl], rows: Dict[str, dict],
               min_time: float, min_samples: int, measure_memory: bool) -> None:
     """Times the implementations in interleaved rounds (common.time_interleaved: the ratios
-    do not depend on which one a slow spell of the machine hit), those with own_threads each
-    on its own after them, as is every one should the rounds raise (so that the others are
-    still measured). Then their peak memory."""
-    together = [i for i in impls if not i.own_threads]
+    do not depend on which one a slow spell of the machine hit; ONNX Runtime's time alone varied
+    4-7 ms from one minute to the next at batch 1 here). Those with own_threads (a pool that
+    spins after a call) are followed by an untimed pause of SETTLE_S, so that the next slice
+    starts on idle cores (without it, ours measured up to 1.5x slower next to ORT). Each is
+    timed on its own should the rounds raise (so that the others are still measured). Then
+    their peak memory."""
+    settle = {i.name: SETTLE_S for i in impls if i.own_threads}
     try:
-        stats = common.time_interleaved({i.name: i.run for i in together}, device, min_time,
-                                        min_samples=min_samples)
+        stats = common.time_interleaved({i.name: i.run for i in impls}, device, min_time,
+                                        min_samples=min_samples, settle=settle)
     except Exception:  # noqa: BLE001 - find the failing one, time the rest
         stats = {}
     for impl in impls:

@@ -79,6 +79,18 @@ def test_interleaved_timing_rounds_and_gc():
     assert gc.isenabled()
 
 
+def test_interleaved_timing_pauses_after_the_settle_functions(monkeypatch):
+    """ONNX Runtime (own_threads) runs in the rounds; an untimed pause follows each of its
+    slices, so its spinning pool is idle when the next function's slice starts."""
+    events = []
+    monkeypatch.setattr(common.time, "sleep", lambda s: events.append(("sleep", s)))
+    fns = {"a": lambda: events.append("a"), "ort": lambda: events.append("ort")}
+    common.time_interleaved(fns, "cpu", min_time=0.0, warmup=0, min_samples=2, rounds=2,
+                            settle={"ort": 0.05})
+    assert events == ["a", "ort", ("sleep", 0.05)] * 2
+    assert harness.SETTLE_S >= 0.05
+
+
 def test_a_failing_implementation_leaves_the_others_timed():
     opts = _opts()
     case = ops.dw_case(8, 6, 3, 1, "relu6", 2, "fwd", opts)
