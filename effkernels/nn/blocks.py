@@ -64,12 +64,24 @@ class _Block(NotScriptable, nn.Module):
             module = module._modules[name]
         return module
 
-    def _fusable(self, drop_active: bool) -> bool:
+    def _parts(self) -> Dict[str, nn.Module]:
+        """Every role's module, looked up once per forward (the blocks run ~17 times per
+        batch-1 forward, where this Python is a few % of the time)."""
+        parts = {}
+        for role, path in self._roles.items():
+            module = self
+            for name in path:
+                module = module._modules[name]
+            parts[role] = module
+        return parts
+
+    def _fusable(self, drop_active: bool, parts: Optional[Dict[str, nn.Module]] = None
+                 ) -> bool:
         """Whether effkernels.ops.inverted_residual computes exactly this block now."""
         if self.same or drop_active or self.project_act != "identity":
             return False
-        expand, dw, project = self._part("expand_conv"), self._part("dw_conv"), \
-            self._part("project_conv")
+        parts = self._parts() if parts is None else parts
+        expand, dw, project = parts.get("expand_conv"), parts["dw_conv"], parts["project_conv"]
         for conv in (expand, dw, project):
             if conv is not None and not isinstance(conv, nn.Conv2d):
                 return False  # split (MixNet) convolutions
@@ -79,10 +91,11 @@ class _Block(NotScriptable, nn.Module):
         if dw.kernel_size[1] != k or dw.padding != (d * (k - 1) // 2,) * 2 \
                 or dw.stride[0] != dw.stride[1] or dw.groups != dw.in_channels:
             return False
-        bns = [self._part(r) for r in ("expand_bn", "dw_bn", "project_bn")]
-        bns = [bn for bn in bns if bn is not None]
-        first = bns[0]
-        for bn in bns:
+        first = parts["dw_bn"]
+        for role in ("expand_bn", "dw_bn", "project_bn"):
+            bn = parts.get(role)
+            if bn is None:
+                continue
             if not bn.affine or bn.running_mean is None or not bn.track_running_stats:
                 return False
             if _sync.group_of(bn) is not None:
@@ -92,19 +105,20 @@ class _Block(NotScriptable, nn.Module):
         return first.momentum is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        drop = self._part("drop_path")
+        parts = self._parts()
+        drop = parts.get("drop_path")
         drop_active = _drop_active(drop)
-        if self._fusable(drop_active):
-            return self._fused(x)
-        expand_conv = self._part("expand_conv")
+        if self._fusable(drop_active, parts):
+            return self._fused(x, parts)
+        expand_conv = parts.get("expand_conv")
         h = x
         if expand_conv is not None:
-            h = F_.pointwise(h, expand_conv, self._part("expand_bn"), self.act)
-        h = F_.depthwise(h, self._part("dw_conv"), self._part("dw_bn"), self.act, self.same)
-        if "se_reduce" in self._roles:
-            h = F_.squeeze_excite(h, self._part("se_reduce"), self._part("se_expand"),
-                                  self.se_act, self.se_gate)
-        project_conv, project_bn = self._part("project_conv"), self._part("project_bn")
+            h = F_.pointwise(h, expand_conv, parts.get("expand_bn"), self.act)
+        h = F_.depthwise(h, parts["dw_conv"], parts["dw_bn"], self.act, self.same)
+        if "se_reduce" in parts:
+            h = F_.squeeze_excite(h, parts["se_reduce"], parts["se_expand"], self.se_act,
+                                  self.se_gate)
+        project_conv, project_bn = parts["project_conv"], parts["project_bn"]
         if self.skip and not drop_active and self.project_act == "identity":
             return F_.pointwise(h, project_conv, project_bn, "identity", residual=x)
         h = F_.pointwise(h, project_conv, project_bn, self.project_act)
@@ -112,25 +126,31 @@ class _Block(NotScriptable, nn.Module):
             return h
         return (drop(h) if drop_active else h) + x.to(h.dtype)
 
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, parts: Dict[str, nn.Module]) -> torch.Tensor:
         dtype = F_.compute_dtype(x)
 
         def stage(conv_role, bn_role):
-            conv = self._part(conv_role)
+            conv = parts.get(conv_role)
             if conv is None:
-                return [], None
-            a = F_.bn_args(self._part(bn_role))
-            return [F_.cast(conv.weight, dtype), a.weight, a.bias, a.running_mean,
-                    a.running_var], a
+                return []
+            bn = parts[bn_role]
+            if bn.training:  # bn_args counts the batch (num_batches_tracked)
+                a = F_.bn_args(bn)
+                return [F_.cast(conv.weight, dtype), a.weight, a.bias, a.running_mean,
+                        a.running_var]
+            # Eval with running statistics (_fusable): what bn_args would return.
+            return [F_.cast(conv.weight, dtype), bn.weight, bn.bias, bn.running_mean,
+                    bn.running_var]
 
-        expand, _ = stage("expand_conv", "expand_bn")
-        depthwise, bn = stage("dw_conv", "dw_bn")
-        project, _ = stage("project_conv", "project_bn")
+        expand = stage("expand_conv", "expand_bn")
+        depthwise = stage("dw_conv", "dw_bn")
+        project = stage("project_conv", "project_bn")
         se = []
-        if "se_reduce" in self._roles:
-            r, e = self._part("se_reduce"), self._part("se_expand")
+        if "se_reduce" in parts:
+            r, e = parts["se_reduce"], parts["se_expand"]
             se = [F_.cast(t, dtype) for t in (r.weight, r.bias, e.weight, e.bias)]
-        dw = self._part("dw_conv")
+        dw, bn = parts["dw_conv"], parts["dw_bn"]
+        # _fusable: running statistics kept and momentum set, so bn_args would pass these.
         return ops.inverted_residual(F_.cast(x, dtype), expand, depthwise, se, project,
                                      stride=dw.stride[0], dilation=dw.dilation[0], act=self.act,
                                      se_act=self.se_act, se_gate=self.se_gate, skip=self.skip,
