@@ -2,10 +2,12 @@
 (effkernels::inverted_residual_inference) vs PyTorch eager (channels_last and NCHW),
 torch.compile and ONNX Runtime, in the same run.
 
-The machine may be shared: every implementation is timed in interleaved rounds (each round
-runs every implementation `--inner` times), and the table reports medians over the rounds and
-the ratios of those medians, so that load changes hit all implementations alike. Every
-implementation's output is checked against the float64 reference first.
+The machine may be shared: the implementations are timed in interleaved rounds
+(common.time_interleaved, as bench.run: ONNX Runtime's slices followed by a pause for its
+spinning pool), and the table reports medians and the ratios of those medians, so that load
+changes hit all implementations alike. Every implementation's output is checked against the
+float64 reference first. bench.run --targets times the same block and models into the CSV the
+README reports; this script adds --cpu-time and the per-batch/per-model selection.
 
     python -m bench.block_cpu                     # block, batch 1 and 8, 2 threads
     python -m bench.block_cpu --models            # also mobilenetv2_100, mobilenetv3_large_100,
@@ -15,11 +17,8 @@ implementation's output is checked against the float64 reference first.
 from __future__ import annotations
 
 import argparse
-import io
-import statistics
 import sys
 import time
-import warnings
 from typing import Callable, Dict, List
 
 import torch
@@ -27,66 +26,21 @@ import torch
 import effkernels
 from effkernels import ops, reference
 
-from . import common
+from . import common, harness
+from .blocks import randomize_bn
 
 CL = torch.channels_last
+ORT = "onnxruntime"
 
 
-def _randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial running statistics and affine parameters (fresh BNs are the identity)."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
-    return model
-
-
-def _ort_session(module: torch.nn.Module, x: torch.Tensor, threads: int):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x.contiguous(),), f, dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(f.getvalue(), so, providers=["CPUExecutionProvider"])
-    xn = x.contiguous().numpy()
-
-    def run():
-        return torch.from_numpy(sess.run(None, {"x": xn})[0])
-    return run
-
-
-def interleaved(fns: Dict[str, Callable[[], object]], rounds: int, inner: int,
-                warmup: int = 3, clock=time.perf_counter) -> Dict[str, Dict[str, float]]:
-    """Median / p20 / p80 milliseconds per call over `rounds` interleaved rounds."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]  # no fixed "who runs after whom"
-        for k in order:
-            t0 = clock()
-            for _ in range(inner):
-                fns[k]()
-            samples[k].append((clock() - t0) * 1e3 / inner)
-    out = {}
-    for k, s in samples.items():
-        q = statistics.quantiles(s, n=10) if len(s) > 1 else [s[0]] * 9
-        out[k] = {"median_ms": statistics.median(s), "p20_ms": q[1], "p80_ms": q[7]}
-    return out
+def _add_ort(fns: Dict[str, Callable[[], object]], module: torch.nn.Module,
+             x: torch.Tensor) -> None:
+    """ONNX Runtime on the exported module (harness.ort_impl), when installed."""
+    if harness.ort_available() is not None:  # the reason it is not
+        return
+    impl = harness.ort_impl(module, [x])
+    impl.setup()
+    fns[ORT] = lambda: impl.result()[0]
 
 
 def _check(name: str, got: torch.Tensor, ref64: torch.Tensor, tol: float = 1e-4) -> None:
@@ -98,11 +52,11 @@ def _check(name: str, got: torch.Tensor, ref64: torch.Tensor, tol: float = 1e-4)
 
 # ---- the block -------------------------------------------------------------------------------
 
-def block_impls(n: int, threads: int, compile_: bool, hw: int = 56, c: int = 24, t: int = 6):
+def block_impls(n: int, compile_: bool, hw: int = 56, c: int = 24, t: int = 6):
     from torchvision.models.mobilenetv2 import InvertedResidual
 
     torch.manual_seed(0)
-    block = _randomize_bn(InvertedResidual(c, c, 1, t)).eval()
+    block = randomize_bn(InvertedResidual(c, c, 1, t)).eval()
     seq = block.conv
     (e_conv, e_bn, _), (d_conv, d_bn, _), p_conv, p_bn = seq[0], seq[1], seq[2], seq[3]
 
@@ -113,7 +67,7 @@ def block_impls(n: int, threads: int, compile_: bool, hw: int = 56, c: int = 24,
     expand, depthwise, project = stage(e_conv, e_bn), stage(d_conv, d_bn), stage(p_conv, p_bn)
     x = torch.randn(n, c, hw, hw)
     x_cl = x.contiguous(memory_format=CL)
-    block_cl = _randomize_bn(InvertedResidual(c, c, 1, t)).eval()
+    block_cl = randomize_bn(InvertedResidual(c, c, 1, t)).eval()
     block_cl.load_state_dict(block.state_dict())
     block_cl = block_cl.to(memory_format=CL)
     with torch.no_grad():
@@ -129,25 +83,23 @@ def block_impls(n: int, threads: int, compile_: bool, hw: int = 56, c: int = 24,
     if compile_:
         compiled = torch.compile(block_cl)
         fns["compile_cl"] = lambda: compiled(x_cl)
-    ort_run = _ort_session(block, x, threads)
-    if ort_run is not None:
-        fns["onnxruntime"] = ort_run
+    _add_ort(fns, block, x)
     return fns, ref
 
 
 # ---- whole models ----------------------------------------------------------------------------
 
-def model_impls(name: str, n: int, threads: int, compile_: bool, res: int = 224):
+def model_impls(name: str, n: int, compile_: bool, res: int = 224):
     import timm
 
     from effkernels import models
 
     torch.manual_seed(0)
-    theirs = _randomize_bn(timm.create_model(name)).eval()
+    theirs = randomize_bn(timm.create_model(name)).eval()
     ours = models.create_model(name).eval()
     ours.load_state_dict(theirs.state_dict())
     ours = ours.to(memory_format=CL)
-    theirs_cl = _randomize_bn(timm.create_model(name)).eval()
+    theirs_cl = randomize_bn(timm.create_model(name)).eval()
     theirs_cl.load_state_dict(theirs.state_dict())
     theirs_cl = theirs_cl.to(memory_format=CL)
     x = torch.randn(n, 3, res, res)
@@ -163,9 +115,7 @@ def model_impls(name: str, n: int, threads: int, compile_: bool, res: int = 224)
     if compile_:
         compiled = torch.compile(theirs_cl)
         fns["compile_cl"] = lambda: compiled(x_cl)
-    ort_run = _ort_session(theirs, x, threads)
-    if ort_run is not None:
-        fns["onnxruntime"] = ort_run
+    _add_ort(fns, theirs, x)
     return fns, ref
 
 
@@ -177,11 +127,13 @@ COLUMNS = ["effkernels", "eager_cl", "eager_nchw", "compile_cl", "onnxruntime"]
 CLOCK = time.perf_counter
 
 
-def measure(what: str, fns, ref, rounds: int, inner: int, rows: List[dict], table: List[str]):
+def measure(what: str, fns, ref, rounds: int, min_time: float, rows: List[dict],
+            table: List[str]):
     with torch.inference_mode():
         for k, fn in fns.items():
             _check(f"{what} {k}", fn(), ref, tol=1e-4 if "block" in what else 2e-3)
-        res = interleaved(fns, rounds, inner, clock=CLOCK)
+        res = common.time_interleaved(fns, "cpu", min_time, rounds=rounds,
+                                      settle={ORT: harness.SETTLE_S}, clock=CLOCK)
     ours = res["effkernels"]["median_ms"]
     cells = []
     for k in COLUMNS:
@@ -206,8 +158,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--rounds", type=int, default=41)
-    p.add_argument("--inner", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=20, help="interleaved rounds")
+    p.add_argument("--min-time", type=float, default=2.0,
+                   help="seconds of calls per implementation over all rounds")
     p.add_argument("--models", action="store_true", help="also the whole models")
     p.add_argument("--only-models", action="store_true")
     p.add_argument("--model-names", default="mobilenetv2_100,mobilenetv3_large_100,mixnet_s")
@@ -222,25 +175,27 @@ def main(argv=None):
     if args.cpu_time:
         CLOCK = time.process_time
     torch.set_num_threads(args.threads)
+    common.steady_malloc()
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"# {common.device_name('cpu')}; {common.versions()}; effkernels backend "
+    print(f"# {common.device_name('cpu')}; {common.versions()}; malloc: "
+          f"{common.malloc_setting()}; effkernels backend "
           f"{effkernels.available_backends('cpu')['cpu']}", file=sys.stderr)
     header = (f"{'case (fp32, channels_last)':<34} " + " ".join(f"{c[:8]:>8}" for c in COLUMNS)
               + "   " + " ".join(f"{'/' + c[:6]:>7}" for c in COLUMNS[1:]))
-    table = [header, "(ms: medians over interleaved rounds; /x = x's time / effkernels' time)"]
+    table = [header, "(ms: medians of interleaved rounds; /x = x's time / effkernels' time)"]
     rows: List[dict] = []
     if not args.only_models:
         for n in batches:
-            fns, ref = block_impls(n, args.threads, not args.no_compile)
-            measure(f"block mbv2 24x56x56 t6 s1 N={n}", fns, ref, args.rounds, args.inner,
+            fns, ref = block_impls(n, not args.no_compile)
+            measure(f"block mbv2 24x56x56 t6 s1 N={n}", fns, ref, args.rounds, args.min_time,
                     rows, table)
             print(table[-1], file=sys.stderr)
     if args.models or args.only_models:
         for name in args.model_names.split(","):
             for n in batches:
-                fns, ref = model_impls(name, n, args.threads, not args.no_compile)
-                measure(f"{name} 224 N={n}", fns, ref, max(11, args.rounds // 3),
-                        max(1, args.inner // 2) if n > 1 else args.inner, rows, table)
+                fns, ref = model_impls(name, n, not args.no_compile)
+                measure(f"{name} 224 N={n}", fns, ref, args.rounds, args.min_time, rows,
+                        table)
                 print(table[-1], file=sys.stderr)
     print("\n".join(table))
     if not args.no_csv:

@@ -130,6 +130,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    common.steady_malloc()
     harness.configure_dynamo()
     level = "targets" if args.targets else "quick" if args.quick else "full"
     suites = args.suite.split(",") if args.suite else [
@@ -142,7 +143,8 @@ def main(argv=None):
     for device in devices:
         dtype = DTYPES[args.dtype]
         backend = _backend(device)
-        print(f"== {device}: {common.device_name(device)}; {common.versions()}")
+        print(f"== {device}: {common.device_name(device)}; {common.versions()}; malloc: "
+              f"{common.malloc_setting()}")
         print(f"   effkernels backend: {backend}; available: "
               f"{effkernels.available_backends(device)}")
         ort = harness.ort_available() if device == "cpu" else "CPU only"
@@ -160,7 +162,9 @@ def main(argv=None):
         budgets = {s: harness.CompileBudget(BUDGET[level][s] if args.compile_budget is None
                                             else args.compile_budget) for s in SUITES}
         meta = {"timestamp": common.now(), "device": device,
-                "device_name": common.device_name(device), "versions": common.versions(),
+                "device_name": common.device_name(device),
+                "versions": common.versions() + (f", malloc {common.malloc_setting()}"
+                                                 if device == "cpu" else ""),
                 "threads": torch.get_num_threads(), "backend": backend, "dtype": args.dtype,
                 "command": " ".join(["python -m bench.run"] + list(sys.argv[1:] if argv is None
                                                                     else argv))}

@@ -1,6 +1,10 @@
 """Smoke test of the benchmark's bookkeeping (bench/): verification verdicts, the CSV and the
 plots, on a tiny op case with tiny timings (no torch.compile, no ONNX Runtime)."""
 import csv
+import os
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -164,3 +168,37 @@ def test_report_checks_the_targets_and_updates_the_readme(tmp_path):
     new = readme.read_text()
     assert new.startswith("intro\n") and new.endswith(f"{report.END}\nrest\n")
     assert "old" not in new and text in new
+
+
+def test_block_cpu_script_smoke(capsys):
+    """bench.block_cpu (the fused block against eager/ORT, with --cpu-time) runs on the shared
+    timing and ORT code: one short round of the block at batch 1."""
+    from bench import block_cpu
+
+    block_cpu.main(["--batches", "1", "--rounds", "1", "--min-time", "0.01", "--no-compile",
+                    "--no-csv", "--cpu-time", "--threads", "1"])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("block mbv2 24x56x56 t6 s1 N=1"))
+    assert "x" in line.split("   ")[-1]  # the ratios were computed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_steady_malloc_in_a_process_of_its_own():
+    """The benchmark keeps freed memory in glibc's heap (no mmap, no trim), so an eager
+    baseline's intermediates are not page-faulted in again on every call."""
+    code = textwrap.dedent("""
+        import resource, torch
+        from bench import common
+        print(common.steady_malloc())
+        def call():  # MB-sized intermediates, allocated and freed
+            a = torch.empty(1 << 20); b = torch.empty(3 << 19); a.fill_(1); b.fill_(2)
+        for _ in range(10): call()  # the heap grows for the first few calls
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20): call()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         check=True).stdout.split()
+    assert out[:5] == ["glibc:", "no", "mmap,", "no", "trim"]
+    assert int(out[5]) < 20  # with glibc's defaults here: ~230 per call
