@@ -530,12 +530,18 @@ struct SeLayer {
   }
 };
 
-// Slice `part` of `parts` of the hidden channels: contiguous runs of whole units (a unit: whole
-// expand panels and whole vectors), the last one up to Cp.
+// The hidden channels are sliced in units of whole expand panels and whole vectors.
+template <class T, class A>
+int64_t slice_unit(const Plan<T, A>& p) {
+  return p.g.has_expand ? std::lcm<int64_t>(p.ge.NR, kLanes<A>) : kLanes<A>;
+}
+
+// Slice `part` of `parts` of the hidden channels: contiguous runs of whole units, the last one
+// up to Cp.
 template <class T, class A>
 HiddenSlice hidden_slice(const Plan<T, A>& p, int64_t part, int64_t parts) {
   const Geometry& g = p.g;
-  const int64_t unit = g.has_expand ? std::lcm<int64_t>(p.ge.NR, kLanes<A>) : kLanes<A>;
+  const int64_t unit = slice_unit(p);
   const int64_t units = ceil_div(g.Cp, unit);
   const int64_t u0 = units * part / parts, u1 = units * (part + 1) / parts;
   HiddenSlice s{u0 * unit, std::min(u1 * unit, g.Cp), 0, 0};
@@ -559,8 +565,7 @@ int64_t channel_slices(const Plan<T, A>& p, int64_t images) {
   if (images >= threads) return 0;
   const int64_t recomputed = (bands_per_image(images, g.Ho) - 1) * g.dil * (g.K - 1);
   if (recomputed * 8 <= g.H) return 0;
-  const int64_t unit = g.has_expand ? std::lcm<int64_t>(p.ge.NR, kLanes<A>) : kLanes<A>;
-  const int64_t slices = std::min(threads, ceil_div(g.Cp, unit));
+  const int64_t slices = std::min(threads, ceil_div(g.Cp, slice_unit(p)));
   return slices > 1 ? slices : 0;
 }
 
