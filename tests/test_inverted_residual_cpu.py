@@ -130,7 +130,8 @@ def test_fused_fp64(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", ["mbv2_s1_skip", "k5_se_hsig"])
+@pytest.mark.parametrize("case", ["mbv2_s1_skip", "k5_se_hsig", "odd_7x11_c_odd",
+                                  "dil2_k5_s2_se"])  # the last two at N=1: channel slices
 def test_fused_low_precision(case, dtype):
     x64, block64, kw = _args(case, torch.float64, "channels_last")
     x = x64.to(dtype)
