@@ -94,28 +94,30 @@ DwGeometry check_dwconv_args(const char* op, const at::Tensor& x, const at::Tens
 namespace {
 
 // The groups of a mixconv layer; returns the output size (Ho, Wo) they share.
-std::pair<int64_t, int64_t> check_mixconv_groups(const char* op, const at::Tensor& x,
-                                                 at::TensorList weights, int64_t stride,
-                                                 int64_t dilation) {
+// The layer's geometry: the largest kernel's group's, with all C channels (odd kernels padded
+// by dilation * (k - 1) / 2 give every group the same output size).
+DwGeometry check_mixconv_groups(const char* op, const at::Tensor& x, at::TensorList weights,
+                                int64_t stride, int64_t dilation) {
   check_float_input(op, "x", x, 4);
   check_nonempty(op, x);
   TORCH_CHECK(!weights.empty(), op, ": weights must hold at least one (C_i, 1, k_i, k_i) tensor");
   int64_t total = 0;
-  std::pair<int64_t, int64_t> out_hw{-1, -1};
+  DwGeometry layer{};
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor& w = weights[i];
     check_float_input(op, "weights[i]", w, 4);
     const int64_t k = w.size(2);
     TORCH_CHECK(k % 2 == 1, op, ": weights[", i, "] must have an odd kernel size so that the "
                 "groups' outputs align; got ", k);
-    const auto g = check_dwconv_args(op, x, w, w.size(0), stride, dilation * (k - 1) / 2,
-                                     dilation);
-    if (i == 0) out_hw = {g.Ho, g.Wo};
+    const DwGeometry g = check_dwconv_args(op, x, w, w.size(0), stride, dilation * (k - 1) / 2,
+                                           dilation);
+    if (i == 0 || g.K > layer.K) layer = g;
     total += w.size(0);
   }
   TORCH_CHECK(total == x.size(1), op, ": the weights' channel counts must sum to C == ",
               x.size(1), "; got ", total);
-  return out_hw;
+  layer.C = x.size(1);
+  return layer;
 }
 
 // grad_out: floating, on x's device with x's dtype, of the forward output's shape.
@@ -180,10 +182,10 @@ MixProblem check_mixconv_forward(const char* op, const at::Tensor& x, at::Tensor
                                  const std::optional<at::Tensor>& running_mean,
                                  const std::optional<at::Tensor>& running_var, int64_t stride,
                                  int64_t dilation, c10::string_view act, bool training) {
-  const auto [ho, wo] = check_mixconv_groups(op, x, weights, stride, dilation);
-  check_bn_args(op, x, x.size(1), bn_weight, bn_bias, running_mean, running_var, training);
-  check_training_count(op, x.size(0) * ho * wo, training);
-  return {ho, wo, parse_act(op, act)};
+  const DwGeometry g = check_mixconv_groups(op, x, weights, stride, dilation);
+  check_bn_args(op, x, g.C, bn_weight, bn_bias, running_mean, running_var, training);
+  check_training_count(op, g.N * g.Ho * g.Wo, training);
+  return {g, parse_act(op, act)};
 }
 
 MixProblem check_mixconv_backward(const char* op, const at::Tensor& grad_out,
@@ -191,13 +193,12 @@ MixProblem check_mixconv_backward(const char* op, const at::Tensor& grad_out,
                                   const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                   const at::Tensor& mean, const at::Tensor& var, int64_t stride,
                                   int64_t dilation, c10::string_view act, bool training) {
-  const auto [ho, wo] = check_mixconv_groups(op, x, weights, stride, dilation);
-  const int64_t C = x.size(1);
-  check_bn_args(op, x, C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
-  check_saved_stats(op, x, C, mean, var);
-  check_training_count(op, x.size(0) * ho * wo, training);
-  check_grad_out(op, grad_out, x, {x.size(0), C, ho, wo});
-  return {ho, wo, parse_act(op, act)};
+  const DwGeometry g = check_mixconv_groups(op, x, weights, stride, dilation);
+  check_bn_args(op, x, g.C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
+  check_saved_stats(op, x, g.C, mean, var);
+  check_training_count(op, g.N * g.Ho * g.Wo, training);
+  check_grad_out(op, grad_out, x, {g.N, g.C, g.Ho, g.Wo});
+  return {g, parse_act(op, act)};
 }
 
 namespace {

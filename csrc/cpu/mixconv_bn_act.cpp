@@ -14,23 +14,11 @@
 namespace effkernels::cpu {
 namespace {
 
-// The layer's geometry (K and pad are per group) and each group's padding dil * (k_i - 1) / 2.
-std::pair<DwGeometry, std::vector<int64_t>> mix_geometry(const at::Tensor& x,
-                                                         at::TensorList weights, int64_t ho,
-                                                         int64_t wo, int64_t stride,
-                                                         int64_t dilation) {
-  DwGeometry g{};
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.H = x.size(2);
-  g.W = x.size(3);
-  g.Ho = ho;
-  g.Wo = wo;
-  g.stride = stride;
-  g.dil = dilation;
+// Group i's padding, dil * (k_i - 1) / 2.
+std::vector<int64_t> group_pads(at::TensorList weights, int64_t dilation) {
   std::vector<int64_t> pads;
   for (const at::Tensor& w : weights) pads.push_back(dilation * (w.size(2) - 1) / 2);
-  return {g, pads};
+  return pads;
 }
 
 }  // namespace
@@ -43,9 +31,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixconv_bn_act(
   const MixProblem mp = check_mixconv_forward("mixconv_bn_act", x, weights, bn_weight, bn_bias,
                                               running_mean, running_var, stride, dilation, act,
                                               training);
-  const auto [g, pads] = mix_geometry(x, weights, mp.Ho, mp.Wo, stride, dilation);
-  return depthwise_groups_forward(g, x, weights, pads, bn_weight, bn_bias, running_mean,
-                                  running_var, mp.act, training, eps);
+  return depthwise_groups_forward(mp.g, x, weights, group_pads(weights, dilation), bn_weight,
+                                  bn_bias, running_mean, running_var, mp.act, training, eps);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixconv_bn_act_backward(
@@ -56,9 +43,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixconv_
   const MixProblem mp =
       check_mixconv_backward("mixconv_bn_act_backward", grad_out, x, weights, bn_weight,
                              bn_bias, mean, var, stride, dilation, act, training);
-  const auto [g, pads] = mix_geometry(x, weights, mp.Ho, mp.Wo, stride, dilation);
-  return depthwise_groups_backward(g, grad_out, x, weights, pads, bn_weight, bn_bias, mean,
-                                   var, mp.act, training, eps);
+  return depthwise_groups_backward(mp.g, grad_out, x, weights, group_pads(weights, dilation),
+                                   bn_weight, bn_bias, mean, var, mp.act, training, eps);
 }
 
 TORCH_LIBRARY_IMPL(effkernels, CPU, m) {

@@ -36,18 +36,19 @@ at::Tensor to_device(std::vector<int64_t>& v, const at::Device& device) {
   return at::from_blob(v.data(), {static_cast<int64_t>(v.size())}, opts).to(device);
 }
 
-MixLayout mix_layout(const at::Tensor& x, at::TensorList weights, int64_t stride,
-                     int64_t dilation, int64_t ho, int64_t wo) {
-  const int64_t C = x.size(1), cb = channel_block(x.scalar_type());
+// The packing of the groups' weights into channel blocks; g: the layer's geometry from
+// check_mixconv_* (K the largest kernel, pad its padding: every block's when uniform).
+MixLayout mix_layout(const at::Tensor& x, at::TensorList weights, const DwGeometry& g) {
+  const int64_t C = g.C, dilation = g.dil, cb = channel_block(x.scalar_type());
   MixLayout m;
   DwLayer& L = m.L;
+  L.g = g;
   L.cblocks = (C + cb - 1) / cb;
   std::vector<int64_t> kc(C);  // kernel size of each channel
-  int64_t c0 = 0, kmax = 1;
+  int64_t c0 = 0;
   for (const at::Tensor& w : weights) {
     for (int64_t j = 0; j < w.size(0); ++j) kc[c0 + j] = w.size(2);
     c0 += w.size(0);
-    kmax = std::max(kmax, w.size(2));
   }
   std::vector<int64_t> table(3 * L.cblocks);
   bool uniform = true;
@@ -84,17 +85,6 @@ MixLayout mix_layout(const at::Tensor& x, at::TensorList weights, int64_t stride
   m.unpack_idx = to_device(unpack, x.device());
   m.pack_idx = to_device(pack, x.device());
   if (!uniform) L.table = to_device(table, x.device());
-  DwGeometry& g = L.g;
-  g.N = x.size(0);
-  g.C = C;
-  g.H = x.size(2);
-  g.W = x.size(3);
-  g.K = kmax;
-  g.Ho = ho;
-  g.Wo = wo;
-  g.stride = stride;
-  g.pad = dilation * (kmax - 1) / 2;  // the padding of every block when uniform
-  g.dil = dilation;
   return m;
 }
 
@@ -114,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixconv_bn_act(
                                               running_mean, running_var, stride, dilation, act,
                                               training);
   const c10::cuda::CUDAGuard guard(x.device());
-  const MixLayout m = mix_layout(x, weights, stride, dilation, mp.Ho, mp.Wo);
+  const MixLayout m = mix_layout(x, weights, mp.g);
   const at::Tensor wpack = pack_weights(weights, m, acc_dtype(x.scalar_type()));
   return dw_forward(x, wpack, m.L, bn_weight, bn_bias, running_mean, running_var, mp.act,
                     training, eps);
@@ -129,7 +119,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> mixconv_
       check_mixconv_backward("mixconv_bn_act_backward", grad_out, x, weights, bn_weight,
                              bn_bias, mean, var, stride, dilation, act, training);
   const c10::cuda::CUDAGuard guard(x.device());
-  const MixLayout m = mix_layout(x, weights, stride, dilation, mp.Ho, mp.Wo);
+  const MixLayout m = mix_layout(x, weights, mp.g);
   const at::Tensor wpack = pack_weights(weights, m, acc_dtype(x.scalar_type()));
   auto [grad_x, grad_packed, grad_gamma, grad_beta] =
       dw_backward(grad_out, x, wpack, m.L, bn_weight, bn_bias, mean, var, mp.act, training, eps);

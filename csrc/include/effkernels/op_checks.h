@@ -55,9 +55,11 @@ std::pair<DwGeometry, Act> check_dwconv_backward(
 
 // Every argument of mixconv_bn_act / mixconv_bn_act_backward (one sequence for every backend):
 // x (N, C, H, W); weights[i] (C_i, 1, k_i, k_i) with odd k_i, padding dilation * (k_i - 1) / 2,
-// sum C_i == C. Returns the output size (Ho, Wo) shared by the groups and the activation.
+// sum C_i == C. Returns the layer's geometry (all C channels, the output size shared by the
+// groups; K the largest kernel and pad its padding, each group i being padded by
+// dilation * (k_i - 1) / 2) and the activation.
 struct MixProblem {
-  int64_t Ho, Wo;
+  DwGeometry g;
   Act act;
 };
 MixProblem check_mixconv_forward(const char* op, const at::Tensor& x, at::TensorList weights,
