@@ -69,7 +69,7 @@ class EfficientNet(NotScriptable, nn.Module):
         if self.head == "mobilenetv3":
             # The 1x1 conv on the pooled 1x1 map is a matrix-vector product: F.linear (a GEMV
             # on the flattened weight view) rather than conv2d, whose CPU path for a 1x1 map
-            # in channels_last is the slow im2col convolution (~4x slower at batch 1).
+            # in channels_last is the slow im2col convolution.
             x = reference.activation(self.act, F.linear(x, self.conv_head.weight.flatten(1),
                                                         self.conv_head.bias))
         if self.drop_rate > 0.0:
