@@ -170,14 +170,15 @@ def test_report_checks_the_targets_and_updates_the_readme(tmp_path):
     assert "old" not in new and text in new
 
 
-def test_block_cpu_script_smoke(capsys):
+def test_block_cpu_script_smoke():
     """bench.block_cpu (the fused block against eager/ORT, with --cpu-time) runs on the shared
-    timing and ORT code: one short round of the block at batch 1."""
-    from bench import block_cpu
-
-    block_cpu.main(["--batches", "1", "--rounds", "1", "--min-time", "0.01", "--no-compile",
-                    "--no-csv", "--cpu-time", "--threads", "1"])
-    out = capsys.readouterr().out
+    timing and ORT code: one short round of the block at batch 1, in a process of its own (it
+    sets the benchmark's malloc options, process-wide)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.block_cpu", "--batches", "1", "--rounds", "1",
+         "--min-time", "0.01", "--no-compile", "--no-csv", "--cpu-time", "--threads", "1"],
+        capture_output=True, text=True, check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("block mbv2 24x56x56 t6 s1 N=1"))
     assert "x" in line.split("   ")[-1]  # the ratios were computed
 
