@@ -4,7 +4,10 @@
 
 1. The MobileNetV2 block (C24 t6 56x56, N=1, eval, channels_last, no_grad): timm's module
    (PyTorch eager) and ours (after effkernels.convert), each process measuring both, in
-   several fresh processes: the spread between processes is what separates two runs.
+   several fresh processes: the spread between processes is what separates two runs. Once
+   with glibc's malloc defaults, once with the benchmark's setting (common.steady_malloc),
+   with the page faults per call: with the defaults, eager's intermediates can be
+   page-faulted in again on every call, depending on the process's heap layout.
 2. The cost of one op call on a tiny tensor (so the time is the call path, not the kernel):
    ops.pwconv_bn_act, the torch.ops call (through torch.library's autograd wrapper), and
    OpOverload.redispatch straight to the CPU kernel.
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import time
@@ -29,11 +33,20 @@ def _median_ms(fn, n: int = 400, warmup: int = 50) -> float:
     return samples[len(samples) // 2] * 1e3
 
 
-def block_once() -> None:
+def _faults_per_call(fn, n: int = 100) -> float:
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n
+
+
+def block_once(steady: bool) -> None:
     import torch
 
-    from . import blocks
+    from . import blocks, common
 
+    if steady:
+        common.steady_malloc()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     theirs, ours = blocks._blocks_pair(blocks.BLOCKS["ir_mbv2"][0])
@@ -42,8 +55,10 @@ def block_once() -> None:
     ours = ours.eval().to(memory_format=cl)
     x = torch.randn(1, 24, 56, 56).contiguous(memory_format=cl)
     with torch.no_grad():
-        print(f"eager_cl {_median_ms(lambda: theirs(x)):.3f} ms  "
-              f"effkernels {_median_ms(lambda: ours(x)):.3f} ms")
+        eager, mine = _median_ms(lambda: theirs(x)), _median_ms(lambda: ours(x))
+        print(f"eager_cl {eager:.3f} ms ({_faults_per_call(lambda: theirs(x)):.0f} page faults "
+              f"per call)  effkernels {mine:.3f} ms "
+              f"({_faults_per_call(lambda: ours(x)):.0f})")
 
 
 def call_overhead() -> None:
@@ -69,15 +84,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--processes", type=int, default=4)
     p.add_argument("--block-once", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--steady-malloc", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.block_once:
-        block_once()
+        block_once(args.steady_malloc)
         return 0
-    print("MobileNetV2 block C24 t6 56x56 N=1, eval, channels_last, one line per process:")
-    for _ in range(args.processes):
-        out = subprocess.run([sys.executable, "-m", "bench.spread", "--block-once"],
-                             capture_output=True, text=True, check=True).stdout
-        print("  " + out.strip())
+    for steady in (False, True):
+        print("MobileNetV2 block C24 t6 56x56 N=1, eval, channels_last, one line per process, "
+              + ("the benchmark's malloc setting (common.steady_malloc):" if steady
+                 else "glibc's malloc defaults:"))
+        for _ in range(args.processes):
+            cmd = [sys.executable, "-m", "bench.spread", "--block-once"]
+            out = subprocess.run(cmd + (["--steady-malloc"] if steady else []),
+                                 capture_output=True, text=True, check=True).stdout
+            print("  " + out.strip())
     print("One op call on a (1, 8, 2, 2) tensor, no_grad:")
     call_overhead()
     return 0
