@@ -93,8 +93,7 @@ DwGeometry check_dwconv_args(const char* op, const at::Tensor& x, const at::Tens
 
 namespace {
 
-// The groups of a mixconv layer; returns the output size (Ho, Wo) they share.
-// The layer's geometry: the largest kernel's group's, with all C channels (odd kernels padded
+// The groups of a mixconv layer. Returns the layer's geometry: the largest kernel's group's, with all C channels (odd kernels padded
 // by dilation * (k - 1) / 2 give every group the same output size).
 DwGeometry check_mixconv_groups(const char* op, const at::Tensor& x, at::TensorList weights,
                                 int64_t stride, int64_t dilation) {

@@ -55,25 +55,20 @@ class _Block(NotScriptable, nn.Module):
                 raise TypeError(f"{type(self).__name__}: {role} must be an nn.BatchNorm2d "
                                 f"(effkernels fuses BatchNorm); got {type(bn).__name__}")
 
-    def _part(self, role: str) -> Optional[nn.Module]:
-        path = self._roles.get(role)
-        if path is None:
-            return None
+    def _walk(self, path: Path) -> nn.Module:
         module = self
         for name in path:
             module = module._modules[name]
         return module
 
+    def _part(self, role: str) -> Optional[nn.Module]:
+        path = self._roles.get(role)
+        return None if path is None else self._walk(path)
+
     def _parts(self) -> Dict[str, nn.Module]:
         """Every role's module, looked up once per forward (the blocks run ~17 times per
         batch-1 forward, where this Python is a few % of the time)."""
-        parts = {}
-        for role, path in self._roles.items():
-            module = self
-            for name in path:
-                module = module._modules[name]
-            parts[role] = module
-        return parts
+        return {role: self._walk(path) for role, path in self._roles.items()}
 
     def _fusable(self, drop_active: bool, parts: Optional[Dict[str, nn.Module]] = None
                  ) -> bool:
@@ -134,13 +129,11 @@ class _Block(NotScriptable, nn.Module):
             if conv is None:
                 return []
             bn = parts[bn_role]
-            if bn.training:  # bn_args counts the batch (num_batches_tracked)
-                a = F_.bn_args(bn)
-                return [F_.cast(conv.weight, dtype), a.weight, a.bias, a.running_mean,
-                        a.running_var]
-            # Eval with running statistics (_fusable): what bn_args would return.
-            return [F_.cast(conv.weight, dtype), bn.weight, bn.bias, bn.running_mean,
-                    bn.running_var]
+            # Training: bn_args counts the batch (num_batches_tracked). Eval with running
+            # statistics (_fusable): bn_args would return the module's own tensors.
+            a = F_.bn_args(bn) if bn.training else bn
+            return [F_.cast(conv.weight, dtype), a.weight, a.bias, a.running_mean,
+                    a.running_var]
 
         expand = stage("expand_conv", "expand_bn")
         depthwise = stage("dw_conv", "dw_bn")
