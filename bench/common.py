@@ -51,9 +51,8 @@ def steady_malloc() -> str:
     served by mmap (M_MMAP_MAX 0) and no heap trimming (M_TRIM_THRESHOLD at its maximum).
     With glibc's defaults, whether a freed MB-sized tensor goes back to the kernel depends on
     the heap's layout; when it does, every call of an eager baseline page-faults its
-    intermediates in again (measured: the eager MobileNetV2 block at batch 1 took 3.3 ms with
-    1,700 page faults per call, 0.69 ms with none, in runs minutes apart), and ratios against
-    it swing 3-4x. PyTorch's CPU tuning guides recommend jemalloc/tcmalloc for the same reason;
+    intermediates in again, and ratios against it swing up to 3.4x (`python -m bench.spread`
+    shows the eager MobileNetV2 block with either setting, and its page faults per call). PyTorch's CPU tuning guides recommend jemalloc/tcmalloc for the same reason;
     ONNX Runtime has its own arena. Done for the benchmark process only (the library never
     touches the allocator). Returns what was set, for the printed header."""
     global _MALLOC
