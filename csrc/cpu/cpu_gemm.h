@@ -13,11 +13,18 @@
 #include <string_view>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include "effkernels/macros.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
 
 namespace effkernels::cpu {
 
@@ -26,17 +33,21 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // ---- run-time ISA dispatch -------------------------------------------------------------------
 
-enum class Isa : int { Base = 0, Avx2 = 1, Avx512 = 2 };
+// Avx512Bf16 adds AVX-512 BF16's vdpbf16ps (bf16 pair products summed into fp32) to AVX-512:
+// only the bf16 GEMM kernel uses it; every other kernel runs its AVX-512 build there.
+enum class Isa : int { Base = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
 // Vector width in bytes and number of vector registers the micro-kernel may plan for.
-constexpr int isa_bytes(Isa isa) { return isa == Isa::Avx512 ? 64 : isa == Isa::Avx2 ? 32 : 16; }
-constexpr int isa_regs(Isa isa) { return isa == Isa::Avx512 ? 32 : 16; }
+constexpr int isa_bytes(Isa isa) { return isa >= Isa::Avx512 ? 64 : isa == Isa::Avx2 ? 32 : 16; }
+constexpr int isa_regs(Isa isa) { return isa >= Isa::Avx512 ? 32 : 16; }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define EFFK_PW_X86 1
 #define EFFK_PW_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2"), flatten))
 #define EFFK_PW_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2"), flatten))
+#define EFFK_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2")))
 #else
 #define EFFK_PW_X86 0
 #endif
@@ -50,11 +61,16 @@ inline Isa detect_isa() {
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq"))
     isa = Isa::Avx512;
+  if (isa == Isa::Avx512 && __builtin_cpu_supports("avx512bf16")) isa = Isa::Avx512Bf16;
 #endif
-  // EFFK_CPU_ISA=base|avx2|avx512 caps the choice, so that tests can cover the narrower paths.
+  // EFFK_CPU_ISA=base|avx2|avx512|avx512bf16 caps the choice, so that tests can cover the
+  // narrower paths.
   if (const char* env = std::getenv("EFFK_CPU_ISA")) {
     const std::string_view want(env);
-    const Isa cap = want == "base" ? Isa::Base : want == "avx2" ? Isa::Avx2 : Isa::Avx512;
+    const Isa cap = want == "base"     ? Isa::Base
+                    : want == "avx2"   ? Isa::Avx2
+                    : want == "avx512" ? Isa::Avx512
+                                       : Isa::Avx512Bf16;
     isa = std::min(isa, cap);
   }
   return isa;
@@ -81,6 +97,10 @@ template <class K>
 EFFK_PW_AVX2 void run_avx2(const typename K::Args& args) {
   K::template run<Isa::Avx2>(args);
 }
+template <class K>
+EFFK_BF16_TARGET __attribute__((flatten)) void run_avx512bf16(const typename K::Args& args) {
+  K::template run<Isa::Avx512Bf16>(args);
+}
 #endif
 template <class K>
 __attribute__((flatten)) void run_base(const typename K::Args& args) {
@@ -91,7 +111,9 @@ __attribute__((flatten)) void run_base(const typename K::Args& args) {
 template <Isa I, class K>
 KernelFn<K> isa_entry() {
 #if EFFK_PW_X86
-  if constexpr (I == Isa::Avx512)
+  if constexpr (I == Isa::Avx512Bf16)
+    return &run_avx512bf16<K>;
+  else if constexpr (I == Isa::Avx512)
     return &run_avx512<K>;
   else if constexpr (I == Isa::Avx2)
     return &run_avx2<K>;
@@ -100,10 +122,11 @@ KernelFn<K> isa_entry() {
     return &run_base<K>;
 }
 
+// Kernel K's entry for the CPU's ISA (its AVX-512 build on AVX-512 BF16 CPUs).
 template <class K>
 KernelFn<K> select_kernel(Isa isa) {
 #if EFFK_PW_X86
-  if (isa == Isa::Avx512) return isa_entry<Isa::Avx512, K>();
+  if (isa >= Isa::Avx512) return isa_entry<Isa::Avx512, K>();
   if (isa == Isa::Avx2) return isa_entry<Isa::Avx2, K>();
 #endif
   return isa_entry<Isa::Base, K>();
@@ -171,15 +194,16 @@ constexpr int micro_rows(int regs, int nv) {
 // tail block), and finer than 24 so that the tiles of small problems stay even.
 constexpr int64_t kRowQuantum = 12;
 
-// c[MR][NR] (row stride ldc) = a[MR][K] (row stride lda) @ b[K][NR] (a packed W panel).
-// x rows are read in place and broadcast; each k costs NV vector loads and MR*NV FMAs.
+// c[MR][NR] (row stride ldc) = a[MR][K] (row stride lda) @ b[K][NR] (a packed W panel), times
+// scale[NR] per column when given. x rows are read in place and broadcast; each k costs NV
+// vector loads and MR*NV FMAs.
 // Once per cache line of k it also prefetches that line of the next block's rows (`next`,
 // same stride, reusing the row offsets of the broadcasts): the hardware prefetcher does not
 // follow MR short strided streams, and x streamed from L3 or memory otherwise halves the FMA
 // rate.
 template <class A, int Bytes, int MR, int NV>
 inline void micro_kernel(int64_t K, const A* __restrict a, int64_t lda, const A* __restrict b,
-                         A* __restrict c, int64_t ldc, const A* next) {
+                         const A* __restrict scale, A* __restrict c, int64_t ldc, const A* next) {
   constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(A));
   using V = typename Vec<A, Bytes>::type;
   constexpr int VW = Bytes / static_cast<int>(sizeof(A));
@@ -204,58 +228,168 @@ inline void micro_kernel(int64_t K, const A* __restrict a, int64_t lda, const A*
       for (int j = 0; j < NV; ++j) acc[r][j] += s * w[j];  // contracted to FMA
     }
   }
+  if (scale) {
+    V sv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) std::memcpy(&sv[j], scale + j * VW, sizeof(V));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] *= sv[j];
+  }
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) std::memcpy(c + r * ldc + j * VW, &acc[r][j], sizeof(V));
 }
 
-template <class A>
+// The operands of a GEMM micro-kernel: A, the accumulation type (fp32/fp64); In, the type of x
+// rows and packed weights: A itself, or bf16 for the pair kernel below.
+template <class A, class In = A>
 struct GemmArgs {
-  int64_t K;     // reduction length
-  const A* a;    // rows x K, row stride lda; readable up to round_up(rows, MR) rows
+  int64_t K;      // reduction length
+  const In* a;    // rows x K, row stride lda; readable up to round_up(rows, MR) rows
   int64_t lda, rows;
-  const A* b;    // one packed panel [K][NR]
-  A* c;          // round_up(rows, MR) x NR results, row stride ldc
+  const In* b;    // one packed panel: [K][NR] (A), [ceil(K/2)][NR][2] (bf16 pairs)
+  A* c;           // round_up(rows, MR) x NR results, row stride ldc
   int64_t ldc;
+  const A* col_scale = nullptr;  // NR per-column factors of the results (the folded BN scale)
 };
 
-// All rows of a tile against one panel: full MR blocks, then one block of MR, MR/2 or MR/4
-// rows for the remainder, so that a 49-row tile computes 51 rows rather than 60.
+// The rows of a block of 1, 1/2 or 1/4 of MR that cover `rem` (< MR) remaining rows, so that a
+// 49-row tile computes 51 rows rather than 60.
+template <int MR, class Block>
+EFFK_INLINE void row_blocks(int64_t rows, const Block& block) {
+  constexpr int MR2 = (MR + 1) / 2, MR4 = (MR + 3) / 4;
+  int64_t r = 0;
+  for (; r + MR <= rows; r += MR) block(r, std::integral_constant<int, MR>{});
+  const int64_t rem = rows - r;
+  if (rem > MR2)
+    block(r, std::integral_constant<int, MR>{});
+  else if (rem > MR4)
+    block(r, std::integral_constant<int, MR2>{});
+  else if (rem > 0)
+    block(r, std::integral_constant<int, MR4>{});
+}
+
+// All rows of a tile against one panel: full MR blocks, then one block for the remainder.
+// `next` (the following block's rows) may point past the tile or the tensor: prefetches never
+// fault.
 template <class A, int Bytes, int NV>
 struct GemmKernel {
   using Args = GemmArgs<A>;
   template <Isa I>
   static void run(const Args& g) {
-    constexpr int MR = micro_rows(isa_regs(I), NV), MR2 = (MR + 1) / 2, MR4 = (MR + 3) / 4;
-    // `next` may point past the tile (or the tensor): prefetches never fault.
-    int64_t r = 0;
-    for (; r + MR <= g.rows; r += MR)
-      micro_kernel<A, Bytes, MR, NV>(g.K, g.a + r * g.lda, g.lda, g.b, g.c + r * g.ldc, g.ldc,
-                                     g.a + (r + MR) * g.lda);
-    const int64_t rem = g.rows - r;
-    const A* a = g.a + r * g.lda;
-    A* c = g.c + r * g.ldc;
-    if (rem > MR2)
-      micro_kernel<A, Bytes, MR, NV>(g.K, a, g.lda, g.b, c, g.ldc, a + MR * g.lda);
-    else if (rem > MR4)
-      micro_kernel<A, Bytes, MR2, NV>(g.K, a, g.lda, g.b, c, g.ldc, a + MR2 * g.lda);
-    else if (rem > 0)
-      micro_kernel<A, Bytes, MR4, NV>(g.K, a, g.lda, g.b, c, g.ldc, a + MR4 * g.lda);
+    row_blocks<micro_rows(isa_regs(I), NV)>(g.rows, [&](int64_t r, auto rows) {
+      constexpr int R = decltype(rows)::value;
+      const A* a = g.a + r * g.lda;
+      micro_kernel<A, Bytes, R, NV>(g.K, a, g.lda, g.b, g.col_scale, g.c + r * g.ldc, g.ldc,
+                                    a + R * g.lda);
+    });
   }
 };
 
-template <class A>
+#if EFFK_PW_X86
+// acc[r][n] += x[r][0] w[n][0] + x[r][1] w[n][1] (x[r][1] = 0 for the odd last k: kLast).
+// (A function rather than a lambda: a lambda would not carry the target attribute.)
+template <int MR, int NV, bool kLast>
+EFFK_BF16_TARGET EFFK_INLINE void bf16_pair_step(__m512 (&acc)[MR][NV], const uint16_t* a,
+                                                 int64_t lda, const uint16_t* b) {
+  __m512bh w[NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) w[j] = (__m512bh)_mm512_loadu_si512(b + j * 32);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    uint32_t pair = a[r * lda];
+    if constexpr (!kLast) std::memcpy(&pair, a + r * lda, sizeof(pair));
+    const __m512bh s = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], s, w[j]);
+  }
+}
+
+// The bf16 micro-kernel (AVX-512 BF16): c[MR][16 NV] = (a[MR][K] @ b) * scale, with x rows of
+// bf16 read in place two k at a time (one 32-bit broadcast) and a panel packed as k pairs,
+// b[k / 2][n][k % 2], so that one vdpbf16ps adds x[k] w[n][k] + x[k+1] w[n][k+1] to 16 fp32
+// accumulators: twice the multiply-adds of an fp32 FMA per instruction, half the bytes. An odd
+// last k broadcasts (x[k], 0) and reads nothing past the row. vdpbf16ps treats bf16 subnormals
+// as zero and rounds each of its two additions in fp32: one fixed order per output, so the bits
+// still depend only on the data.
+template <int MR, int NV>
+EFFK_BF16_TARGET inline void bf16_micro_kernel(int64_t K, const uint16_t* __restrict a,
+                                               int64_t lda, const uint16_t* __restrict b,
+                                               const float* __restrict scale,
+                                               float* __restrict c, int64_t ldc,
+                                               const uint16_t* next) {
+  constexpr int NR = 16 * NV;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2, b += 2 * NR) {
+    if (k % 32 == 0) {  // one 64-byte line of each next row
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) __builtin_prefetch(next + r * lda + k, 0, 3);
+    }
+    bf16_pair_step<MR, NV, false>(acc, a + k, lda, b);
+  }
+  if (k < K) bf16_pair_step<MR, NV, true>(acc, a + k, lda, b);
+  __m512 sv[NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) sv[j] = scale ? _mm512_loadu_ps(scale + 16 * j) : _mm512_set1_ps(1);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j] * sv[j]);
+}
+#endif
+
+template <int NV>
+struct Bf16GemmKernel {
+  using Args = GemmArgs<float, c10::BFloat16>;
+  template <Isa I>
+  static void run(const Args& g) {
+#if EFFK_PW_X86
+    if constexpr (I == Isa::Avx512Bf16) {
+      const auto* a0 = reinterpret_cast<const uint16_t*>(g.a);
+      const auto* b = reinterpret_cast<const uint16_t*>(g.b);
+      row_blocks<micro_rows(32, NV)>(g.rows, [&](int64_t r, auto rows) {
+        constexpr int R = decltype(rows)::value;
+        const uint16_t* a = a0 + r * g.lda;
+        bf16_micro_kernel<R, NV>(g.K, a, g.lda, b, g.col_scale, g.c + r * g.ldc, g.ldc,
+                                 a + R * g.lda);
+      });
+      return;
+    }
+#endif
+    TORCH_INTERNAL_ASSERT(false, "the bf16 GEMM kernel needs AVX-512 BF16");
+  }
+};
+
+template <class A, class In = A>
 struct GemmPlan {
-  void (*fn)(const GemmArgs<A>&);
+  void (*fn)(const GemmArgs<A, In>&);
   int MR, NR;
   double cost;  // relative time per output column, measured on Zen 4 (planning only)
 };
+
+// Whether data of type T runs the bf16 pair kernel on this CPU (bf16 data, AVX-512 BF16);
+// otherwise its x tiles and packed weights are converted to the accumulation type.
+template <class T>
+bool bf16_gemm(Isa isa) {
+  return std::is_same_v<T, c10::BFloat16> && isa == Isa::Avx512Bf16;
+}
 
 template <class A, Isa I, int Bytes, int NV>
 GemmPlan<A> make_plan(double cost) {
   return {isa_entry<I, GemmKernel<A, Bytes, NV>>(), micro_rows(isa_regs(I), NV),
           NV * Bytes / static_cast<int>(sizeof(A)), cost};
+}
+template <int NV>
+GemmPlan<float, c10::BFloat16> make_bf16_plan(double cost) {
+  return {isa_entry<Isa::Avx512Bf16, Bf16GemmKernel<NV>>(), micro_rows(32, NV), 16 * NV, cost};
 }
 
 // Candidate panel shapes. One full-width vector per panel row (NR = VW) does half the FMAs
@@ -271,24 +405,32 @@ std::array<GemmPlan<A>, 4> shapes_for() {
   return opts;
 }
 
-template <class A>
-std::array<GemmPlan<A>, 4> panel_shapes(Isa isa) {
+// In == A: the FMA kernels of the CPU's ISA; In == bf16 (only where bf16_gemm): the pair kernel
+// at 16, 32 and 48 columns.
+template <class A, class In = A>
+std::array<GemmPlan<A, In>, 4> panel_shapes(Isa isa) {
+  if constexpr (!std::is_same_v<A, In>) {
+    TORCH_INTERNAL_ASSERT(isa == Isa::Avx512Bf16);
+    return {make_bf16_plan<2>(1.0), make_bf16_plan<3>(1.0), make_bf16_plan<1>(1.3),
+            make_bf16_plan<2>(1.0)};
+  } else {
 #if EFFK_PW_X86
-  if (isa == Isa::Avx512) return shapes_for<A, Isa::Avx512>();
-  if (isa == Isa::Avx2) return shapes_for<A, Isa::Avx2>();
+    if (isa >= Isa::Avx512) return shapes_for<A, Isa::Avx512>();
+    if (isa == Isa::Avx2) return shapes_for<A, Isa::Avx2>();
 #endif
-  return shapes_for<A, Isa::Base>();
+    return shapes_for<A, Isa::Base>();
+  }
 }
 
 // The fastest shape for `ncols` columns, ignoring thread balance.
-template <class A>
-GemmPlan<A> plan_gemm(Isa isa, int64_t ncols) {
-  const std::array<GemmPlan<A>, 4> opts = panel_shapes<A>(isa);
-  auto cost = [&](const GemmPlan<A>& o) {
+template <class A, class In = A>
+GemmPlan<A, In> plan_gemm(Isa isa, int64_t ncols) {
+  const std::array<GemmPlan<A, In>, 4> opts = panel_shapes<A, In>(isa);
+  auto cost = [&](const GemmPlan<A, In>& o) {
     return static_cast<double>(round_up(ncols, o.NR)) * o.cost;
   };
-  GemmPlan<A> best = opts[0];
-  for (const GemmPlan<A>& o : opts)
+  GemmPlan<A, In> best = opts[0];
+  for (const GemmPlan<A, In>& o : opts)
     if (cost(o) < cost(best)) best = o;
   return best;
 }
@@ -390,6 +532,7 @@ struct WeightPanels {
         scale(scale_),
         transpose(select_kernel<TransposeKernel<T, A>>(isa)),
         NR(nr) {}
+  const A* col_scale() const { return nullptr; }  // folded into the panels
 
   // Panels [j0, j1) -> dst[j - j0][Cin][NR].
   void operator()(int64_t j0, int64_t j1, A* dst) const {
@@ -401,5 +544,52 @@ struct WeightPanels {
     }
   }
 };
+
+// Packs panels of a bf16 conv weight (Cout, Cin, 1, 1) for the pair kernel: panel j =
+// B[k / 2][NR output channels][k % 2], zero past Cout and past an odd Cin. A k pair is one
+// 32-bit word of a weight row, so with an even Cin this is WeightPanels' transpose, of words.
+// The BN scale stays out of the bf16 weights (folding it in would round them once more): the
+// kernel multiplies the fp32 results by it (col_scale(), padded to whole panels).
+struct Bf16PairPanels {
+  at::Tensor w;  // unit stride over Cin
+  std::vector<float> scale;  // empty: none
+  void (*transpose)(const TransposeArgs<uint32_t, uint32_t>&);
+  int NR;
+
+  Bf16PairPanels(const at::Tensor& weight, Isa isa, int nr, const float* scale_)
+      : w(weight.stride(1) == 1 ? weight : weight.contiguous()),
+        transpose(select_kernel<TransposeKernel<uint32_t, uint32_t>>(isa)),
+        NR(nr) {
+    if (scale_) {
+      scale.assign(static_cast<size_t>(round_up(w.size(0), NR)), 0.0f);
+      std::copy_n(scale_, w.size(0), scale.begin());
+    }
+  }
+  const float* col_scale() const { return scale.empty() ? nullptr : scale.data(); }
+
+  // Panels [j0, j1) -> dst[j - j0][ceil(Cin / 2)][NR][2].
+  void operator()(int64_t j0, int64_t j1, c10::BFloat16* dst) const {
+    const int64_t Cout = w.size(0), Cin = w.size(1), s0 = w.stride(0), K2 = ceil_div(Cin, 2);
+    const auto* src = reinterpret_cast<const uint16_t*>(w.const_data_ptr<c10::BFloat16>());
+    auto* out = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t c0 = j * NR, n = std::min<int64_t>(NR, Cout - c0);
+      uint16_t* d = out + (j - j0) * K2 * 2 * NR;
+      if (Cin % 2 == 0 && s0 % 2 == 0) {
+        transpose({reinterpret_cast<const uint32_t*>(src + c0 * s0), s0 / 2, n, K2, nullptr,
+                   reinterpret_cast<uint32_t*>(d), NR, NR, K2});
+        continue;
+      }
+      for (int64_t k = 0; k < 2 * K2; ++k)
+        for (int64_t l = 0; l < NR; ++l)
+          d[((k / 2) * NR + l) * 2 + k % 2] = l < n && k < Cin ? src[(c0 + l) * s0 + k] : 0;
+    }
+  }
+};
+
+// The packed panels of a conv weight for a GEMM with operands In: WeightPanels (scale folded
+// into the weights) or Bf16PairPanels (scale applied to the results).
+template <class T, class A, class In>
+using ConvPanels = std::conditional_t<std::is_same_v<In, A>, WeightPanels<T, A>, Bf16PairPanels>;
 
 }  // namespace effkernels::cpu

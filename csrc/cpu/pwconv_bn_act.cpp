@@ -11,6 +11,11 @@
 // The micro-kernel and the epilogues are written once with GCC vector extensions and compiled
 // for AVX-512, AVX2+FMA and the baseline (SSE2) by `flatten` wrappers carrying a target
 // attribute; the ISA is chosen at run time (cpu_isa()). No -march flag is needed.
+// bf16 on CPUs with AVX-512 BF16: the x @ W GEMMs (forward, training statistics, the backward's
+// recompute) run cpu_gemm.h's pair kernel instead, bf16 x rows read in place and W packed as bf16
+// k pairs (vdpbf16ps: twice the multiply-adds per instruction, half the bytes), the BN scale
+// applied to the fp32 results. Elsewhere bf16 is converted to fp32 per tile. The backward's
+// dx and grad_weight GEMMs read the fp32 dy and stay fp32.
 //
 // Training: the batch statistics are needed before the first output is written, so the forward
 // runs the GEMM twice (recompute rather than store): a statistics pass (unscaled W; two-pass
@@ -137,9 +142,9 @@ struct TilePlan {
   int64_t tile_rows = 0, ntiles = 0, npanels = 0, panels_per_item = 1, col_items = 1, items = 0;
 };
 
-template <class A>
+template <class A, class In = A>
 struct Plan {
-  GemmPlan<A> gemm;
+  GemmPlan<A, In> gemm;
   TilePlan tiles;
 };
 
@@ -167,8 +172,8 @@ double max_share(const TilePlan& t, int64_t threads) {
   return worst;
 }
 
-template <class A>
-Plan<A> plan_tiles(Isa isa, int64_t M, int64_t K, int64_t ncols, bool chunk_tiles) {
+template <class A, class In = A>
+Plan<A, In> plan_tiles(Isa isa, int64_t M, int64_t K, int64_t ncols, bool chunk_tiles) {
   const int64_t threads = std::max(1, at::get_num_threads());
   // Chunk tiles: even, a multiple of 12 rows, at most kMaxTileRows. Free tiles may also split
   // a small M evenly over the threads.
@@ -176,9 +181,9 @@ Plan<A> plan_tiles(Isa isa, int64_t M, int64_t K, int64_t ncols, bool chunk_tile
   if (!chunk_tiles)
     for (const int64_t n : {threads, 2 * threads, 4 * threads})
       if (ceil_div(M, n) >= 12 && ceil_div(M, n) < heights[0]) heights.push_back(ceil_div(M, n));
-  Plan<A> best{};
+  Plan<A, In> best{};
   double best_cost = 0.0;
-  for (const GemmPlan<A>& g : panel_shapes<A>(isa)) {
+  for (const GemmPlan<A, In>& g : panel_shapes<A, In>(isa)) {
     for (const int64_t h : heights) {
       TilePlan t;
       t.M = M;
@@ -240,15 +245,28 @@ PanelK panel_k_ranges(const at::Tensor& weight, int64_t NR) {
 
 // Whether `rows` rows of K values (row stride lda) are all finite: skipping a zero weight is
 // exact only for a finite x (NaN * 0 = NaN), so a tile holding a NaN/Inf takes the full K.
-template <class A>
-bool all_finite(const A* a, int64_t lda, int64_t rows, int64_t K) {
+template <class A, class In>
+bool all_finite(const In* a, int64_t lda, int64_t rows, int64_t K) {
   A acc = A(0);
   for (int64_t r = 0; r < rows; ++r) {
-    const A* row = a + r * lda;
+    const In* row = a + r * lda;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < K; ++k) acc += row[k] - row[k];  // NaN for an Inf or a NaN
+    for (int64_t k = 0; k < K; ++k) {
+      const A v = static_cast<A>(row[k]);
+      acc += v - v;  // NaN for an Inf or a NaN
+    }
   }
   return acc == A(0);
+}
+
+// Runs f(In{}) with the operand type In of the GEMMs over x rows of type T on this CPU: bf16
+// (the pair kernel) where bf16_gemm, else the accumulation type.
+template <class T, class F>
+void with_gemm_operand(Isa isa, const F& f) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_gemm<T>(isa)) return f(c10::BFloat16{});
+  }
+  f(acc_type<T>{});
 }
 
 // Runs C = rows(src) @ B and hands every tile_rows x NR block to
@@ -256,23 +274,28 @@ bool all_finite(const A* a, int64_t lda, int64_t rows, int64_t K) {
 // col0, ncols) runs before the block's GEMM (to prefetch what the epilogue will touch).
 // Items run column group by column group: each thread packs the panels of its group
 // (pack(j0, j1, dst)) once into its own buffer, which stays in cache, and a big W is read once
-// overall rather than packed to memory and read back. Dense rows of the accumulation type
-// (fp32/fp64 NHWC) are read in place; other tiles (fp16/bf16, strided rows, a last tile whose
-// final block would read past the end) are first copied, converted and zero-padded.
+// overall rather than packed to memory and read back. Dense rows of the operand type In
+// (fp32/fp64 NHWC; bf16 NHWC for the pair kernel) are read in place; other tiles (fp16, bf16
+// without the pair kernel, strided rows, a last tile whose final block would read past the
+// end) are first copied, converted and zero-padded.
 // kr (when not empty): each panel's nonzero input channels (panel_k_ranges), the only ones
 // its GEMM reads for a tile whose x values are all finite: the same bits as the full K.
-template <class S, class A, class Pack, class Prepare, class Consume>
+// col_scale (may be null): per-column factors of the results, padded to whole panels.
+template <class S, class A, class In, class Pack, class Prepare, class Consume>
 void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
-                const GemmPlan<A>& gemm, const Prepare& prepare, const Consume& consume,
-                const PanelK& kr = {}) {
-  // Padded copy stride: K*sizeof(A) a multiple of 4 KiB would put all rows in one cache set.
+                const GemmPlan<A, In>& gemm, const Prepare& prepare, const Consume& consume,
+                const PanelK& kr = {}, const A* col_scale = nullptr) {
+  // The pair kernel's panels hold k in pairs: ranges of k start at even k.
+  constexpr int64_t kStep = std::is_same_v<In, A> ? 1 : 2;
+  const int64_t Kp = round_up(p.K, kStep);
+  // Padded copy stride: K*sizeof(In) a multiple of 4 KiB would put all rows in one cache set.
   const int64_t ldp = p.K % 64 == 0 ? p.K + 16 : p.K;
   at::parallel_for(0, p.items, 1, [&](int64_t begin, int64_t end) {
-    A* panels = thread_scratch<A>(0, p.panels_per_item * p.K * p.NR);
+    In* panels = thread_scratch<In>(0, p.panels_per_item * Kp * p.NR);
     // A tile's GEMM writes (and a copied tile holds) whole blocks: round_up(rows, MR) rows.
     const int64_t rows_alloc = round_up(p.tile_rows, p.MR);
     A* block = thread_scratch<A>(1, rows_alloc * p.NR);
-    A* copy = nullptr;
+    In* copy = nullptr;
     int64_t packed = -1, copied = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t ci = item / p.ntiles, t = item % p.ntiles;
@@ -284,24 +307,24 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
       }
       const int64_t row0 = t * p.tile_rows, rows = std::min(p.tile_rows, p.M - row0);
       const int64_t rows_pad = round_up(rows, p.MR);
-      const A* a = nullptr;
+      const In* a = nullptr;
       int64_t lda = 0;
-      if constexpr (std::is_same_v<S, A>) {
+      if constexpr (std::is_same_v<S, In>) {
         if (src.at.flat && row0 + rows_pad <= p.M) {
           a = src.row(row0);
           lda = src.at.step;
         }
       }
       if (a == nullptr) {
-        if (!copy) copy = thread_scratch<A>(2, rows_alloc * ldp);
+        if (!copy) copy = thread_scratch<In>(2, rows_alloc * ldp);
         if (t != copied) {
-          A* d = copy;
+          In* d = copy;
           for (int64_t r = 0; r < rows_pad; ++r, d += ldp) {
             if (r < rows) {
               const S* s = src.row(row0 + r);
-              for (int64_t k = 0; k < p.K; ++k) d[k] = static_cast<A>(s[k]);
+              for (int64_t k = 0; k < p.K; ++k) d[k] = static_cast<In>(s[k]);
             } else {
-              std::fill(d, d + p.K, A(0));
+              std::fill(d, d + p.K, In(0));
             }
           }
           copied = t;
@@ -309,12 +332,13 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
         a = copy;
         lda = ldp;
       }
-      const bool skip = !kr.empty() && all_finite(a, lda, rows, p.K);
+      const bool skip = !kr.empty() && all_finite<A>(a, lda, rows, p.K);
       for (int64_t j = j0; j < j1; ++j) {
         prepare(row0, rows, j * p.NR, std::min<int64_t>(p.NR, p.ncols - j * p.NR));
-        const int64_t k0 = skip ? kr.lo[j] : 0, k1 = skip ? kr.hi[j] : p.K;
-        gemm.fn({k1 - k0, a + k0, lda, rows, panels + (j - j0) * p.K * p.NR + k0 * p.NR, block,
-                 p.NR});
+        const int64_t k0 = skip ? kr.lo[j] / kStep * kStep : 0;
+        const int64_t k1 = skip ? std::min(p.K, round_up(kr.hi[j], kStep)) : p.K;
+        gemm.fn({k1 - k0, a + k0, lda, rows, panels + (j - j0) * Kp * p.NR + k0 * p.NR, block,
+                 p.NR, col_scale ? col_scale + j * p.NR : nullptr});
         consume(t, row0, rows, j, block);
       }
     }
@@ -322,6 +346,20 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
 }
 
 // ---- epilogues -------------------------------------------------------------------------------
+
+// Epilogue arguments e (Fwd/BwdEpilogueArgs) for one GEMM block: panel j's NR columns (of
+// ncols in all) of rows [row0, row0 + rows), results in `block` (row stride NR).
+template <class Args, class A>
+Args for_block(Args e, const A* block, int NR, int64_t row0, int64_t rows, int64_t j,
+               int64_t ncols) {
+  e.c = block;
+  e.ldc = NR;
+  e.row0 = row0;
+  e.rows = rows;
+  e.col0 = j * NR;
+  e.ncols = std::min<int64_t>(NR, ncols - e.col0);
+  return e;
+}
 
 // out = act(c + shift (+ residual)) for a block of rows x ncols results at column col0.
 template <class T, class A>
@@ -460,21 +498,24 @@ at::Tensor stat_tensor(const std::vector<A>& v) {
 template <class T, class A>
 void batch_stats(const Problem& pb, const Rows<const T>& xr, const at::Tensor& weight, Isa isa,
                  std::vector<A>& mean, std::vector<A>& var) {
-  const auto [gemm, tp] = plan_tiles<A>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/true);
-  const WeightPanels<T, A> wp(weight, isa, gemm.NR, nullptr);
-  // One ChannelStats per panel (chunk = tile): a channel's result depends only on the tiles.
-  std::vector<ChannelStats> stats;
-  stats.reserve(tp.npanels);
-  for (int64_t j = 0; j < tp.npanels; ++j)
-    stats.emplace_back(tp.ntiles, std::min<int64_t>(gemm.NR, pb.Cout - j * gemm.NR));
-  tiled_gemm<T, A>(
-      tp, xr, wp, gemm, [](int64_t, int64_t, int64_t, int64_t) {},
-      [&](int64_t t, int64_t, int64_t rows, int64_t j, const A* block) {
-        stats[j].add_chunk(t, block, rows, gemm.NR);
-      },
-      panel_k_ranges<T>(weight, gemm.NR));
-  for (int64_t j = 0; j < tp.npanels; ++j)
-    stats[j].finalize(mean.data() + j * gemm.NR, var.data() + j * gemm.NR);
+  with_gemm_operand<T>(isa, [&](auto operand) {
+    using In = decltype(operand);
+    const auto [gemm, tp] = plan_tiles<A, In>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/true);
+    const ConvPanels<T, A, In> wp(weight, isa, gemm.NR, nullptr);
+    // One ChannelStats per panel (chunk = tile): a channel's result depends only on the tiles.
+    std::vector<ChannelStats> stats;
+    stats.reserve(tp.npanels);
+    for (int64_t j = 0; j < tp.npanels; ++j)
+      stats.emplace_back(tp.ntiles, std::min<int64_t>(gemm.NR, pb.Cout - j * gemm.NR));
+    tiled_gemm(
+        tp, xr, wp, gemm, [](int64_t, int64_t, int64_t, int64_t) {},
+        [&](int64_t t, int64_t, int64_t rows, int64_t j, const A* block) {
+          stats[j].add_chunk(t, block, rows, gemm.NR);
+        },
+        panel_k_ranges<T>(weight, gemm.NR));
+    for (int64_t j = 0; j < tp.npanels; ++j)
+      stats[j].finalize(mean.data() + j * gemm.NR, var.data() + j * gemm.NR);
+  });
 }
 
 template <class T>
@@ -504,7 +545,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   }
   if (pb.M == 0 || pb.Cout == 0) return {in_format(out, output_format(x)), mean_t, var_t};
 
-  // Fold BN: scale goes into the packed weights, shift into the epilogue.
+  // Fold BN: scale goes into the packed weights (the bf16 pair kernel: applied to its fp32
+  // results), shift into the epilogue.
   const at::Tensor gamma = acc_vector(bn_weight, acc), beta = acc_vector(bn_bias, acc);
   const A* gd = gamma.const_data_ptr<A>();
   const A* bd = beta.const_data_ptr<A>();
@@ -514,9 +556,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     scale[c] = f.scale;
     shift[c] = f.shift;
   }
-  const auto [gemm, tp] = plan_tiles<A>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/false);
-  const WeightPanels<T, A> wp(weight, isa, gemm.NR, scale.data());
-
   FwdEpilogueArgs<T, A> base{};
   base.shift = shift.data();
   base.out = dense_rows<T>(out.data_ptr<T>(), pb.Cout);
@@ -530,18 +569,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     prefetch_block(base.out, row0, rows, col0, ncols, /*write=*/true);
     if (has_res) prefetch_block(base.res, row0, rows, col0, ncols, /*write=*/false);
   };
-  tiled_gemm<T, A>(tp, xr, wp, gemm, prefetch,
-                   [&](int64_t, int64_t row0, int64_t rows, int64_t j, const A* block) {
-                     FwdEpilogueArgs<T, A> e = base;
-                     e.c = block;
-                     e.ldc = gemm.NR;
-                     e.row0 = row0;
-                     e.rows = rows;
-                     e.col0 = j * gemm.NR;
-                     e.ncols = std::min<int64_t>(gemm.NR, pb.Cout - e.col0);
-                     epilogue(e);
-                   },
-                   panel_k_ranges<T>(weight, gemm.NR));
+  with_gemm_operand<T>(isa, [&](auto operand) {
+    using In = decltype(operand);
+    const auto [gemm, tp] = plan_tiles<A, In>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/false);
+    const ConvPanels<T, A, In> wp(weight, isa, gemm.NR, scale.data());
+    tiled_gemm(
+        tp, xr, wp, gemm, prefetch,
+        [&](int64_t, int64_t row0, int64_t rows, int64_t j, const A* block) {
+          epilogue(for_block(base, block, gemm.NR, row0, rows, j, pb.Cout));
+        },
+        panel_k_ranges<T>(weight, gemm.NR), wp.col_scale());
+  });
   return {in_format(out, output_format(x)), mean_t, var_t};
 }
 
@@ -630,11 +668,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   // Pass 1: recompute y = conv(x) tile by tile; g, xhat, grad_residual and per-tile sums.
   const at::Tensor xi = channels_innermost(x);
   const Rows<const T> xr = rows_of<const T>(xi);
-  const auto [gemm, tp] = plan_tiles<A>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/true);
-  const WeightPanels<T, A> wp(weight, isa, gemm.NR, nullptr);
   at::Tensor g_buf = at::empty({pb.M, pb.Cout}, acc_opts);
   at::Tensor xhat_buf = at::empty({pb.M, pb.Cout}, acc_opts);
-  at::Tensor sums = at::zeros({2, tp.ntiles, pb.Cout}, acc_opts);
+  at::Tensor sums;  // [2][tiles][Cout]: the tiles' sums of g and g * xhat
   const at::Tensor go_i = channels_innermost(grad_out);
   at::Tensor res_i;
   BwdEpilogueArgs<T, A> base{};
@@ -651,27 +687,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   base.g = g_buf.data_ptr<A>();
   base.xhat = xhat_buf.data_ptr<A>();
   base.ld = pb.Cout;
-  A* sum_g = sums.data_ptr<A>();
-  A* sum_gx = sum_g + tp.ntiles * pb.Cout;
   const BwdEpilogueFn<T> epilogue = select_bwd_epilogue<T>(isa, pb.act, has_res);
   auto prefetch = [&](int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
     prefetch_block(base.grad_out, row0, rows, col0, ncols, /*write=*/false);
     if (has_res) prefetch_block(base.res, row0, rows, col0, ncols, /*write=*/false);
   };
-  tiled_gemm<T, A>(tp, xr, wp, gemm, prefetch,
-                   [&](int64_t t, int64_t row0, int64_t rows, int64_t j, const A* block) {
-                     BwdEpilogueArgs<T, A> e = base;
-                     e.c = block;
-                     e.ldc = gemm.NR;
-                     e.row0 = row0;
-                     e.rows = rows;
-                     e.col0 = j * gemm.NR;
-                     e.ncols = std::min<int64_t>(gemm.NR, pb.Cout - e.col0);
-                     e.sum_g = sum_g + t * pb.Cout;
-                     e.sum_gx = sum_gx + t * pb.Cout;
-                     epilogue(e);
-                   },
-                   panel_k_ranges<T>(weight, gemm.NR));
+  with_gemm_operand<T>(isa, [&](auto operand) {
+    using In = decltype(operand);
+    const auto [gemm, tp] = plan_tiles<A, In>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/true);
+    const ConvPanels<T, A, In> wp(weight, isa, gemm.NR, nullptr);
+    sums = at::zeros({2, tp.ntiles, pb.Cout}, acc_opts);
+    A* sum_g = sums.data_ptr<A>();
+    A* sum_gx = sum_g + tp.ntiles * pb.Cout;
+    tiled_gemm(
+        tp, xr, wp, gemm, prefetch,
+        [&](int64_t t, int64_t row0, int64_t rows, int64_t j, const A* block) {
+          BwdEpilogueArgs<T, A> e = for_block(base, block, gemm.NR, row0, rows, j, pb.Cout);
+          e.sum_g = sum_g + t * pb.Cout;
+          e.sum_gx = sum_gx + t * pb.Cout;
+          epilogue(e);
+        },
+        panel_k_ranges<T>(weight, gemm.NR));
+  });
+  const int64_t ntiles = sums.size(1);
+  const A* sum_g = sums.const_data_ptr<A>();
+  const A* sum_gx = sum_g + ntiles * pb.Cout;
 
   // dbeta = sum g, dgamma = sum g * xhat (tile partials in tile order), then the coefficients
   // of dy = a * g + b * xhat + c.
@@ -680,7 +720,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   A* dbeta = grad_beta.data_ptr<A>();
   for (int64_t c = 0; c < pb.Cout; ++c) {
     double sg = 0.0, sgx = 0.0;
-    for (int64_t t = 0; t < tp.ntiles; ++t) {
+    for (int64_t t = 0; t < ntiles; ++t) {
       sg += sum_g[t * pb.Cout + c];
       sgx += sum_gx[t * pb.Cout + c];
     }
@@ -720,17 +760,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     auto prefetch = [&](int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
       prefetch_block(xbase.out, row0, rows, col0, ncols, /*write=*/true);
     };
-    tiled_gemm<A, A>(tx, dense_rows<const A>(dy, pb.Cout), wt_panels, gx, prefetch,
-                     [&](int64_t, int64_t row0, int64_t rows, int64_t j, const A* block) {
-                       FwdEpilogueArgs<T, A> e = xbase;
-                       e.c = block;
-                       e.ldc = gx.NR;
-                       e.row0 = row0;
-                       e.rows = rows;
-                       e.col0 = j * gx.NR;
-                       e.ncols = std::min<int64_t>(gx.NR, pb.Cin - e.col0);
-                       store(e);
-                     });
+    tiled_gemm(tx, dense_rows<const A>(dy, pb.Cout), wt_panels, gx, prefetch,
+               [&](int64_t, int64_t row0, int64_t rows, int64_t j, const A* block) {
+                 store(for_block(xbase, block, gx.NR, row0, rows, j, pb.Cin));
+               });
     grad_weight_gemm<T, A>(pb, xr, dy, isa, grad_w.data_ptr<A>());
   }
   return finish();

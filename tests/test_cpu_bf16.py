@@ -1,0 +1,157 @@
+"""The CPU pointwise conv's bf16 pair GEMM (AVX-512 BF16's vdpbf16ps: two bf16 products summed
+into fp32 per instruction): that it runs exactly on the CPUs that have the instructions, that the
+fp32-conversion path it replaces there stays correct (forced with EFFK_CPU_ISA=avx512), and that
+its bits depend on the data only (not on the thread count).
+
+Which path ran is observable: vdpbf16ps treats bf16 subnormal inputs as zero, the fp32 path
+does not."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import effkernels
+from effkernels import ops
+
+from .helpers import bn_params, conv_weight, make_input
+
+pytestmark = pytest.mark.skipif(not effkernels._extension.loaded(),
+                                reason="effkernels._C not built")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cpu_has_avx512_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags and "avx512bw" in flags
+
+
+def _python(script, isa=None):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("EFFK_CPU_ISA", None)
+    if isa:
+        env["EFFK_CPU_ISA"] = isa
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+_SUBNORMAL = """
+    import torch
+    from effkernels import ops
+    # y = x @ w^T with an identity BatchNorm: one subnormal x times weights of 1.
+    x = torch.full((1, 2, 3, 3), 1e-39, dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.ones(16, 2, 1, 1, dtype=torch.bfloat16)
+    one, zero = torch.ones(16, dtype=torch.bfloat16), torch.zeros(16, dtype=torch.bfloat16)
+    y = ops.pwconv_bn_act(x, w, one, zero, zero, one, act="identity", eps=0.0)
+    print(float(y[0, 0, 0, 0]))
+"""
+
+
+def test_pair_kernel_runs_exactly_where_the_cpu_has_avx512_bf16():
+    default = float(_python(_SUBNORMAL))
+    fp32_path = float(_python(_SUBNORMAL, isa="avx512"))
+    assert fp32_path == pytest.approx(2 * 1.0101904577379033e-39, rel=1e-2)
+    if _cpu_has_avx512_bf16():
+        assert default == 0.0, "the bf16 pair kernel did not run on an AVX-512 BF16 CPU"
+    else:
+        assert default == fp32_path, "the bf16 pair kernel ran on a CPU without AVX-512 BF16"
+
+
+_FP32_PATH = """
+    import torch
+    from tests.opcase import check_op
+    from tests.test_ops import PW_SHAPES, pw_case, _block_diagonal_case
+    torch.manual_seed(0)
+    for shape in PW_SHAPES:
+        for training in (True, False):
+            check_op("pwconv_bn_act", *pw_case(shape, torch.bfloat16, "channels_last",
+                                               training=training), "cpu", torch.bfloat16)
+    for training in (True, False):
+        check_op("pwconv_bn_act", *_block_diagonal_case(torch.bfloat16, training), "cpu",
+                 torch.bfloat16)
+    print("ok")
+"""
+
+
+def test_bf16_on_the_fp32_path():
+    """bf16 where the CPU has no AVX-512 BF16 (forced here): x tiles and weights converted to
+    fp32, the FMA kernel; the same checks as the default path's in test_ops."""
+    assert _python(_FP32_PATH, isa="avx512").strip().endswith("ok")
+
+
+def _pw_fwd_bwd(x, w, bn, training):
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    g, b = (t.detach().requires_grad_() for t in bn[:2])
+    rm, rv = (t.clone() for t in bn[2:])
+    y = ops.pwconv_bn_act(x, w, g, b, rm, rv, act="hswish", training=training)
+    y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y.dtype))
+    return [y.detach(), x.grad, w.grad, g.grad, b.grad, rm, rv]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cin", [40, 41], ids=["cin40", "cin41"])
+def test_bf16_bitwise_independent_of_threads(cin, training):
+    torch.manual_seed(0)
+    x = make_input((4, cin, 13, 15), torch.bfloat16, "channels_last")
+    w = conv_weight((72, cin, 1, 1), torch.bfloat16)
+    bn = [t.bfloat16() for t in bn_params(72)]
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(_pw_fwd_bwd(x, w, bn, training))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_bf16_nan_reaches_its_pixel_with_block_diagonal_weight():
+    """The pair kernel skips zero weights in k pairs: a NaN in x still reaches every output
+    channel of its pixel, as with the fp32 kernel (0 * NaN = NaN)."""
+    from .test_ops import _block_diagonal_case
+    tensors, kwargs = _block_diagonal_case(torch.bfloat16, False, groups=((7, 40), (13, 9)))
+    tensors["x"] = tensors["x"].clone()
+    tensors["x"][1, 3, 4, 5] = float("nan")
+    with torch.no_grad():
+        y = ops.pwconv_bn_act(**tensors, **kwargs)
+    assert torch.isnan(y[1, :, 4, 5]).all()
+    y[1, :, 4, 5] = 0
+    assert not torch.isnan(y).any()
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (5, 2), (7, 1), (9, 2), (3, 2)])
+def test_bf16_depthwise_eval_is_the_fp32_result_rounded(k, stride):
+    """bf16 inference runs the fp32 fast path's code on widened bf16 loads and rounds the fp32
+    result like c10::BFloat16 (nearest even, NaN stays NaN): bit for bit the fp32 op's output on
+    the same (widened) values, rounded by PyTorch. Interior tiles, edge tiles, the channel tail
+    (C = 37), NaN and infinities in x."""
+    torch.manual_seed(k * 10 + stride)
+    x = make_input((2, 37, 19, 23), torch.bfloat16, "channels_last")
+    x[0, 3, 5, 7] = float("nan")
+    x[1, 30, 2, 2] = float("inf")
+    x[1, 31, 10, 11] = -float("inf")
+    w = conv_weight((37, 1, k, k), torch.bfloat16)
+    g, b, rm, rv = bn_params(37)
+    for act in ("relu6", "hswish", "silu", "identity"):
+        with torch.no_grad():
+            y = ops.dwconv_bn_act(x, w, g, b, rm, rv, stride=stride, act=act)
+            y32 = ops.dwconv_bn_act(x.float(), w.float(), g, b, rm, rv, stride=stride, act=act)
+        assert y.dtype == torch.bfloat16
+        expected = y32.bfloat16()
+        same = (y.view(torch.int16) == expected.view(torch.int16)) | (y.isnan() & expected.isnan())
+        assert same.all(), f"{act}: {(~same).sum().item()} of {y.numel()} differ"
+        assert y.isnan().any()
