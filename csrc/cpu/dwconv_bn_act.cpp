@@ -34,7 +34,7 @@
 // (16 floats, 8 doubles): one zmm in the v4 clone, two ymm in v3, four xmm in the default one.
 //
 // Forward conv (measured on the 2-core Zen 4 build machine; numbers in the comments below):
-//   fast path   fp32, k in {3, 5, 7, 9} (template), stride 1/2, dilation 1, the columns whose
+//   fast path   fp32 and bf16 eval, k in {3, 5, 7, 9} (template), stride 1/2, dilation 1, the columns whose
 //               window is inside the row (window rows outside the image read a zero row): per
 //               channel block of 16, the k*k weight vectors are loaded once per row and each
 //               input vector once per window row (sliding window over 4 output pixels).
@@ -123,7 +123,16 @@ struct LanesOf<A, 1> {
 template <typename A, int L>
 using Vec = typename LanesOf<A, L>::type;
 
-// Loads L channels of T as A (fp16/bf16 are widened at the load).
+// Integer vectors of L lanes for the bf16 conversions (a bf16 is the top half of an fp32).
+template <typename U, int L>
+struct UVecOf {
+  typedef U type __attribute__((vector_size(L * sizeof(U))));
+};
+template <typename U, int L>
+using UVec = typename UVecOf<U, L>::type;
+
+// Loads L channels of T as A (fp16/bf16 are widened at the load; bf16 by a vector zero-extend
+// and shift, fp16 element by element).
 template <typename A, int L, typename T>
 EFFK_INLINE Vec<A, L> load(const T* p) {
   if constexpr (L == 1) {
@@ -132,6 +141,11 @@ EFFK_INLINE Vec<A, L> load(const T* p) {
     Vec<A, L> v;
     if constexpr (std::is_same_v<T, A>) {
       std::memcpy(&v, p, sizeof(v));
+    } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+      UVec<uint16_t, L> h;
+      std::memcpy(&h, p, sizeof(h));
+      const UVec<uint32_t, L> bits = __builtin_convertvector(h, UVec<uint32_t, L>) << 16;
+      std::memcpy(&v, &bits, sizeof(v));
     } else {
       A tmp[L];
 #pragma omp simd
@@ -203,7 +217,28 @@ EFFK_INLINE void store_act(std::integral_constant<int, L>, O* out, const Vec<A, 
   A z[L];
   store<A, L>(z, acc + load<A, L>(shift));
 #pragma omp simd
-  for (int i = 0; i < L; ++i) out[i] = static_cast<O>(act_forward<ACT>(z[i]));
+  for (int i = 0; i < L; ++i) z[i] = act_forward<ACT>(z[i]);
+  if constexpr (L > 1 && std::is_same_v<O, c10::BFloat16> && std::is_same_v<A, float>) {
+    // c10::BFloat16(float)'s rounding (to nearest even, NaN -> 0x7FC0) on the whole vector.
+    Vec<A, L> zv;
+    std::memcpy(&zv, z, sizeof(zv));
+    UVec<uint32_t, L> bits;
+    std::memcpy(&bits, z, sizeof(bits));
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const UVec<uint32_t, L> quiet_nan = UVec<uint32_t, L>{} + 0x7FC0u;
+    bits = zv != zv ? quiet_nan : bits;
+    const UVec<uint16_t, L> h = __builtin_convertvector(bits, UVec<uint16_t, L>);
+    std::memcpy(out, &h, sizeof(h));
+  } else {
+    for (int i = 0; i < L; ++i) out[i] = static_cast<O>(z[i]);
+  }
+}
+
+// The fast path's store: streaming stores are for fp32 lines only (the overload below).
+template <Act ACT, int L, typename A, typename O>
+EFFK_INLINE void store_act(std::integral_constant<int, L> lanes, O* out, const Vec<A, L>& acc,
+                           const A* shift, bool /*stream*/) {
+  store_act<ACT>(lanes, out, acc, shift);
 }
 
 // The same for a line of 16 fp32 results, written around the caches (stream_results) when
@@ -364,13 +399,15 @@ EFFK_INLINE void conv_row_s(const ConvParams<T>& p, const T* xn, O* out, int64_t
   }
 }
 
-// The fast path where it applies (fp32, k in 3/5/7/9, stride 1/2, dilation 1, groups of at
-// least 16 channels): does the whole output row and returns true. fp16/bf16/fp64 take the
-// generic steps (3 more dtypes x 8 kernels x 3 ISAs would more than double the build time of
-// this file).
+// The fast path where it applies (fp32, and bf16 to a bf16 output (eval); k in 3/5/7/9, stride
+// 1/2, dilation 1, groups of at least 16 channels): does the whole output row and returns true.
+// fp16, fp64 and bf16's fp32 passes (training statistics, backward) take the generic steps
+// (each dtype pair is 8 kernels x 3 ISAs: adding them all would more than double the build
+// time of this file); bf16 inference is the case that needs the speed.
 template <typename T, typename O>
 EFFK_INLINE bool conv_row_fast(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0) {
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<O, float>) {
+  if constexpr ((std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) &&
+                std::is_same_v<O, T>) {
     const DwGeometry& g = p.g;
     if (g.dil != 1 || g.C < kLanes<float> || g.stride > 2) return false;
     switch (g.K) {
