@@ -135,3 +135,16 @@ class RecordOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+def per_thread_count(fn, counts=(1, 2, 3)):
+    """fn() run with each of torch's intra-op thread counts in `counts` (restored after)."""
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in counts:
+            torch.set_num_threads(threads)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(before)

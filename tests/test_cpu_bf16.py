@@ -1,7 +1,8 @@
-"""The CPU pointwise conv's bf16 pair GEMM (AVX-512 BF16's vdpbf16ps: two bf16 products summed
-into fp32 per instruction): that it runs exactly on the CPUs that have the instructions, that the
-fp32-conversion path it replaces there stays correct (forced with EFFK_CPU_ISA=avx512), and that
-its bits depend on the data only (not on the thread count).
+"""bf16 on the CPU: the bf16 pair GEMM (AVX-512 BF16's vdpbf16ps: two bf16 products summed into
+fp32 per instruction) of the pointwise conv and of the fused inverted-residual block: that it runs
+exactly on the CPUs that have the instructions, that the fp32-conversion path it replaces there
+stays correct (forced with EFFK_CPU_ISA=avx512), and that its bits depend on the data only (not
+on the thread count); and the depthwise kernel's bf16 fast path.
 
 Which path ran is observable: vdpbf16ps treats bf16 subnormal inputs as zero, the fp32 path
 does not."""
@@ -16,7 +17,7 @@ import torch
 import effkernels
 from effkernels import ops
 
-from .helpers import bn_params, conv_weight, make_input
+from .helpers import bn_params, conv_weight, make_input, per_thread_count
 
 pytestmark = pytest.mark.skipif(not effkernels._extension.loaded(),
                                 reason="effkernels._C not built")
@@ -79,13 +80,16 @@ _FP32_PATH = """
     for training in (True, False):
         check_op("pwconv_bn_act", *_block_diagonal_case(torch.bfloat16, training), "cpu",
                  torch.bfloat16)
+    from tests.test_cpu_bf16 import check_block_bf16
+    for case in ("mbv2_s1_skip", "no_expand_se_skip", "odd_7x11_s2_se", "dil2_k5_s2_se"):
+        check_block_bf16(case)
     print("ok")
 """
 
 
 def test_bf16_on_the_fp32_path():
     """bf16 where the CPU has no AVX-512 BF16 (forced here): x tiles and weights converted to
-    fp32, the FMA kernel; the same checks as the default path's in test_ops."""
+    fp32, the FMA kernel; the same checks as the default path's in test_ops and below."""
     assert _python(_FP32_PATH, isa="avx512").strip().endswith("ok")
 
 
@@ -106,14 +110,7 @@ def test_bf16_bitwise_independent_of_threads(cin, training):
     x = make_input((4, cin, 13, 15), torch.bfloat16, "channels_last")
     w = conv_weight((72, cin, 1, 1), torch.bfloat16)
     bn = [t.bfloat16() for t in bn_params(72)]
-    before = torch.get_num_threads()
-    try:
-        runs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            runs.append(_pw_fwd_bwd(x, w, bn, training))
-    finally:
-        torch.set_num_threads(before)
+    runs = per_thread_count(lambda: _pw_fwd_bwd(x, w, bn, training))
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
@@ -155,3 +152,42 @@ def test_bf16_depthwise_eval_is_the_fp32_result_rounded(k, stride):
         same = (y.view(torch.int16) == expected.view(torch.int16)) | (y.isnan() & expected.isnan())
         assert same.all(), f"{act}: {(~same).sum().item()} of {y.numel()} differ"
         assert y.isnan().any()
+
+
+def check_block_bf16(case, n=None):
+    """The fused inference block in bf16 against the float64 reference, within the error of
+    PyTorch's own bf16 block (x and the weights are the bf16 values)."""
+    from .helpers import assert_lowp_close
+    from .test_inverted_residual_cpu import _args, _cast, _fused, _ref
+    x64, block64, kw = _args(case, torch.float64, "channels_last")
+    if n is not None:
+        x64 = torch.cat([x64] * n)[:n].contiguous(memory_format=torch.channels_last)
+    x, block = x64.bfloat16(), _cast(block64, torch.bfloat16)
+    out = _fused(x, block, kw)
+    assert out.dtype == torch.bfloat16
+    ref64 = _ref(x.double(), _cast(block, torch.float64), kw)
+    assert_lowp_close(out, ref64, _ref(x, block, kw), torch.bfloat16, case)
+    return x, block, kw
+
+
+def _block_cases():
+    from .test_inverted_residual_cpu import CASES
+    return list(CASES)
+
+
+@pytest.mark.parametrize("n", [None, 1], ids=["N", "N1"])
+@pytest.mark.parametrize("case", _block_cases())
+def test_bf16_fused_block(case, n):
+    """Every block shape of the fused-kernel tests (one- and two-phase, SE, no expand stage,
+    odd channel counts, channel slices at N=1) in bf16."""
+    check_block_bf16(case, n)
+
+
+@pytest.mark.parametrize("case", ["mbv2_s1_skip", "k5_s1_se_skip", "odd_7x11_s2_se",
+                                  "wide_7x7_960"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_bf16_fused_block_bitwise_independent_of_threads(case, n):
+    from .test_inverted_residual_cpu import _fused
+    x, block, kw = check_block_bf16(case, n)
+    outs = per_thread_count(lambda: _fused(x, block, kw))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

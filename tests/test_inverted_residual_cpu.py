@@ -16,7 +16,7 @@ import effkernels
 from effkernels import ops, reference
 
 from .helpers import (RecordOps, assert_close, assert_lowp_close, bn_params, conv_weight,
-                      make_input)
+                      make_input, per_thread_count)
 
 pytestmark = pytest.mark.skipif(
     effkernels.available_backends("cpu")["cpu"] != "available",
@@ -159,14 +159,7 @@ def test_threads_bitwise(case, n):
     x, block, kw = _args(case, torch.float32, "channels_last")
     x = torch.cat([x] * n)[:n].float().contiguous(memory_format=torch.channels_last)
     block = _cast(block, torch.float32)
-    previous = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outs.append(_fused(x, block, kw))
-    finally:
-        torch.set_num_threads(previous)
+    outs = per_thread_count(lambda: _fused(x, block, kw))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 

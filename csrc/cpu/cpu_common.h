@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -14,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 
 #include "effkernels/conv_geometry.h"
 
@@ -76,6 +78,29 @@ inline void stream_fence() {
 #if EFFK_CPU_STREAM_STORES
   _mm_sfence();
 #endif
+}
+
+// dst[0, L) = c10::BFloat16(src[0, L)): its rounding (to nearest even; NaN -> 0x7FC0) on GCC
+// vectors, compiled in the caller's ISA (the scalar conversion does not vectorise).
+template <class U, int L>
+struct GccVec {
+  typedef U type __attribute__((vector_size(L * sizeof(U))));
+};
+
+template <int L>
+EFFK_INLINE void round_to_bf16(const float* src, c10::BFloat16* dst) {
+  using F = typename GccVec<float, L>::type;
+  using U32 = typename GccVec<uint32_t, L>::type;
+  using U16 = typename GccVec<uint16_t, L>::type;
+  F v;
+  std::memcpy(&v, src, sizeof(v));
+  U32 bits;
+  std::memcpy(&bits, src, sizeof(bits));
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const U32 quiet_nan = U32{} + 0x7FC0u;
+  bits = v != v ? quiet_nan : bits;
+  const U16 h = __builtin_convertvector(bits, U16);
+  std::memcpy(dst, &h, sizeof(h));
 }
 
 // fp32 accumulation for fp32/fp16/bf16, fp64 for fp64 (gradcheck).

@@ -382,6 +382,16 @@ bool bf16_gemm(Isa isa) {
   return std::is_same_v<T, c10::BFloat16> && isa == Isa::Avx512Bf16;
 }
 
+// Runs f(In{}) with the operand type In of the GEMMs over data of type T on this CPU: bf16
+// (the pair kernel) where bf16_gemm, else the accumulation type A.
+template <class T, class A, class F>
+void with_gemm_operand(Isa isa, const F& f) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_gemm<T>(isa)) return f(c10::BFloat16{});
+  }
+  f(A{});
+}
+
 template <class A, Isa I, int Bytes, int NV>
 GemmPlan<A> make_plan(double cost) {
   return {isa_entry<I, GemmKernel<A, Bytes, NV>>(), micro_rows(isa_regs(I), NV),

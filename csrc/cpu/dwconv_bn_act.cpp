@@ -34,10 +34,11 @@
 // (16 floats, 8 doubles): one zmm in the v4 clone, two ymm in v3, four xmm in the default one.
 //
 // Forward conv (measured on the 2-core Zen 4 build machine; numbers in the comments below):
-//   fast path   fp32 and bf16 eval, k in {3, 5, 7, 9} (template), stride 1/2, dilation 1, the columns whose
-//               window is inside the row (window rows outside the image read a zero row): per
-//               channel block of 16, the k*k weight vectors are loaded once per row and each
-//               input vector once per window row (sliding window over 4 output pixels).
+//   fast path   fp32 and bf16 eval, k in {3, 5, 7, 9} (template), stride 1/2, dilation 1, the
+//               columns whose window is inside the row (window rows outside the image read a
+//               zero row): per channel block of 16, the k*k weight vectors are loaded once
+//               per row and each input vector once per window row (sliding window over 4
+//               output pixels).
 //   generic     any k/stride/dilation/dtype: 4 pixels x 16 channels per step with run-time tap
 //               loops; border columns 1 pixel x 64 channels with their own tap ranges.
 //   Both add the BN shift and apply the activation from the registers (no second pass), and
@@ -125,11 +126,7 @@ using Vec = typename LanesOf<A, L>::type;
 
 // Integer vectors of L lanes for the bf16 conversions (a bf16 is the top half of an fp32).
 template <typename U, int L>
-struct UVecOf {
-  typedef U type __attribute__((vector_size(L * sizeof(U))));
-};
-template <typename U, int L>
-using UVec = typename UVecOf<U, L>::type;
+using UVec = typename GccVec<U, L>::type;
 
 // Loads L channels of T as A (fp16/bf16 are widened at the load; bf16 by a vector zero-extend
 // and shift, fp16 element by element).
@@ -219,16 +216,7 @@ EFFK_INLINE void store_act(std::integral_constant<int, L>, O* out, const Vec<A, 
 #pragma omp simd
   for (int i = 0; i < L; ++i) z[i] = act_forward<ACT>(z[i]);
   if constexpr (L > 1 && std::is_same_v<O, c10::BFloat16> && std::is_same_v<A, float>) {
-    // c10::BFloat16(float)'s rounding (to nearest even, NaN -> 0x7FC0) on the whole vector.
-    Vec<A, L> zv;
-    std::memcpy(&zv, z, sizeof(zv));
-    UVec<uint32_t, L> bits;
-    std::memcpy(&bits, z, sizeof(bits));
-    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    const UVec<uint32_t, L> quiet_nan = UVec<uint32_t, L>{} + 0x7FC0u;
-    bits = zv != zv ? quiet_nan : bits;
-    const UVec<uint16_t, L> h = __builtin_convertvector(bits, UVec<uint16_t, L>);
-    std::memcpy(out, &h, sizeof(h));
+    round_to_bf16<L>(z, out);
   } else {
     for (int i = 0; i < L; ++i) out[i] = static_cast<O>(z[i]);
   }

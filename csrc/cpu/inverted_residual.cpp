@@ -43,9 +43,12 @@
 //
 // ISA: the micro-kernels are compiled for AVX-512, AVX2+FMA and the x86-64 baseline through
 // cpu_gemm.h's `flatten` wrappers and chosen at run time (cpu_isa(); EFFK_CPU_ISA caps it).
-// dtypes: fp32 and fp64 natively; fp16/bf16 are widened to fp32 when x rows are copied in and
-// rounded once at the output (the hidden activations stay fp32, more accurate than PyTorch's
-// half-precision composite). No AVX-512 BF16 instructions are used.
+// dtypes: fp32 and fp64 natively; fp16 (and bf16 without AVX-512 BF16) are widened to fp32
+// when x rows are copied in and rounded once at the output (the hidden activations stay fp32,
+// more accurate than PyTorch's half-precision composite). bf16 on CPUs with AVX-512 BF16: both
+// GEMMs run cpu_gemm.h's pair kernel (vdpbf16ps) on bf16 operands, x rows copied as they are
+// and the depthwise output rounded to bf16 (times SE's gates) before the project GEMM, as
+// PyTorch's bf16 layers round it; the expanded activations in the ring stay fp32 (Plan::kPairs).
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -86,7 +89,7 @@ constexpr int64_t kGrainMacs = 16384;       // SE multiply-adds / gated panel el
 // 7-10 on the calling thread.
 enum Slot : int {
   kRing = 3, kTileA = 4, kBlock = 5, kDwRows = 6,
-  kImages = 7, kPanelsE = 8, kPanelsP = 9, kGatedPanels = 10
+  kImages = 7, kPanelsE = 8, kPanelsP = 9, kGatedPanels = 10, kProjectRows = 11
 };
 
 // ---- vectors of channels ---------------------------------------------------------------------
@@ -296,6 +299,42 @@ struct ProjectEpi {
   }
 };
 
+// Pairs, before the project GEMM: dst[r][c] = bf16(a[r][c] * gate[c]) (gate may be null) for
+// r < rows, c < C, and zero rows up to rows_pad (the GEMM's last block). 16 channels at a time
+// (round_to_bf16).
+struct RoundRowsArgs {
+  const float* a;
+  int64_t lda, rows, rows_pad, C;
+  const float* gate;
+  c10::BFloat16* dst;
+  int64_t ldd;
+};
+
+struct RoundRows {
+  using Args = RoundRowsArgs;
+  template <Isa>
+  static void run(const Args& e) {
+    constexpr int L = 16;
+    const int64_t body = e.C / L * L;
+    float t[L];
+    for (int64_t r = 0; r < e.rows; ++r) {
+      const float* src = e.a + r * e.lda;
+      c10::BFloat16* dst = e.dst + r * e.ldd;
+      for (int64_t c = 0; c < body; c += L) {
+        if (e.gate) {
+          for (int i = 0; i < L; ++i) t[i] = src[c + i] * e.gate[c + i];
+        } else {
+          std::memcpy(t, src + c, sizeof(t));
+        }
+        round_to_bf16<L>(t, dst + c);
+      }
+      for (int64_t c = body; c < e.C; ++c)
+        dst[c] = static_cast<c10::BFloat16>(e.gate ? src[c] * e.gate[c] : src[c]);
+    }
+    std::fill(e.dst + e.rows * e.ldd, e.dst + e.rows_pad * e.ldd, c10::BFloat16(0.0f));
+  }
+};
+
 // ---- the block -------------------------------------------------------------------------------
 
 // The checked problem (op_checks.h) plus this kernel's ring / step sizes.
@@ -306,18 +345,25 @@ struct Geometry : IrProblem {
   int64_t ring_rows;  // (G-1)*stride + dil*(K-1) + 1
 };
 
-// Everything the tasks read; built once per call.
-template <class T, class A>
+// Everything the tasks read; built once per call. In: the GEMMs' operand type (A, or bf16 for
+// cpu_gemm.h's pair kernel: x tiles and the rounded hidden rows in bf16, the BN scales applied
+// to the GEMMs' fp32 results instead of folded into the weights).
+template <class T, class A, class In = A>
 struct Plan {
+  static constexpr bool kPairs = !std::is_same_v<In, A>;
   Geometry g;
   Isa isa;
   const T* x;  // channels innermost: x(n, c, h, w) = x[n*sN + h*sH + w*sW + c]
   int64_t sN, sH, sW;
   T* out;      // NHWC, dense
-  GemmPlan<A> ge, gp;  // expand / project GEMM shapes
+  GemmPlan<A, In> ge, gp;  // expand / project GEMM shapes
   int64_t npe = 0, npp = 0, ldx = 0;
-  const A* pe = nullptr;  // expand panels [npe][Cin][NR], BN scale folded in
-  const A* pp = nullptr;  // project panels [npp][C][NR], BN scale folded in (SE: no gates)
+  int64_t kpe = 0, kpp = 0;  // packed K of the expand / project panels (even for pairs)
+  const In* pe = nullptr;  // expand panels [npe][kpe][NR], BN scale folded in (pairs: not)
+  const In* pp = nullptr;  // project panels [npp][kpp][NR], the same (SE: no gates)
+  const A* col_scale_e = nullptr;  // pairs: the BN scales, per output column (padded)
+  const A* col_scale_p = nullptr;
+  KernelFn<RoundRows> round_rows = nullptr;  // pairs: the hidden rows to bf16 (times SE's gates)
   std::vector<A> shift_e, wd, shift_d, shift_p;  // wd: depthwise [k][k][Cp], scale folded in
   DwFn<A> dw;
   KernelFn<ExpandEpi<A>> expand_epi;
@@ -348,20 +394,24 @@ struct HiddenSlice {
 };
 
 // One task's working set.
-template <class T, class A>
+template <class T, class A, class In>
 class Worker {
  public:
   // bands: also the ring, x tile and depthwise rows (not needed by SE's project-only phase).
-  Worker(const Plan<T, A>& p, bool bands) : p_(p), g_(p.g) {
+  Worker(const Plan<T, A, In>& p, bool bands) : p_(p), g_(p.g) {
     const int64_t step_rows = std::max(kChunkPixels, g_.G * g_.Wo) + 12;
     block_ = thread_scratch<A>(kBlock, step_rows * std::max(p_.ge.NR, p_.gp.NR));
     res_.resize(step_rows);
+    if constexpr (Plan<T, A, In>::kPairs) {
+      ldq_ = g_.C % 64 == 0 ? g_.C + 16 : g_.C;  // no 4 KiB-aliased rows
+      project_rows_ = thread_scratch<In>(kProjectRows, step_rows * ldq_);
+    }
     if (!bands) return;
     const int64_t ring_elems = (g_.ring_rows + 1) * g_.Wp * g_.Cp;
     ring_ = thread_scratch<A>(kRing, ring_elems);
     std::fill(ring_, ring_ + ring_elems, A(0));  // padding columns/channels, zero row
     zero_row_ = ring_ + g_.ring_rows * g_.Wp * g_.Cp;
-    if (g_.has_expand) tile_ = thread_scratch<A>(kTileA, (kChunkPixels + 12) * p_.ldx);
+    if (g_.has_expand) tile_ = thread_scratch<In>(kTileA, (kChunkPixels + 12) * p_.ldx);
     if (!g_.has_se) {
       // Rows past a step's pixels are read by the GEMM's last block: keep them finite.
       // (Only the one-phase path uses them.)
@@ -415,10 +465,21 @@ class Worker {
 
   // Output pixels [p0, p0 + M) of image n (row-major over Ho x Wo), the output channels of
   // panels [j0, j1) = project(a rows) + shift (+ x). `a` is readable (finite) for
-  // round_up(M, 12) rows of Cp.
-  void project(int64_t n, int64_t p0, int64_t M, const A* a, const A* panels, int64_t j0,
-               int64_t j1) {
+  // round_up(M, 12) rows of Cp. Pairs: the rows are first rounded to bf16, times `gate` (SE;
+  // else null: the fp32 path folds the gates into `panels`).
+  void project(int64_t n, int64_t p0, int64_t M, const A* a, const In* panels, int64_t j0,
+               int64_t j1, const A* gate = nullptr) {
     const int NR = p_.gp.NR;
+    const In* rows;
+    int64_t ld;
+    if constexpr (Plan<T, A, In>::kPairs) {
+      p_.round_rows({a, g_.Cp, M, round_up(M, 12), g_.C, gate, project_rows_, ldq_});
+      rows = project_rows_;
+      ld = ldq_;
+    } else {
+      rows = a;
+      ld = g_.Cp;
+    }
     T* out = p_.out + (n * g_.Ho * g_.Wo + p0) * g_.Cout;
     if (g_.skip) {
       for (int64_t r = 0; r < M; ++r) {
@@ -427,7 +488,8 @@ class Worker {
       }
     }
     for (int64_t j = j0; j < j1; ++j) {
-      p_.gp.fn({g_.C, a, g_.Cp, M, panels + j * g_.C * NR, block_, NR});
+      p_.gp.fn({g_.C, rows, ld, M, panels + j * p_.kpp * NR, block_, NR,
+                p_.col_scale_p ? p_.col_scale_p + j * NR : nullptr});
       ProjectEpiArgs<T, A> e{block_, NR, M, j * NR, std::min<int64_t>(NR, g_.Cout - j * NR),
                              p_.shift_p.data(), out, g_.Cout, res_.data()};
       p_.project_epi(e);
@@ -448,29 +510,40 @@ class Worker {
         const int64_t ih = r0 + (p0 + r) / g_.W, iw = (p0 + r) % g_.W;
         ptrs_[r] = ring_row(ih) + (g_.pad + iw) * g_.Cp;
         const T* src = xn + ih * p_.sH + iw * p_.sW;
-        A* d = g_.has_expand ? tile_ + r * p_.ldx : ptrs_[r];
-        if constexpr (std::is_same_v<T, A>) {
-          std::memcpy(d, src, g_.Cin * sizeof(A));
+        if (g_.has_expand) {
+          copy_row(src, tile_ + r * p_.ldx, g_.Cin);
         } else {
-          for (int64_t c = 0; c < g_.Cin; ++c) d[c] = static_cast<A>(src[c]);
+          copy_row(src, ptrs_[r], g_.Cin);
         }
       }
       if (!g_.has_expand) continue;
       const int NR = p_.ge.NR;
-      std::fill(tile_ + M * p_.ldx, tile_ + (M + 12) * p_.ldx, A(0));
+      std::fill(tile_ + M * p_.ldx, tile_ + (M + 12) * p_.ldx, In(0));
       for (int64_t j = slice.j0; j < slice.j1; ++j) {
-        p_.ge.fn({g_.Cin, tile_, p_.ldx, M, p_.pe + j * g_.Cin * NR, block_, NR});
+        p_.ge.fn({g_.Cin, tile_, p_.ldx, M, p_.pe + j * p_.kpe * NR, block_, NR,
+                  p_.col_scale_e ? p_.col_scale_e + j * NR : nullptr});
         p_.expand_epi({block_, NR, M, j * NR, std::min<int64_t>(NR, g_.C - j * NR),
                        p_.shift_e.data(), ptrs_.data(), g_.act});
       }
     }
   }
 
-  const Plan<T, A>& p_;
+  template <class D>
+  static void copy_row(const T* src, D* dst, int64_t n) {
+    if constexpr (std::is_same_v<T, D>) {
+      std::memcpy(dst, src, n * sizeof(D));
+    } else {
+      for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<D>(src[c]);
+    }
+  }
+
+  const Plan<T, A, In>& p_;
   const Geometry& g_;
   A* ring_ = nullptr;
   A* zero_row_ = nullptr;
-  A* tile_ = nullptr;
+  In* tile_ = nullptr;
+  In* project_rows_ = nullptr;  // pairs: the rounded (gated) hidden rows of one project call
+  int64_t ldq_ = 0;
   A* block_ = nullptr;
   A* dw_rows_ = nullptr;
   std::vector<A*> ptrs_;
@@ -531,15 +604,15 @@ struct SeLayer {
 };
 
 // The hidden channels are sliced in units of whole expand panels and whole vectors.
-template <class T, class A>
-int64_t slice_unit(const Plan<T, A>& p) {
+template <class T, class A, class In>
+int64_t slice_unit(const Plan<T, A, In>& p) {
   return p.g.has_expand ? std::lcm<int64_t>(p.ge.NR, kLanes<A>) : kLanes<A>;
 }
 
 // Slice `part` of `parts` of the hidden channels: contiguous runs of whole units, the last one
 // up to Cp.
-template <class T, class A>
-HiddenSlice hidden_slice(const Plan<T, A>& p, int64_t part, int64_t parts) {
+template <class T, class A, class In>
+HiddenSlice hidden_slice(const Plan<T, A, In>& p, int64_t part, int64_t parts) {
   const Geometry& g = p.g;
   const int64_t unit = slice_unit(p);
   const int64_t units = ceil_div(g.Cp, unit);
@@ -558,8 +631,8 @@ HiddenSlice hidden_slice(const Plan<T, A>& p, int64_t part, int64_t parts) {
 // batch 1: a 7x7 map cut in two recomputes 4 of its 7 rows for k = 5), slices of the hidden
 // channels (0 = bands; else the slice count). Slices need the two-phase path: the project GEMM
 // reads all hidden channels.
-template <class T, class A>
-int64_t channel_slices(const Plan<T, A>& p, int64_t images) {
+template <class T, class A, class In>
+int64_t channel_slices(const Plan<T, A, In>& p, int64_t images) {
   const Geometry& g = p.g;
   const int64_t threads = std::max(1, at::get_num_threads());
   if (images >= threads) return 0;
@@ -569,8 +642,8 @@ int64_t channel_slices(const Plan<T, A>& p, int64_t images) {
   return slices > 1 ? slices : 0;
 }
 
-template <class T, class A>
-void run_block(const Plan<T, A>& p, at::TensorList se) {
+template <class T, class A, class In>
+void run_block(const Plan<T, A, In>& p, at::TensorList se) {
   const Geometry& g = p.g;
   const HiddenSlice all{0, g.Cp, 0, p.npe};
   const int64_t threads = std::max(1, at::get_num_threads());
@@ -578,7 +651,7 @@ void run_block(const Plan<T, A>& p, at::TensorList se) {
     // One phase: each task projects the depthwise rows it computes.
     const int64_t nb = bands_per_image(g.N, g.Ho), per = ceil_div(g.Ho, nb);
     at::parallel_for(0, g.N * nb, 1, [&](int64_t b, int64_t e) {
-      Worker<T, A> wk(p, /*bands=*/true);
+      Worker<T, A, In> wk(p, /*bands=*/true);
       for (int64_t item = b; item < e; ++item) {
         const int64_t n = item / nb, oh0 = (item % nb) * per;
         if (oh0 < g.Ho) wk.band(n, oh0, std::min(g.Ho, oh0 + per), nullptr, nullptr, all);
@@ -599,8 +672,12 @@ void run_block(const Plan<T, A>& p, at::TensorList se) {
   for (int64_t i = 0; i < group; ++i)  // rows past HW: finite, read by the last GEMM block
     std::fill(images + i * img_stride + HW * g.Cp, images + (i + 1) * img_stride, A(0));
   const int NR = p.gp.NR;
-  const int64_t panel_elems = p.npp * g.C * NR;
-  A* panels = g.has_se ? thread_scratch<A>(kGatedPanels, group * panel_elems) : nullptr;
+  // SE's gates: folded into per-image copies of the project panels (fp32), or applied to the
+  // hidden rows as they are rounded (pairs).
+  constexpr bool kGatedRows = Plan<T, A, In>::kPairs;
+  const int64_t panel_elems = p.npp * p.kpp * NR;
+  In* panels = g.has_se && !kGatedRows ? thread_scratch<In>(kGatedPanels, group * panel_elems)
+                                       : nullptr;
   std::vector<double> pooled(g.C);
   std::vector<A> gates(group * g.C);
   for (int64_t n0 = 0; n0 < g.N; n0 += group) {
@@ -609,7 +686,7 @@ void run_block(const Plan<T, A>& p, at::TensorList se) {
     const int64_t ns = channel_slices(p, m), slices = std::max<int64_t>(ns, 1);
     const int64_t nb = ns ? 1 : bands_per_image(m, g.Ho), per = ceil_div(g.Ho, nb);
     at::parallel_for(0, m * nb * slices, 1, [&](int64_t b, int64_t e) {
-      Worker<T, A> wk(p, /*bands=*/true);
+      Worker<T, A, In> wk(p, /*bands=*/true);
       for (int64_t item = b; item < e; ++item) {
         const int64_t i = item / (nb * slices), band = item / slices % nb, oh0 = band * per;
         if (oh0 < g.Ho)
@@ -629,14 +706,14 @@ void run_block(const Plan<T, A>& p, at::TensorList se) {
       }
       layer->gates(pooled.data(), gates.data() + i * g.C);
     }
-    if (g.has_se) {
+    if (g.has_se && !kGatedRows) {
       at::parallel_for(0, m * p.npp, std::max<int64_t>(1, kGrainMacs / (g.C * NR)),
                        [&](int64_t b, int64_t e) {
                          for (int64_t item = b; item < e; ++item) {
                            const int64_t i = item / p.npp, j = item % p.npp;
                            const A* gate = gates.data() + i * g.C;
-                           const A* src = p.pp + j * g.C * NR;
-                           A* dst = panels + i * panel_elems + j * g.C * NR;
+                           const In* src = p.pp + j * p.kpp * NR;
+                           In* dst = panels + i * panel_elems + j * p.kpp * NR;
                            for (int64_t k = 0; k < g.C; ++k)
                              for (int l = 0; l < NR; ++l)
                                dst[k * NR + l] = src[k * NR + l] * gate[k];
@@ -649,24 +726,25 @@ void run_block(const Plan<T, A>& p, at::TensorList se) {
     const int64_t chunks = ceil_div(HW, kChunkPixels), chunk = ceil_div(HW, chunks);
     const int64_t pg = (m * chunks) % threads == 0 ? 1 : std::min<int64_t>(p.npp, threads);
     at::parallel_for(0, m * chunks * pg, 1, [&](int64_t b, int64_t e) {
-      Worker<T, A> wk(p, /*bands=*/false);
+      Worker<T, A, In> wk(p, /*bands=*/false);
       for (int64_t item = b; item < e; ++item) {
         const int64_t i = item / (chunks * pg), q = item % pg;
         const int64_t p0 = item / pg % chunks * chunk;
         wk.project(n0 + i, p0, std::min(chunk, HW - p0), images + i * img_stride + p0 * g.Cp,
-                   g.has_se ? panels + i * panel_elems : p.pp, p.npp * q / pg,
-                   p.npp * (q + 1) / pg);
+                   panels ? panels + i * panel_elems : p.pp, p.npp * q / pg,
+                   p.npp * (q + 1) / pg,
+                   g.has_se && kGatedRows ? gates.data() + i * g.C : nullptr);
       }
     });
   }
 }
 
-template <class T>
-void forward(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
-             at::TensorList depthwise, at::TensorList se, at::TensorList project, double eps,
-             at::Tensor& out) {
+template <class T, class In>
+void forward_with(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
+                  at::TensorList depthwise, at::TensorList se, at::TensorList project,
+                  double eps, at::Tensor& out) {
   using A = acc_type<T>;
-  Plan<T, A> p;
+  Plan<T, A, In> p;
   p.g = g;
   p.isa = cpu_isa();
   p.x = xc.const_data_ptr<T>();
@@ -674,36 +752,41 @@ void forward(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
   p.sH = xc.stride(2);
   p.sW = xc.stride(3);
   p.out = out.data_ptr<T>();
-  p.ge = plan_gemm<A>(p.isa, g.C);
-  p.gp = plan_gemm<A>(p.isa, g.Cout);
+  p.ge = plan_gemm<A, In>(p.isa, g.C);
+  p.gp = plan_gemm<A, In>(p.isa, g.Cout);
   p.npe = ceil_div(g.C, p.ge.NR);
   p.npp = ceil_div(g.Cout, p.gp.NR);
+  const int64_t k_step = Plan<T, A, In>::kPairs ? 2 : 1;
+  p.kpe = round_up(g.Cin, k_step);
+  p.kpp = round_up(g.C, k_step);
   p.ldx = g.Cin % 64 == 0 ? g.Cin + 16 : g.Cin;  // no 4 KiB-aliased tile rows
   // BN folded: scales into the packed weights, shifts into the epilogues. Panels live in the
   // calling thread's scratch (a fresh buffer per call costs page faults); the threads pack the
   // expand and project panels together (at batch 1 packing alone on the calling thread left
   // the other threads waiting).
   std::vector<A> scale_e(g.C), scale_p(g.Cout);
-  std::optional<WeightPanels<T, A>> panels_e;
-  A* pe = nullptr;
+  std::optional<ConvPanels<T, A, In>> panels_e;
+  In* pe = nullptr;
   if (g.has_expand) {
     p.shift_e.assign(g.C, A(0));
     fold<A>(expand, eps, scale_e, p.shift_e);
     panels_e.emplace(expand[0], p.isa, p.ge.NR, scale_e.data());
-    pe = thread_scratch<A>(kPanelsE, p.npe * g.Cin * p.ge.NR);
+    pe = thread_scratch<In>(kPanelsE, p.npe * p.kpe * p.ge.NR);
+    p.col_scale_e = panels_e->col_scale();
   }
   p.shift_p.assign(g.Cout, A(0));
   fold<A>(project, eps, scale_p, p.shift_p);
-  const WeightPanels<T, A> panels_p(project[0], p.isa, p.gp.NR, scale_p.data());
-  A* pp = thread_scratch<A>(kPanelsP, p.npp * g.C * p.gp.NR);
+  const ConvPanels<T, A, In> panels_p(project[0], p.isa, p.gp.NR, scale_p.data());
+  In* pp = thread_scratch<In>(kPanelsP, p.npp * p.kpp * p.gp.NR);
+  p.col_scale_p = panels_p.col_scale();
   {
     const int64_t npe = g.has_expand ? p.npe : 0;
-    const int64_t panel_elems = std::max(g.Cin * p.ge.NR, g.C * p.gp.NR);
+    const int64_t panel_elems = std::max(p.kpe * p.ge.NR, p.kpp * p.gp.NR);
     const int64_t grain = std::max<int64_t>(1, kPackGrainElems / panel_elems);
     at::parallel_for(0, npe + p.npp, grain, [&](int64_t b, int64_t e) {
-      if (b < npe) (*panels_e)(b, std::min(e, npe), pe + b * g.Cin * p.ge.NR);
+      if (b < npe) (*panels_e)(b, std::min(e, npe), pe + b * p.kpe * p.ge.NR);
       const int64_t j0 = std::max(b, npe) - npe, j1 = e - npe;
-      if (j0 < j1) panels_p(j0, j1, pp + j0 * g.C * p.gp.NR);
+      if (j0 < j1) panels_p(j0, j1, pp + j0 * p.kpp * p.gp.NR);
     });
   }
   p.pe = pe;
@@ -723,7 +806,17 @@ void forward(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
   p.expand_epi = select_kernel<ExpandEpi<A>>(p.isa);
   p.project_epi = g.skip ? select_kernel<ProjectEpi<T, A, true>>(p.isa)
                          : select_kernel<ProjectEpi<T, A, false>>(p.isa);
-  run_block<T, A>(p, se);
+  if constexpr (Plan<T, A, In>::kPairs) p.round_rows = select_kernel<RoundRows>(p.isa);
+  run_block(p, se);
+}
+
+template <class T>
+void forward(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
+             at::TensorList depthwise, at::TensorList se, at::TensorList project, double eps,
+             at::Tensor& out) {
+  with_gemm_operand<T, acc_type<T>>(cpu_isa(), [&](auto operand) {
+    forward_with<T, decltype(operand)>(g, xc, expand, depthwise, se, project, eps, out);
+  });
 }
 
 }  // namespace

@@ -259,15 +259,6 @@ bool all_finite(const In* a, int64_t lda, int64_t rows, int64_t K) {
   return acc == A(0);
 }
 
-// Runs f(In{}) with the operand type In of the GEMMs over x rows of type T on this CPU: bf16
-// (the pair kernel) where bf16_gemm, else the accumulation type.
-template <class T, class F>
-void with_gemm_operand(Isa isa, const F& f) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (bf16_gemm<T>(isa)) return f(c10::BFloat16{});
-  }
-  f(acc_type<T>{});
-}
 
 // Runs C = rows(src) @ B and hands every tile_rows x NR block to
 // consume(tile, row0, rows, panel, block) while it is still in L1/L2; prepare(row0, rows,
@@ -498,7 +489,7 @@ at::Tensor stat_tensor(const std::vector<A>& v) {
 template <class T, class A>
 void batch_stats(const Problem& pb, const Rows<const T>& xr, const at::Tensor& weight, Isa isa,
                  std::vector<A>& mean, std::vector<A>& var) {
-  with_gemm_operand<T>(isa, [&](auto operand) {
+  with_gemm_operand<T, A>(isa, [&](auto operand) {
     using In = decltype(operand);
     const auto [gemm, tp] = plan_tiles<A, In>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/true);
     const ConvPanels<T, A, In> wp(weight, isa, gemm.NR, nullptr);
@@ -569,7 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     prefetch_block(base.out, row0, rows, col0, ncols, /*write=*/true);
     if (has_res) prefetch_block(base.res, row0, rows, col0, ncols, /*write=*/false);
   };
-  with_gemm_operand<T>(isa, [&](auto operand) {
+  with_gemm_operand<T, A>(isa, [&](auto operand) {
     using In = decltype(operand);
     const auto [gemm, tp] = plan_tiles<A, In>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/false);
     const ConvPanels<T, A, In> wp(weight, isa, gemm.NR, scale.data());
@@ -692,7 +683,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     prefetch_block(base.grad_out, row0, rows, col0, ncols, /*write=*/false);
     if (has_res) prefetch_block(base.res, row0, rows, col0, ncols, /*write=*/false);
   };
-  with_gemm_operand<T>(isa, [&](auto operand) {
+  with_gemm_operand<T, A>(isa, [&](auto operand) {
     using In = decltype(operand);
     const auto [gemm, tp] = plan_tiles<A, In>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/true);
     const ConvPanels<T, A, In> wp(weight, isa, gemm.NR, nullptr);
