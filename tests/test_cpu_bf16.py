@@ -80,11 +80,43 @@ _FP32_PATH = """
     for training in (True, False):
         check_op("pwconv_bn_act", *_block_diagonal_case(torch.bfloat16, training), "cpu",
                  torch.bfloat16)
-    from tests.test_cpu_bf16 import check_block_bf16
+    from tests.test_cpu_bf16 import check_block_bf16, check_rounded_like_fp32
     for case in ("mbv2_s1_skip", "no_expand_se_skip", "odd_7x11_s2_se", "dil2_k5_s2_se"):
         check_block_bf16(case)
+    check_rounded_like_fp32()
     print("ok")
 """
+
+
+def check_rounded_like_fp32():
+    """On the fp32 path a bf16 call computes exactly what the fp32 op computes on the widened
+    values, so its output is that result rounded by PyTorch, bit for bit: the epilogues' vector
+    rounding (store_bf16_row) against c10's, with residuals, activations and channel tails."""
+    from tests.test_inverted_residual_cpu import _args, _cast, _fused
+    torch.manual_seed(1)
+
+    def same_bits(y, y32, what):
+        expected = y32.bfloat16()
+        ok = (y.view(torch.int16) == expected.view(torch.int16)) | (y.isnan() & expected.isnan())
+        assert ok.all(), f"{what}: {(~ok).sum().item()} of {y.numel()} differ"
+
+    x = make_input((2, 40, 9, 11), torch.bfloat16, "channels_last")
+    x[1, 5, 2, 3] = float("nan")
+    w = conv_weight((37, 40, 1, 1), torch.bfloat16)
+    res = make_input((2, 37, 9, 11), torch.bfloat16, "channels_last")
+    g, b, rm, rv = bn_params(37)
+    for act in ("relu6", "hswish", "silu", "identity"):
+        for r in (None, res):
+            with torch.no_grad():
+                y = ops.pwconv_bn_act(x, w, g, b, rm, rv, act=act, residual=r)
+                y32 = ops.pwconv_bn_act(x.float(), w.float(), g, b, rm, rv, act=act,
+                                        residual=None if r is None else r.float())
+            same_bits(y, y32, f"pwconv {act} residual={r is not None}")
+    for case in ("mbv2_s1_skip", "odd_7x11_s2_se"):
+        x64, block64, kw = _args(case, torch.float64, "channels_last")
+        xb, block = x64.bfloat16(), _cast(block64, torch.bfloat16)
+        same_bits(_fused(xb, block, kw),
+                  _fused(xb.float(), _cast(block, torch.float32), kw), case)
 
 
 def test_bf16_on_the_fp32_path():

@@ -103,6 +103,33 @@ EFFK_INLINE void round_to_bf16(const float* src, c10::BFloat16* dst) {
   std::memcpy(dst, &h, sizeof(h));
 }
 
+// dst[0, L) = T(src[0, L)): bf16 from fp32 by round_to_bf16 (L a multiple of 16), anything else
+// element by element.
+template <int L, class T, class A>
+EFFK_INLINE void store_lanes(const A* src, T* dst) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float> && L % 16 == 0) {
+    for (int i = 0; i < L; i += 16) round_to_bf16<16>(src + i, dst + i);
+  } else {
+#pragma omp simd
+    for (int i = 0; i < L; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+// out[l] = bf16(value(l)) for l < n, rounded 16 at a time (store_lanes): the epilogues' bf16
+// stores (c10's scalar conversion does not vectorise). fp32/fp64 epilogues keep their own loops.
+template <class F>
+EFFK_INLINE void store_bf16_row(int64_t n, c10::BFloat16* out, const F& value) {
+  constexpr int L = 16;
+  float z[L];
+  int64_t l = 0;
+  for (; l + L <= n; l += L) {
+#pragma omp simd
+    for (int i = 0; i < L; ++i) z[i] = value(l + i);
+    store_lanes<L>(z, out + l);
+  }
+  for (; l < n; ++l) out[l] = static_cast<c10::BFloat16>(value(l));
+}
+
 // fp32 accumulation for fp32/fp16/bf16, fp64 for fp64 (gradcheck).
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;

@@ -215,11 +215,7 @@ EFFK_INLINE void store_act(std::integral_constant<int, L>, O* out, const Vec<A, 
   store<A, L>(z, acc + load<A, L>(shift));
 #pragma omp simd
   for (int i = 0; i < L; ++i) z[i] = act_forward<ACT>(z[i]);
-  if constexpr (L > 1 && std::is_same_v<O, c10::BFloat16> && std::is_same_v<A, float>) {
-    round_to_bf16<L>(z, out);
-  } else {
-    for (int i = 0; i < L; ++i) out[i] = static_cast<O>(z[i]);
-  }
+  store_lanes<L>(z, out);
 }
 
 // The fast path's store: streaming stores are for fp32 lines only (the overload below).
@@ -453,9 +449,15 @@ EFFK_INLINE void bn_act(const A* y, const A* scale, const A* shift, int64_t pixe
   for (int64_t i = 0; i < pixels; ++i) {
     const A* yi = y + i * C;
     T* oi = out + i * C;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      store_bf16_row(C, oi, [&](int64_t c) {
+        return act_forward<ACT>(yi[c] * scale[c] + shift[c]);
+      });
+    } else {
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c)
-      oi[c] = static_cast<T>(act_forward<ACT>(yi[c] * scale[c] + shift[c]));
+      for (int64_t c = 0; c < C; ++c)
+        oi[c] = static_cast<T>(act_forward<ACT>(yi[c] * scale[c] + shift[c]));
+    }
   }
 }
 
@@ -567,9 +569,7 @@ EFFK_INLINE void grad_input_block(const GradInputParams<T>& p, int64_t n, int64_
       grad_input_tap<L>(p, xr, dyr, gx, p.w + tap * g.C + c, dw + tap * ldw, iw0, ow);
     }
   }
-  for (int64_t iw = 0; iw < g.W; ++iw)
-#pragma omp simd
-    for (int i = 0; i < L; ++i) grad_x[iw * p.ldo + c + i] = static_cast<T>(gx[iw * L + i]);
+  for (int64_t iw = 0; iw < g.W; ++iw) store_lanes<L>(gx + iw * L, grad_x + iw * p.ldo + c);
 }
 
 // Input row (n, ih) of one channel group: grad_x (gather over the output rows that read it,

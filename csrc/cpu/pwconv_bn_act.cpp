@@ -367,6 +367,13 @@ struct FwdEpilogueArgs {
 template <Act ACT, bool RES, class T, class A>
 EFFK_INLINE void fwd_epilogue_row(int64_t n, const A* __restrict c, const A* __restrict shift,
                                   const T* __restrict res, T* __restrict out) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return store_bf16_row(n, out, [&](int64_t l) {
+      A z = c[l] + shift[l];
+      if constexpr (RES) z += static_cast<A>(res[l]);
+      return act_forward<ACT>(z);
+    });
+  }
   for (int64_t l = 0; l < n; ++l) {
     A z = c[l] + shift[l];
     if constexpr (RES) z += static_cast<A>(res[l]);
