@@ -34,7 +34,7 @@
 // (16 floats, 8 doubles): one zmm in the v4 clone, two ymm in v3, four xmm in the default one.
 //
 // Forward conv (measured on the 2-core Zen 4 build machine; numbers in the comments below):
-//   fast path   fp32 and bf16 eval, k in {3, 5, 7, 9} (template), stride 1/2, dilation 1, the
+//   fast path   fp32 and bf16, k in {3, 5, 7, 9} (template), stride 1/2, dilation 1, the
 //               columns whose window is inside the row (window rows outside the image read a
 //               zero row): per channel block of 16, the k*k weight vectors are loaded once
 //               per row and each input vector once per window row (sliding window over 4
@@ -383,15 +383,14 @@ EFFK_INLINE void conv_row_s(const ConvParams<T>& p, const T* xn, O* out, int64_t
   }
 }
 
-// The fast path where it applies (fp32, and bf16 to a bf16 output (eval); k in 3/5/7/9, stride
-// 1/2, dilation 1, groups of at least 16 channels): does the whole output row and returns true.
-// fp16, fp64 and bf16's fp32 passes (training statistics, backward) take the generic steps
-// (each dtype pair is 8 kernels x 3 ISAs: adding them all would more than double the build
-// time of this file); bf16 inference is the case that needs the speed.
+// The fast path where it applies (fp32 and bf16 x, to an output of x's dtype (eval) or fp32
+// (training statistics, backward); k in 3/5/7/9, stride 1/2, dilation 1, groups of at least 16
+// channels): does the whole output row and returns true. fp16 and fp64 take the generic steps
+// (each dtype pair is 8 kernels x 3 ISAs of build time).
 template <typename T, typename O>
 EFFK_INLINE bool conv_row_fast(const ConvParams<T>& p, const T* xn, O* out, int64_t ih0) {
   if constexpr ((std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) &&
-                std::is_same_v<O, T>) {
+                (std::is_same_v<O, T> || std::is_same_v<O, float>)) {
     const DwGeometry& g = p.g;
     if (g.dil != 1 || g.C < kLanes<float> || g.stride > 2) return false;
     switch (g.K) {
