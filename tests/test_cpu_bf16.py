@@ -223,3 +223,22 @@ def test_bf16_fused_block_bitwise_independent_of_threads(case, n):
     x, block, kw = check_block_bf16(case, n)
     outs = per_thread_count(lambda: _fused(x, block, kw))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bf16_pwconv_shapes_and_weight_views(training):
+    """The pair kernel on every pointwise test shape (Cin = 1, 3, 13: odd k tails), and on
+    weights that are views: a column slice of a wider weight with an odd row stride (packed
+    element by element) and one with an even row stride (packed as 32-bit words)."""
+    from .opcase import check_op
+    from .test_ops import PW_SHAPES, pw_case
+    torch.manual_seed(2)
+    for shape in PW_SHAPES:
+        check_op("pwconv_bn_act", *pw_case(shape, torch.bfloat16, "channels_last",
+                                           training=training), "cpu", torch.bfloat16)
+    for wide in (41, 42):
+        tensors, kwargs = pw_case((2, 24, 20, 7, 9, True), torch.bfloat16, "channels_last",
+                                  training=training)
+        tensors["weight"] = conv_weight((20, wide, 1, 1), torch.bfloat16)[:, 3:27]
+        assert tensors["weight"].stride(0) == wide
+        check_op("pwconv_bn_act", tensors, kwargs, "cpu", torch.bfloat16)
