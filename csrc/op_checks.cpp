@@ -149,6 +149,22 @@ void check_training_count(const char* op, int64_t count_per_channel, bool traini
                     count_per_channel);
 }
 
+namespace {
+
+// What a depthwise-layer backward checks after its geometry (dwconv and mixconv alike): the BN
+// affine parameters, the saved batch statistics, the training count and grad_out's shape.
+void check_depthwise_backward_tail(const char* op, const DwGeometry& g, const at::Tensor& grad_out,
+                                   const at::Tensor& x, const at::Tensor& bn_weight,
+                                   const at::Tensor& bn_bias, const at::Tensor& mean,
+                                   const at::Tensor& var, bool training) {
+  check_bn_args(op, x, g.C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
+  check_saved_stats(op, x, g.C, mean, var);
+  check_training_count(op, g.N * g.Ho * g.Wo, training);
+  check_grad_out(op, grad_out, x, {g.N, g.C, g.Ho, g.Wo});
+}
+
+}  // namespace
+
 std::pair<DwGeometry, Act> check_dwconv_forward(
     const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
@@ -169,10 +185,7 @@ std::pair<DwGeometry, Act> check_dwconv_backward(
     c10::string_view act, bool training) {
   check_float_input(op, "x", x, 4);
   const DwGeometry g = check_dwconv_args(op, x, weight, x.size(1), stride, padding, dilation);
-  check_bn_args(op, x, g.C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
-  check_saved_stats(op, x, g.C, mean, var);
-  check_training_count(op, g.N * g.Ho * g.Wo, training);
-  check_grad_out(op, grad_out, x, {g.N, g.C, g.Ho, g.Wo});
+  check_depthwise_backward_tail(op, g, grad_out, x, bn_weight, bn_bias, mean, var, training);
   return {g, parse_act(op, act)};
 }
 
@@ -193,10 +206,7 @@ MixProblem check_mixconv_backward(const char* op, const at::Tensor& grad_out,
                                   const at::Tensor& mean, const at::Tensor& var, int64_t stride,
                                   int64_t dilation, c10::string_view act, bool training) {
   const DwGeometry g = check_mixconv_groups(op, x, weights, stride, dilation);
-  check_bn_args(op, x, g.C, bn_weight, bn_bias, std::nullopt, std::nullopt, /*training=*/true);
-  check_saved_stats(op, x, g.C, mean, var);
-  check_training_count(op, g.N * g.Ho * g.Wo, training);
-  check_grad_out(op, grad_out, x, {g.N, g.C, g.Ho, g.Wo});
+  check_depthwise_backward_tail(op, g, grad_out, x, bn_weight, bn_bias, mean, var, training);
   return {g, parse_act(op, act)};
 }
 
