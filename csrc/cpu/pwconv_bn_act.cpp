@@ -398,18 +398,25 @@ struct FwdEpilogue {
 template <class T>
 using FwdEpilogueFn = void (*)(const FwdEpilogueArgs<T, acc_type<T>>&);
 
-template <class T>
-FwdEpilogueFn<T> select_fwd_epilogue(Isa isa, Act act, bool res) {
+// Kernel K<T, ACT, RES> for the run-time activation and residual flag, on the CPU's ISA.
+template <template <class, Act, bool> class K, class T>
+auto select_act_res(Isa isa, Act act, bool res) {
   return EFFK_DISPATCH_ACT(act, [&] {
     // (parenthesised: the template commas would split the macro argument)
-    return (res ? select_kernel<FwdEpilogue<T, ACT, true>>(isa)
-                : select_kernel<FwdEpilogue<T, ACT, false>>(isa));
+    return (res ? select_kernel<K<T, ACT, true>>(isa) : select_kernel<K<T, ACT, false>>(isa));
   });
 }
 
+template <class T>
+FwdEpilogueFn<T> select_fwd_epilogue(Isa isa, Act act, bool res) {
+  return select_act_res<FwdEpilogue, T>(isa, act, res);
+}
+
 // Backward, first pass, on a block of y = conv(x): xhat = (y - mean) * invstd,
-// z = gamma * xhat + beta (+ residual), g = grad_out * act'(z). Stores g and xhat (fp32/fp64),
-// g as grad_residual, and adds this block's rows to the tile's sums of g and g * xhat.
+// z = gamma * xhat + beta (+ residual), g = grad_out * act'(z). Stores xhat (fp32/fp64) and g as
+// grad_residual, and adds this block's rows to the tile's sums of g and g * xhat. (g itself is
+// not stored: the second pass recomputes it from xhat, which costs a read of grad_out instead of
+// a write and a read of an fp32 M x Cout buffer.)
 template <class T, class A>
 struct BwdEpilogueArgs {
   const A* c;
@@ -417,7 +424,7 @@ struct BwdEpilogueArgs {
   const A *mean, *invstd, *gamma, *beta;  // per output channel
   Rows<const T> grad_out, res;
   Rows<T> grad_res;
-  A *g, *xhat;  // [M][ld]
+  A* xhat;  // [M][ld]
   int64_t ld;
   A *sum_g, *sum_gx;  // this tile's partial sums, per output channel
 };
@@ -426,15 +433,14 @@ template <Act ACT, bool RES, class T, class A>
 EFFK_INLINE void bwd_epilogue_row(int64_t n, const A* __restrict y, const A* __restrict mean,
                                   const A* __restrict invstd, const A* __restrict gamma,
                                   const A* __restrict beta, const T* __restrict grad_out,
-                                  const T* __restrict res, A* __restrict g_out,
-                                  A* __restrict xhat_out, T* __restrict grad_res,
+                                  const T* __restrict res, A* __restrict xhat_out,
+                                  T* __restrict grad_res,
                                   A* __restrict sum_g, A* __restrict sum_gx) {
   for (int64_t l = 0; l < n; ++l) {
     const A xh = (y[l] - mean[l]) * invstd[l];
     A z = gamma[l] * xh + beta[l];
     if constexpr (RES) z += static_cast<A>(res[l]);
     const A g = static_cast<A>(grad_out[l]) * act_derivative<ACT>(z);
-    g_out[l] = g;
     xhat_out[l] = xh;
     if constexpr (RES) grad_res[l] = static_cast<T>(g);
     sum_g[l] += g;
@@ -442,12 +448,42 @@ EFFK_INLINE void bwd_epilogue_row(int64_t n, const A* __restrict y, const A* __r
   }
 }
 
-// Backward, second pass: dy = a * g + b * xhat + c for one row, in place of g.
-template <class A>
-EFFK_INLINE void dy_row(int64_t n, A* __restrict g, const A* __restrict xhat,
-                        const A* __restrict a, const A* __restrict b, const A* __restrict c) {
-  for (int64_t l = 0; l < n; ++l) g[l] = bn_dy(a[l], b[l], c[l], g[l], xhat[l]);
+// Backward, second pass, pixel rows [m0, m1): g as in the first pass (the same expression on the
+// same stored xhat: the same bits), then dy = a * g + b * xhat + c in place of xhat.
+template <class T, class A>
+struct DyPassArgs {
+  int64_t m0, m1, n;
+  A* xhat;  // [M][ld]: xhat in, dy out
+  int64_t ld;
+  Rows<const T> grad_out, res;
+  const A *gamma, *beta, *a, *b, *c;  // per output channel
+};
+
+template <Act ACT, bool RES, class T, class A>
+EFFK_INLINE void dy_row(int64_t n, A* __restrict xhat_dy, const T* __restrict grad_out,
+                        const T* __restrict res, const A* __restrict gamma,
+                        const A* __restrict beta, const A* __restrict a, const A* __restrict b,
+                        const A* __restrict c) {
+  for (int64_t l = 0; l < n; ++l) {
+    const A xh = xhat_dy[l];
+    A z = gamma[l] * xh + beta[l];
+    if constexpr (RES) z += static_cast<A>(res[l]);
+    const A g = static_cast<A>(grad_out[l]) * act_derivative<ACT>(z);
+    xhat_dy[l] = bn_dy(a[l], b[l], c[l], g, xh);
+  }
 }
+
+template <class T, Act ACT, bool RES>
+struct DyPass {
+  using A = acc_type<T>;
+  using Args = DyPassArgs<T, A>;
+  template <Isa>
+  static void run(const Args& e) {
+    for (int64_t m = e.m0; m < e.m1; ++m)
+      dy_row<ACT, RES>(e.n, e.xhat + m * e.ld, e.grad_out.row(m),
+                       RES ? e.res.row(m) : nullptr, e.gamma, e.beta, e.a, e.b, e.c);
+  }
+};
 
 template <class T, Act ACT, bool RES>
 struct BwdEpilogue {
@@ -460,8 +496,7 @@ struct BwdEpilogue {
       const int64_t p = e.row0 + r;
       bwd_epilogue_row<ACT, RES>(e.ncols, e.c + r * e.ldc, e.mean + c0, e.invstd + c0,
                                  e.gamma + c0, e.beta + c0, e.grad_out.row(p) + c0,
-                                 RES ? e.res.row(p) + c0 : nullptr, e.g + p * e.ld + c0,
-                                 e.xhat + p * e.ld + c0,
+                                 RES ? e.res.row(p) + c0 : nullptr, e.xhat + p * e.ld + c0,
                                  RES ? e.grad_res.row(p) + c0 : nullptr, e.sum_g + c0,
                                  e.sum_gx + c0);
     }
@@ -473,11 +508,7 @@ using BwdEpilogueFn = void (*)(const BwdEpilogueArgs<T, acc_type<T>>&);
 
 template <class T>
 BwdEpilogueFn<T> select_bwd_epilogue(Isa isa, Act act, bool res) {
-  return EFFK_DISPATCH_ACT(act, [&] {
-    // (parenthesised: the template commas would split the macro argument)
-    return (res ? select_kernel<BwdEpilogue<T, ACT, true>>(isa)
-                : select_kernel<BwdEpilogue<T, ACT, false>>(isa));
-  });
+  return select_act_res<BwdEpilogue, T>(isa, act, res);
 }
 
 // ---- forward ---------------------------------------------------------------------------------
@@ -666,8 +697,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   // Pass 1: recompute y = conv(x) tile by tile; g, xhat, grad_residual and per-tile sums.
   const at::Tensor xi = channels_innermost(x);
   const Rows<const T> xr = rows_of<const T>(xi);
-  at::Tensor g_buf = at::empty({pb.M, pb.Cout}, acc_opts);
-  at::Tensor xhat_buf = at::empty({pb.M, pb.Cout}, acc_opts);
+  at::Tensor xhat_buf = at::empty({pb.M, pb.Cout}, acc_opts);  // then dy
   at::Tensor sums;  // [2][tiles][Cout]: the tiles' sums of g and g * xhat
   const at::Tensor go_i = channels_innermost(grad_out);
   at::Tensor res_i;
@@ -682,7 +712,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     base.res = rows_of<const T>(res_i);
     base.grad_res = dense_rows<T>(grad_res.data_ptr<T>(), pb.Cout);
   }
-  base.g = g_buf.data_ptr<A>();
   base.xhat = xhat_buf.data_ptr<A>();
   base.ld = pb.Cout;
   const BwdEpilogueFn<T> epilogue = select_bwd_epilogue<T>(isa, pb.act, has_res);
@@ -731,14 +760,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     cb[c] = k.b;
     cc[c] = k.c;
   }
-  // Pass 2: dy in place of g.
-  A* dy = g_buf.data_ptr<A>();
-  const A* xh = xhat_buf.const_data_ptr<A>();
+  // Pass 2: dy in place of xhat.
+  A* dy = xhat_buf.data_ptr<A>();
+  const auto dy_pass = select_act_res<DyPass, T>(isa, pb.act, has_res);
   at::parallel_for(0, pb.M, std::max<int64_t>(1, 32768 / pb.Cout), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      dy_row(pb.Cout, dy + m * pb.Cout, xh + m * pb.Cout, ca.data(), cb.data(), cc.data());
+    dy_pass({m0, m1, pb.Cout, dy, pb.Cout, base.grad_out, base.res, base.gamma, base.beta,
+             ca.data(), cb.data(), cc.data()});
   });
-  xhat_buf = at::Tensor();
 
   // grad_x = dy @ W: the forward machinery with panels over input channels and a plain store.
   if (pb.Cin > 0) {
