@@ -1,8 +1,9 @@
 // The CPU GEMM machinery shared by pwconv_bn_act and the fused inverted-residual block:
 // run-time ISA dispatch (Isa, cpu_isa, select_kernel), scratch buffers, the register-blocked
-// micro-kernel over packed weight panels and the panel packing. Moved here unchanged from
-// pwconv_bn_act.cpp (see the design notes there); everything is inline or a template, so each
-// translation unit instantiates what it uses, compiled for each ISA by the `flatten` wrappers.
+// FMA micro-kernel over packed weight panels and the panel packing (design notes in
+// pwconv_bn_act.cpp), and the bf16 pair kernel for CPUs with AVX-512 BF16 (bf16_micro_kernel,
+// Bf16PairPanels, with_gemm_operand). Everything is inline or a template, so each translation
+// unit instantiates what it uses, compiled for each ISA by the `flatten` wrappers.
 #pragma once
 
 #include <algorithm>
