@@ -88,17 +88,20 @@ _FP32_PATH = """
 """
 
 
+def assert_fp32_rounded(y, y32, what):
+    """y (bf16) is y32 (fp32) rounded by PyTorch, bit for bit (any NaN where y32 has one)."""
+    assert y.dtype == torch.bfloat16
+    expected = y32.bfloat16()
+    same = (y.view(torch.int16) == expected.view(torch.int16)) | (y.isnan() & expected.isnan())
+    assert same.all(), f"{what}: {(~same).sum().item()} of {y.numel()} differ"
+
+
 def check_rounded_like_fp32():
     """On the fp32 path a bf16 call computes exactly what the fp32 op computes on the widened
     values, so its output is that result rounded by PyTorch, bit for bit: the epilogues' vector
     rounding (store_bf16_row) against c10's, with residuals, activations and channel tails."""
     from tests.test_inverted_residual_cpu import _args, _cast, _fused
     torch.manual_seed(1)
-
-    def same_bits(y, y32, what):
-        expected = y32.bfloat16()
-        ok = (y.view(torch.int16) == expected.view(torch.int16)) | (y.isnan() & expected.isnan())
-        assert ok.all(), f"{what}: {(~ok).sum().item()} of {y.numel()} differ"
 
     x = make_input((2, 40, 9, 11), torch.bfloat16, "channels_last")
     x[1, 5, 2, 3] = float("nan")
@@ -111,11 +114,11 @@ def check_rounded_like_fp32():
                 y = ops.pwconv_bn_act(x, w, g, b, rm, rv, act=act, residual=r)
                 y32 = ops.pwconv_bn_act(x.float(), w.float(), g, b, rm, rv, act=act,
                                         residual=None if r is None else r.float())
-            same_bits(y, y32, f"pwconv {act} residual={r is not None}")
+            assert_fp32_rounded(y, y32, f"pwconv {act} residual={r is not None}")
     for case in ("mbv2_s1_skip", "odd_7x11_s2_se"):
         x64, block64, kw = _args(case, torch.float64, "channels_last")
         xb, block = x64.bfloat16(), _cast(block64, torch.bfloat16)
-        same_bits(_fused(xb, block, kw),
+        assert_fp32_rounded(_fused(xb, block, kw),
                   _fused(xb.float(), _cast(block, torch.float32), kw), case)
 
 
@@ -179,10 +182,7 @@ def test_bf16_depthwise_eval_is_the_fp32_result_rounded(k, stride):
         with torch.no_grad():
             y = ops.dwconv_bn_act(x, w, g, b, rm, rv, stride=stride, act=act)
             y32 = ops.dwconv_bn_act(x.float(), w.float(), g, b, rm, rv, stride=stride, act=act)
-        assert y.dtype == torch.bfloat16
-        expected = y32.bfloat16()
-        same = (y.view(torch.int16) == expected.view(torch.int16)) | (y.isnan() & expected.isnan())
-        assert same.all(), f"{act}: {(~same).sum().item()} of {y.numel()} differ"
+        assert_fp32_rounded(y, y32, act)
         assert y.isnan().any()
 
 

@@ -195,16 +195,15 @@ constexpr int micro_rows(int regs, int nv) {
 // tail block), and finer than 24 so that the tiles of small problems stay even.
 constexpr int64_t kRowQuantum = 12;
 
-// c[MR][NR] (row stride ldc) = a[MR][K] (row stride lda) @ b[K][NR] (a packed W panel), times
-// scale[NR] per column when given. x rows are read in place and broadcast; each k costs NV
-// vector loads and MR*NV FMAs.
+// c[MR][NR] (row stride ldc) = a[MR][K] (row stride lda) @ b[K][NR] (a packed W panel).
+// x rows are read in place and broadcast; each k costs NV vector loads and MR*NV FMAs.
 // Once per cache line of k it also prefetches that line of the next block's rows (`next`,
 // same stride, reusing the row offsets of the broadcasts): the hardware prefetcher does not
 // follow MR short strided streams, and x streamed from L3 or memory otherwise halves the FMA
 // rate.
 template <class A, int Bytes, int MR, int NV>
 inline void micro_kernel(int64_t K, const A* __restrict a, int64_t lda, const A* __restrict b,
-                         const A* __restrict scale, A* __restrict c, int64_t ldc, const A* next) {
+                         A* __restrict c, int64_t ldc, const A* next) {
   constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(A));
   using V = typename Vec<A, Bytes>::type;
   constexpr int VW = Bytes / static_cast<int>(sizeof(A));
@@ -229,15 +228,6 @@ inline void micro_kernel(int64_t K, const A* __restrict a, int64_t lda, const A*
       for (int j = 0; j < NV; ++j) acc[r][j] += s * w[j];  // contracted to FMA
     }
   }
-  if (scale) {
-    V sv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) std::memcpy(&sv[j], scale + j * VW, sizeof(V));
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[r][j] *= sv[j];
-  }
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
@@ -254,8 +244,15 @@ struct GemmArgs {
   const In* b;    // one packed panel: [K][NR] (A), [ceil(K/2)][NR][2] (bf16 pairs)
   A* c;           // round_up(rows, MR) x NR results, row stride ldc
   int64_t ldc;
-  const A* col_scale = nullptr;  // NR per-column factors of the results (the folded BN scale)
+  // Pair kernel: NR per-column factors of the results (the BN scale), or null. The FMA kernels
+  // take the scale folded into their panels (WeightPanels) and require null.
+  const A* col_scale = nullptr;
 };
+
+// k per packed panel row: 1 for the FMA kernels, 2 for the pair kernel (panels [ceil(K/2)][NR]
+// [2]; a range of k handed to it starts at an even k).
+template <class A, class In>
+constexpr int64_t kPackedStep = std::is_same_v<In, A> ? 1 : 2;
 
 // The rows of a block of 1, 1/2 or 1/4 of MR that cover `rem` (< MR) remaining rows, so that a
 // 49-row tile computes 51 rows rather than 60.
@@ -281,11 +278,11 @@ struct GemmKernel {
   using Args = GemmArgs<A>;
   template <Isa I>
   static void run(const Args& g) {
+    TORCH_INTERNAL_ASSERT(g.col_scale == nullptr, "the FMA GEMM takes its scale in the panels");
     row_blocks<micro_rows(isa_regs(I), NV)>(g.rows, [&](int64_t r, auto rows) {
       constexpr int R = decltype(rows)::value;
       const A* a = g.a + r * g.lda;
-      micro_kernel<A, Bytes, R, NV>(g.K, a, g.lda, g.b, g.col_scale, g.c + r * g.ldc, g.ldc,
-                                    a + R * g.lda);
+      micro_kernel<A, Bytes, R, NV>(g.K, a, g.lda, g.b, g.c + r * g.ldc, g.ldc, a + R * g.lda);
     });
   }
 };

@@ -307,8 +307,7 @@ struct ProjectEpi {
 };
 
 // Pairs, before the project GEMM: dst[r][c] = bf16(a[r][c] * gate[c]) (gate may be null) for
-// r < rows, c < C, and zero rows up to rows_pad (the GEMM's last block). 16 channels at a time
-// (round_to_bf16).
+// r < rows, c < C, and zero rows up to rows_pad (the GEMM's last block).
 struct RoundRowsArgs {
   const float* a;
   int64_t lda, rows, rows_pad, C;
@@ -321,22 +320,14 @@ struct RoundRows {
   using Args = RoundRowsArgs;
   template <Isa>
   static void run(const Args& e) {
-    constexpr int L = 16;
-    const int64_t body = e.C / L * L;
-    float t[L];
     for (int64_t r = 0; r < e.rows; ++r) {
       const float* src = e.a + r * e.lda;
       c10::BFloat16* dst = e.dst + r * e.ldd;
-      for (int64_t c = 0; c < body; c += L) {
-        if (e.gate) {
-          for (int i = 0; i < L; ++i) t[i] = src[c + i] * e.gate[c + i];
-        } else {
-          std::memcpy(t, src + c, sizeof(t));
-        }
-        round_to_bf16<L>(t, dst + c);
+      if (e.gate) {
+        store_bf16_row(e.C, dst, [&](int64_t c) { return src[c] * e.gate[c]; });
+      } else {
+        store_bf16_row(e.C, dst, [&](int64_t c) { return src[c]; });
       }
-      for (int64_t c = body; c < e.C; ++c)
-        dst[c] = static_cast<c10::BFloat16>(e.gate ? src[c] * e.gate[c] : src[c]);
     }
     std::fill(e.dst + e.rows * e.ldd, e.dst + e.rows_pad * e.ldd, c10::BFloat16(0.0f));
   }
@@ -763,9 +754,8 @@ void forward_with(const Geometry& g, const at::Tensor& xc, at::TensorList expand
   p.gp = plan_gemm<A, In>(p.isa, g.Cout);
   p.npe = ceil_div(g.C, p.ge.NR);
   p.npp = ceil_div(g.Cout, p.gp.NR);
-  const int64_t k_step = Plan<T, A, In>::kPairs ? 2 : 1;
-  p.kpe = round_up(g.Cin, k_step);
-  p.kpp = round_up(g.C, k_step);
+  p.kpe = round_up(g.Cin, kPackedStep<A, In>);
+  p.kpp = round_up(g.C, kPackedStep<A, In>);
   p.ldx = g.Cin % 64 == 0 ? g.Cin + 16 : g.Cin;  // no 4 KiB-aliased tile rows
   // BN folded: scales into the packed weights, shifts into the epilogues. Panels live in the
   // calling thread's scratch (a fresh buffer per call costs page faults); the threads pack the

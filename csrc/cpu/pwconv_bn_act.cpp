@@ -259,7 +259,6 @@ bool all_finite(const In* a, int64_t lda, int64_t rows, int64_t K) {
   return acc == A(0);
 }
 
-
 // Runs C = rows(src) @ B and hands every tile_rows x NR block to
 // consume(tile, row0, rows, panel, block) while it is still in L1/L2; prepare(row0, rows,
 // col0, ncols) runs before the block's GEMM (to prefetch what the epilogue will touch).
@@ -271,14 +270,16 @@ bool all_finite(const In* a, int64_t lda, int64_t rows, int64_t K) {
 // end) are first copied, converted and zero-padded.
 // kr (when not empty): each panel's nonzero input channels (panel_k_ranges), the only ones
 // its GEMM reads for a tile whose x values are all finite: the same bits as the full K.
-// col_scale (may be null): per-column factors of the results, padded to whole panels.
+// A pack with col_scale() (WeightPanels, Bf16PairPanels) supplies the kernel's per-column
+// factors (null when folded into the panels); a plain packing function has none.
 template <class S, class A, class In, class Pack, class Prepare, class Consume>
 void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
                 const GemmPlan<A, In>& gemm, const Prepare& prepare, const Consume& consume,
-                const PanelK& kr = {}, const A* col_scale = nullptr) {
-  // The pair kernel's panels hold k in pairs: ranges of k start at even k.
-  constexpr int64_t kStep = std::is_same_v<In, A> ? 1 : 2;
+                const PanelK& kr = {}) {
+  constexpr int64_t kStep = kPackedStep<A, In>;
   const int64_t Kp = round_up(p.K, kStep);
+  const A* col_scale = nullptr;
+  if constexpr (requires { pack.col_scale(); }) col_scale = pack.col_scale();
   // Padded copy stride: K*sizeof(In) a multiple of 4 KiB would put all rows in one cache set.
   const int64_t ldp = p.K % 64 == 0 ? p.K + 16 : p.K;
   at::parallel_for(0, p.items, 1, [&](int64_t begin, int64_t end) {
@@ -607,7 +608,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
         [&](int64_t, int64_t row0, int64_t rows, int64_t j, const A* block) {
           epilogue(for_block(base, block, gemm.NR, row0, rows, j, pb.Cout));
         },
-        panel_k_ranges<T>(weight, gemm.NR), wp.col_scale());
+        panel_k_ranges<T>(weight, gemm.NR));
   });
   return {in_format(out, output_format(x)), mean_t, var_t};
 }
@@ -694,7 +695,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const A* vd = var.const_data_ptr<A>();
   for (int64_t c = 0; c < pb.Cout; ++c) invstd[c] = inv_std<A>(vd[c], static_cast<A>(pb.eps));
 
-  // Pass 1: recompute y = conv(x) tile by tile; g, xhat, grad_residual and per-tile sums.
+  // Pass 1: recompute y = conv(x) tile by tile; xhat, grad_residual and per-tile sums of g and
+  // g * xhat.
   const at::Tensor xi = channels_innermost(x);
   const Rows<const T> xr = rows_of<const T>(xi);
   at::Tensor xhat_buf = at::empty({pb.M, pb.Cout}, acc_opts);  // then dy
