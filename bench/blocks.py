@@ -143,6 +143,10 @@ def module_built(theirs: nn.Module, ours: nn.Module, x: torch.Tensor, mode: str,
     elif not train and device == "cpu":
         skipped["onnxruntime"] = opts.ort or "float32 only"
     impls.append(make(harness.OURS, ours, CL))
+    if not train and device == "cpu":
+        prepacked = copy.deepcopy(ours)
+        effkernels.nn.prepack_for_inference(prepacked)
+        impls.append(make(harness.OURS_PREPACKED, prepacked, CL))
     if opts.compile_ours:
         impls.append(make(harness.OURS_COMPILE, ours, CL, compile_it=True))
 

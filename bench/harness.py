@@ -32,10 +32,12 @@ from . import common
 OURS = "effkernels"
 # Column order of the printed table and the plots: PyTorch eager NCHW and channels_last,
 # torch.compile (inductor) of the eager function/model, ONNX Runtime (CPU), and, with
-# --compile-ours, torch.compile of our model.
+# --compile-ours, torch.compile of our model; on the CPU in eval mode, our block/model with
+# effkernels.nn.prepack_for_inference (weights packed once, as ONNX Runtime packs them).
 BASELINES = ("eager_nchw", "eager_cl", "compile", "onnxruntime")
 OURS_COMPILE = "effkernels_compile"
-IMPLS = BASELINES + (OURS, OURS_COMPILE)
+OURS_PREPACKED = "effkernels_prepacked"
+IMPLS = BASELINES + (OURS, OURS_COMPILE, OURS_PREPACKED)
 
 # Verification tolerance (relative to max |reference|), added to twice PyTorch's own error at
 # the same precision (flash-attention's rule), so deep train-mode nets are judged against

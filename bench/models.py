@@ -22,6 +22,7 @@ from torch import nn
 from . import harness
 from .blocks import randomize_bn
 from .harness import Built, Case, Impl
+from effkernels.nn import prepack_for_inference
 
 CL = torch.channels_last
 MODELS = ("mobilenetv2_100", "mobilenetv3_large_100", "mixnet_s", "efficientnet_b0")
@@ -102,6 +103,10 @@ def model_case(name: str, mode: str, n: int, opts) -> Case:
         elif not train and device == "cpu":
             skipped["onnxruntime"] = opts.ort or "float32 only"
         impls.append(make(harness.OURS, ours, x_cl))
+        if not train and device == "cpu":
+            prepacked = copy.deepcopy(ours)
+            prepack_for_inference(prepacked)
+            impls.append(make(harness.OURS_PREPACKED, prepacked, x_cl))
         if opts.compile_ours:
             impls.append(make(harness.OURS_COMPILE, copy.deepcopy(ours), x_cl, compiles=True))
 

@@ -20,9 +20,11 @@ from typing import Dict, List
 from . import common
 
 OURS = "effkernels"
-BASELINES = ["eager_nchw", "eager_cl", "compile", "onnxruntime", "effkernels_compile"]
+BASELINES = ["eager_nchw", "eager_cl", "compile", "onnxruntime", "effkernels_compile",
+             "effkernels_prepacked"]
 COLORS = {"eager_nchw": "#4C72B0", "eager_cl": "#55A868", "compile": "#C44E52",
-          "onnxruntime": "#8172B2", "effkernels_compile": "#CCB974"}
+          "onnxruntime": "#8172B2", "effkernels_compile": "#CCB974",
+          "effkernels_prepacked": "#64B5CD"}
 
 
 def load(path: Path, run: str = None) -> List[dict]:

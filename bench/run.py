@@ -58,11 +58,12 @@ def _cell(rows_by_impl: Dict[str, dict], impl: str) -> str:
 
 def table(rows: List[dict]) -> str:
     """One line per case: our median and our speed-up over each baseline (>1: ours faster)."""
-    cols = [harness.OURS] + [b for b in harness.BASELINES + (harness.OURS_COMPILE,)
+    cols = [harness.OURS] + [b for b in harness.BASELINES + (harness.OURS_COMPILE,
+                                                             harness.OURS_PREPACKED)
                             if any(r["impl"] == b for r in rows)]
     head = {"effkernels": "ours ms", "eager_nchw": "vs nchw", "eager_cl": "vs cl",
             "compile": "vs compile", "onnxruntime": "vs ort",
-            "effkernels_compile": "vs ours+compile"}
+            "effkernels_compile": "vs ours+compile", "effkernels_prepacked": "vs prepacked"}
     cases: Dict[tuple, Dict[str, dict]] = {}
     for r in rows:
         key = (r["suite"], r["op"], r["shape"], r["batch"], r["mode"])
@@ -209,7 +210,7 @@ def main(argv=None):
             print("Verification problems (ours WRONG fails the run; a baseline's 'inexact' is "
                   "information):\n  " + "\n  ".join(bad))
         # Our implementation WRONG or failing is a failure; a baseline that fails is reported.
-        failed |= any(r["impl"] in (harness.OURS, harness.OURS_COMPILE)
+        failed |= any(r["impl"] in (harness.OURS, harness.OURS_COMPILE, harness.OURS_PREPACKED)
                       and str(r.get("verified", "")).startswith(("WRONG", "ERROR")) for r in rows)
     if failed:
         print("effkernels gave WRONG results or failed (see Problems above).", file=sys.stderr)

@@ -55,4 +55,20 @@ TORCH_LIBRARY(effkernels, m) {
       "inverted_residual_inference(Tensor x, Tensor[] expand, Tensor[] depthwise, Tensor[] se, "
       "Tensor[] project, int stride, int dilation, str act, str se_act, str se_gate, bool skip, "
       "float eps) -> Tensor");
+
+  // The inference block with its weights packed once instead of on every call (CPU only):
+  // inverted_residual_pack folds the BatchNorms and packs the GEMM panels for this CPU and x's
+  // dtype into a uint8 tensor (x only gives the dtype and is checked like the block's input);
+  // inverted_residual_packed runs the block from it. The packed tensor is a snapshot: the
+  // call checks that it was made for these shapes, dtype, eps and CPU, not that the weights
+  // still hold the same values (effkernels.nn.prepack_for_inference packs again when they
+  // change in place).
+  m.def(
+      "inverted_residual_pack(Tensor x, Tensor[] expand, Tensor[] depthwise, Tensor[] se, "
+      "Tensor[] project, int stride, int dilation, str act, str se_act, str se_gate, bool skip, "
+      "float eps) -> Tensor");
+  m.def(
+      "inverted_residual_packed(Tensor x, Tensor packed, Tensor[] expand, Tensor[] depthwise, "
+      "Tensor[] se, Tensor[] project, int stride, int dilation, str act, str se_act, "
+      "str se_gate, bool skip, float eps) -> Tensor");
 }

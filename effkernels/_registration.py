@@ -92,6 +92,18 @@ def _ir_inference_fake(x, expand, depthwise, se, project, stride, dilation, act,
                      conv_out_size(w, k, stride, pad, dilation)))
 
 
+def _ir_packed_fake(x, packed, expand, depthwise, se, project, stride, dilation, act, se_act,
+                    se_gate, skip, eps):
+    return _ir_inference_fake(x, expand, depthwise, se, project, stride, dilation, act, se_act,
+                              se_gate, skip, eps)
+
+
+def _ir_pack_fake(x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate,
+                  skip, eps):
+    # The size depends on the panel widths the CPU's ISA selects: data-dependent here.
+    return x.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
+
+
 # ---- autograd -------------------------------------------------------------------------------
 
 def _setup(ctx, inputs, output, residual=None, n_params=6):
@@ -208,11 +220,12 @@ def _register_autocast(namespace: str, name: str, device_type: str) -> None:
 _autocast_libs = {}
 
 
-def _refuse_inference_grad(ctx, grad_out):
-    raise RuntimeError(
-        "effkernels::inverted_residual_inference is inference-only and has no gradient; "
-        "effkernels.ops.inverted_residual uses the differentiable block when a gradient is "
-        "needed")
+def _refuse_inference_grad(name):
+    def backward(ctx, grad_out):
+        raise RuntimeError(
+            f"{name} is inference-only and has no gradient; effkernels.ops.inverted_residual "
+            "uses the differentiable block when a gradient is needed")
+    return backward
 
 
 def _no_context(ctx, inputs, output):
@@ -222,12 +235,15 @@ def _no_context(ctx, inputs, output):
 def register(namespace: str) -> None:
     """Fake kernels, autograd and autocast for the conv ops of `namespace` (same
     signatures)."""
-    if namespace == "effkernels" and hasattr(torch.ops.effkernels,
-                                             "inverted_residual_inference"):  # C++ only
-        name = f"{namespace}::inverted_residual_inference"
-        torch.library.register_fake(name, _ir_inference_fake)
-        torch.library.register_autograd(name, _refuse_inference_grad,
-                                        setup_context=_no_context)
+    inference_ops = {"inverted_residual_inference": _ir_inference_fake,  # C++ only
+                     "inverted_residual_pack": _ir_pack_fake,
+                     "inverted_residual_packed": _ir_packed_fake}
+    for op, fake in inference_ops.items():
+        if namespace == "effkernels" and hasattr(torch.ops.effkernels, op):
+            name = f"{namespace}::{op}"
+            torch.library.register_fake(name, fake)
+            torch.library.register_autograd(name, _refuse_inference_grad(name),
+                                            setup_context=_no_context)
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
     for name, (backward, setup) in _AUTOGRAD.items():

@@ -429,6 +429,38 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
             _update_running(stage[3], stage[4], stats[2 * i], stats[2 * i + 1], count, momentum)
     return out
 
+def _prepacked_block(cache: dict, x, expand, depthwise, se, project, stride, dilation, act,
+                     se_act, se_gate, skip, eps) -> Optional[torch.Tensor]:
+    """The eval-mode block on the CPU from weights packed once (effkernels::
+    inverted_residual_pack: BatchNorm folded, GEMM panels) and kept in `cache` (the caller's
+    dict, one entry) while the same tensor objects keep the same version counters: an in-place
+    change (optimizer steps, load_state_dict, copy_ under no_grad) or a new tensor packs again.
+    Writes through `.data` or numpy bypass the version counter and are not seen. The cache holds
+    the tensors it was packed from, so a freed weight's address cannot be mistaken for it.
+    None where this does not apply (the same conditions as _eval_direct, CPU kernels only); the
+    caller then takes ops.inverted_residual, which also raises the checked errors."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu":
+        return None
+    args = (x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate, skip, eps)
+    try:
+        if (not _direct(args) or _resolve(x, "inverted_residual") != "cpu"
+                or not _backend.fused_inference("cpu")):
+            return None
+        ops, key = _cpp(), _kernel_key("cpu")
+        tensors = [t for stage in (expand, depthwise, project) for t in stage]
+        entry = cache.get("entry")
+        if (entry is None or entry[0] != (x.dtype, eps) or len(entry[1]) != len(tensors)
+                or any(a is not b or a._version != v
+                       for a, b, v in zip(tensors, entry[1], entry[2]))):
+            cache.clear()
+            packed = ops.inverted_residual_pack.default.redispatch(key, *args)
+            entry = cache["entry"] = ((x.dtype, eps), tensors, [t._version for t in tensors],
+                                      packed)
+        return ops.inverted_residual_packed.default.redispatch(key, x, entry[3], *args[1:])
+    except Exception:  # noqa: BLE001 - the checked path names the bad argument
+        return None
+
+
 def _needs_grad(x, *stages) -> bool:
     """Whether autograd would record the block: grad mode on and some input requires grad."""
     if not torch.is_grad_enabled():

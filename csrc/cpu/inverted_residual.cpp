@@ -3,7 +3,9 @@
 // with every BatchNorm folded from its running statistics (scale into the conv weights, shift
 // into the epilogues). The expanded (hidden, t x Cin channels) activations never exist as a
 // tensor: each task owns a band of output rows of one image and keeps only the hidden rows its
-// depthwise window needs.
+// depthwise window needs. The folded and packed weights are built per call, or once by
+// effkernels::inverted_residual_pack and passed to effkernels::inverted_residual_packed
+// (see "packed weights" below).
 //
 // Per task (image n, band of output rows), in a per-thread scratch ring of hidden rows:
 //   1. the hidden rows a group of G output rows needs that are not in the ring yet are computed
@@ -89,7 +91,7 @@ constexpr int64_t kGrainMacs = 16384;       // SE multiply-adds / gated panel el
 // 7-10 on the calling thread.
 enum Slot : int {
   kRing = 3, kTileA = 4, kBlock = 5, kDwRows = 6,
-  kImages = 7, kPanelsE = 8, kPanelsP = 9, kGatedPanels = 10, kProjectRows = 11
+  kImages = 7, kPacked = 8, kGatedPanels = 10, kProjectRows = 11
 };
 
 // ---- vectors of channels ---------------------------------------------------------------------
@@ -343,7 +345,8 @@ struct Geometry : IrProblem {
   int64_t ring_rows;  // (G-1)*stride + dil*(K-1) + 1
 };
 
-// Everything the tasks read; built once per call. In: the GEMMs' operand type (A, or bf16 for
+// Everything the tasks read; built once per call (the weights' parts point into a packed
+// buffer: attach()). In: the GEMMs' operand type (A, or bf16 for
 // cpu_gemm.h's pair kernel: x tiles and the rounded hidden rows in bf16, the BN scales applied
 // to the GEMMs' fp32 results instead of folded into the weights).
 template <class T, class A, class In = A>
@@ -362,7 +365,10 @@ struct Plan {
   const A* col_scale_e = nullptr;  // pairs: the BN scales, per output column (padded)
   const A* col_scale_p = nullptr;
   KernelFn<RoundRows> round_rows = nullptr;  // pairs: the hidden rows to bf16 (times SE's gates)
-  std::vector<A> shift_e, wd, shift_d, shift_p;  // wd: depthwise [k][k][Cp], scale folded in
+  const A* shift_e = nullptr;  // [C], the expand epilogue's
+  const A* shift_p = nullptr;  // [Cout]
+  const A* wd = nullptr;       // depthwise [k][k][Cp], BN scale folded in, zero past C
+  const A* shift_d = nullptr;  // [Cp]
   DwFn<A> dw;
   KernelFn<ExpandEpi<A>> expand_epi;
   KernelFn<ProjectEpi<T, A, false>> project_epi;
@@ -437,8 +443,8 @@ class Worker {
       }
       A* dst = dw_image ? dw_image + oh * g_.Wo * g_.Cp : dw_rows_;
       DwArgs<A> a{};
-      a.w = p_.wd.data();
-      a.shift = p_.shift_d.data();
+      a.w = p_.wd;
+      a.shift = p_.shift_d;
       a.Wo = g_.Wo;
       a.Cp = g_.Cp;
       a.K = g_.K;
@@ -489,7 +495,7 @@ class Worker {
       p_.gp.fn({g_.C, rows, ld, M, panels + j * p_.kpp * NR, block_, NR,
                 p_.col_scale_p ? p_.col_scale_p + j * NR : nullptr});
       ProjectEpiArgs<T, A> e{block_, NR, M, j * NR, std::min<int64_t>(NR, g_.Cout - j * NR),
-                             p_.shift_p.data(), out, g_.Cout, res_.data()};
+                             p_.shift_p, out, g_.Cout, res_.data()};
       p_.project_epi(e);
     }
   }
@@ -521,7 +527,7 @@ class Worker {
         p_.ge.fn({g_.Cin, tile_, p_.ldx, M, p_.pe + j * p_.kpe * NR, block_, NR,
                   p_.col_scale_e ? p_.col_scale_e + j * NR : nullptr});
         p_.expand_epi({block_, NR, M, j * NR, std::min<int64_t>(NR, g_.C - j * NR),
-                       p_.shift_e.data(), ptrs_.data(), g_.act});
+                       p_.shift_e, ptrs_.data(), g_.act});
       }
     }
   }
@@ -737,19 +743,44 @@ void run_block(const Plan<T, A, In>& p, at::TensorList se) {
   }
 }
 
-template <class T, class In>
-void forward_with(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
-                  at::TensorList depthwise, at::TensorList se, at::TensorList project,
-                  double eps, at::Tensor& out) {
-  using A = acc_type<T>;
+// ---- packed weights --------------------------------------------------------------------------
+//
+// Everything a call derives from the block's weights and BatchNorm statistics (BN folded, the
+// GEMM panels packed, the depthwise weights scaled and padded), in one buffer: packed per call
+// into the calling thread's scratch, or once by inverted_residual_pack into a uint8 tensor that
+// the caller keeps and passes to inverted_residual_packed (effkernels.nn.prepack_for_inference),
+// which then only checks the header against the call. At batch 1 the packing was ~9% of a
+// MobileNetV2 forward (its 14 MB of weights read and written each call).
+
+constexpr int64_t kPackMagic = 0x4b50524945464645;  // "EFFEIRPK"
+constexpr int64_t kPackVersion = 1;
+
+// What a packed buffer was made for: every field must match the call that reads it.
+struct PackHeader {
+  int64_t magic, version;
+  int64_t dtype;     // x's c10::ScalarType
+  int64_t pairs;     // the bf16 pair kernel's panels (cpu_gemm.h) rather than the FMA kernel's
+  int64_t NRe, NRp;  // panel widths, chosen from the CPU's ISA
+  int64_t Cin, C, Cout, K, has_expand;
+  double eps;
+  bool operator==(const PackHeader& o) const {
+    return magic == o.magic && version == o.version && dtype == o.dtype && pairs == o.pairs &&
+           NRe == o.NRe && NRp == o.NRp && Cin == o.Cin && C == o.C && Cout == o.Cout &&
+           K == o.K && has_expand == o.has_expand && eps == o.eps;
+  }
+};
+
+// Byte offsets of the parts (64-byte aligned, after the header) and the total size.
+struct PackLayout {
+  int64_t pe, pp, col_e, col_p, shift_e, shift_p, wd, shift_d, bytes;
+};
+
+// The call's dimensions, GEMM shapes and kernels; x, its strides and out are set by the caller.
+template <class T, class A, class In>
+Plan<T, A, In> make_plan(const Geometry& g) {
   Plan<T, A, In> p;
   p.g = g;
   p.isa = cpu_isa();
-  p.x = xc.const_data_ptr<T>();
-  p.sN = xc.stride(0);
-  p.sH = xc.stride(2);
-  p.sW = xc.stride(3);
-  p.out = out.data_ptr<T>();
   p.ge = plan_gemm<A, In>(p.isa, g.C);
   p.gp = plan_gemm<A, In>(p.isa, g.Cout);
   p.npe = ceil_div(g.C, p.ge.NR);
@@ -757,63 +788,199 @@ void forward_with(const Geometry& g, const at::Tensor& xc, at::TensorList expand
   p.kpe = round_up(g.Cin, kPackedStep<A, In>);
   p.kpp = round_up(g.C, kPackedStep<A, In>);
   p.ldx = g.Cin % 64 == 0 ? g.Cin + 16 : g.Cin;  // no 4 KiB-aliased tile rows
-  // BN folded: scales into the packed weights, shifts into the epilogues. Panels live in the
-  // calling thread's scratch (a fresh buffer per call costs page faults); the threads pack the
-  // expand and project panels together (at batch 1 packing alone on the calling thread left
-  // the other threads waiting).
-  std::vector<A> scale_e(g.C), scale_p(g.Cout);
-  std::optional<ConvPanels<T, A, In>> panels_e;
-  In* pe = nullptr;
-  if (g.has_expand) {
-    p.shift_e.assign(g.C, A(0));
-    fold<A>(expand, eps, scale_e, p.shift_e);
-    panels_e.emplace(expand[0], p.isa, p.ge.NR, scale_e.data());
-    pe = thread_scratch<In>(kPanelsE, p.npe * p.kpe * p.ge.NR);
-    p.col_scale_e = panels_e->col_scale();
-  }
-  p.shift_p.assign(g.Cout, A(0));
-  fold<A>(project, eps, scale_p, p.shift_p);
-  const ConvPanels<T, A, In> panels_p(project[0], p.isa, p.gp.NR, scale_p.data());
-  In* pp = thread_scratch<In>(kPanelsP, p.npp * p.kpp * p.gp.NR);
-  p.col_scale_p = panels_p.col_scale();
-  {
-    const int64_t npe = g.has_expand ? p.npe : 0;
-    const int64_t panel_elems = std::max(p.kpe * p.ge.NR, p.kpp * p.gp.NR);
-    const int64_t grain = std::max<int64_t>(1, kPackGrainElems / panel_elems);
-    at::parallel_for(0, npe + p.npp, grain, [&](int64_t b, int64_t e) {
-      if (b < npe) (*panels_e)(b, std::min(e, npe), pe + b * p.kpe * p.ge.NR);
-      const int64_t j0 = std::max(b, npe) - npe, j1 = e - npe;
-      if (j0 < j1) panels_p(j0, j1, pp + j0 * p.kpp * p.gp.NR);
-    });
-  }
-  p.pe = pe;
-  p.pp = pp;
-  {
-    std::vector<A> scale(g.Cp, A(0));
-    p.shift_d.assign(g.Cp, A(0));
-    fold<A>(depthwise, eps, scale, p.shift_d);
-    const at::Tensor w = depthwise[0].to(c10::CppTypeToScalarType<A>::value).contiguous();
-    const A* wp = w.const_data_ptr<A>();
-    const int64_t KK = g.K * g.K;
-    p.wd.assign(KK * g.Cp, A(0));  // zero for the padding channels
-    for (int64_t c = 0; c < g.C; ++c)
-      for (int64_t t = 0; t < KK; ++t) p.wd[t * g.Cp + c] = wp[c * KK + t] * scale[c];
-  }
   p.dw = select_dw<A>(p.isa, g.K, g.stride, g.dil);
   p.expand_epi = select_kernel<ExpandEpi<A>>(p.isa);
   p.project_epi = g.skip ? select_kernel<ProjectEpi<T, A, true>>(p.isa)
                          : select_kernel<ProjectEpi<T, A, false>>(p.isa);
   if constexpr (Plan<T, A, In>::kPairs) p.round_rows = select_kernel<RoundRows>(p.isa);
+  return p;
+}
+
+template <class T, class A, class In>
+PackHeader pack_header(const Plan<T, A, In>& p, double eps) {
+  const Geometry& g = p.g;
+  return {kPackMagic, kPackVersion, static_cast<int64_t>(c10::CppTypeToScalarType<T>::value),
+          Plan<T, A, In>::kPairs, p.ge.NR, p.gp.NR, g.Cin, g.C, g.Cout, g.K, g.has_expand, eps};
+}
+
+template <class T, class A, class In>
+PackLayout pack_layout(const Plan<T, A, In>& p) {
+  const Geometry& g = p.g;
+  PackLayout l{};
+  int64_t off = round_up(sizeof(PackHeader), 64);
+  auto take = [&](int64_t elems, int64_t elem_bytes) {
+    const int64_t at = off;
+    off = round_up(off + elems * elem_bytes, 64);
+    return at;
+  };
+  constexpr bool kPairs = Plan<T, A, In>::kPairs;
+  l.pe = take(g.has_expand ? p.npe * p.kpe * p.ge.NR : 0, sizeof(In));
+  l.pp = take(p.npp * p.kpp * p.gp.NR, sizeof(In));
+  l.col_e = take(kPairs && g.has_expand ? p.npe * p.ge.NR : 0, sizeof(A));
+  l.col_p = take(kPairs ? p.npp * p.gp.NR : 0, sizeof(A));
+  l.shift_e = take(g.C, sizeof(A));
+  l.shift_p = take(g.Cout, sizeof(A));
+  l.wd = take(g.K * g.K * g.Cp, sizeof(A));
+  l.shift_d = take(g.Cp, sizeof(A));
+  l.bytes = off;
+  return l;
+}
+
+// Points the plan at the parts of a packed buffer.
+template <class T, class A, class In>
+void attach(Plan<T, A, In>& p, const PackLayout& l, const uint8_t* base) {
+  auto at = [&](int64_t off) { return base + off; };
+  p.pe = p.g.has_expand ? reinterpret_cast<const In*>(at(l.pe)) : nullptr;
+  p.pp = reinterpret_cast<const In*>(at(l.pp));
+  if constexpr (Plan<T, A, In>::kPairs) {
+    p.col_scale_e = p.g.has_expand ? reinterpret_cast<const A*>(at(l.col_e)) : nullptr;
+    p.col_scale_p = reinterpret_cast<const A*>(at(l.col_p));
+  }
+  p.shift_e = reinterpret_cast<const A*>(at(l.shift_e));
+  p.shift_p = reinterpret_cast<const A*>(at(l.shift_p));
+  p.wd = reinterpret_cast<const A*>(at(l.wd));
+  p.shift_d = reinterpret_cast<const A*>(at(l.shift_d));
+}
+
+// Writes the header and every part into base[0, l.bytes).
+template <class T, class A, class In>
+void pack_block(const Plan<T, A, In>& p, const PackLayout& l, at::TensorList expand,
+                at::TensorList depthwise, at::TensorList project, double eps, uint8_t* base) {
+  const Geometry& g = p.g;
+  const PackHeader h = pack_header(p, eps);
+  std::memcpy(base, &h, sizeof(h));
+  auto part = [&](int64_t off) { return base + off; };
+  // BN folded: scales into the packed weights (pairs: the column scales), shifts into the
+  // epilogues.
+  std::vector<A> scale_e(g.C, A(0)), scale_p(g.Cout, A(0)), shift_e(g.C, A(0));
+  std::vector<A> shift_p(g.Cout, A(0));
+  std::optional<ConvPanels<T, A, In>> panels_e;
+  if (g.has_expand) {
+    fold<A>(expand, eps, scale_e, shift_e);
+    panels_e.emplace(expand[0], p.isa, p.ge.NR, scale_e.data());
+  }
+  fold<A>(project, eps, scale_p, shift_p);
+  const ConvPanels<T, A, In> panels_p(project[0], p.isa, p.gp.NR, scale_p.data());
+  std::memcpy(part(l.shift_e), shift_e.data(), g.C * sizeof(A));
+  std::memcpy(part(l.shift_p), shift_p.data(), g.Cout * sizeof(A));
+  if constexpr (Plan<T, A, In>::kPairs) {
+    if (g.has_expand) std::memcpy(part(l.col_e), panels_e->col_scale(), p.npe * p.ge.NR * sizeof(A));
+    std::memcpy(part(l.col_p), panels_p.col_scale(), p.npp * p.gp.NR * sizeof(A));
+  }
+  // The threads pack the expand and project panels together (at batch 1 packing alone on the
+  // calling thread left the other threads waiting).
+  In* pe = reinterpret_cast<In*>(part(l.pe));
+  In* pp = reinterpret_cast<In*>(part(l.pp));
+  const int64_t npe = g.has_expand ? p.npe : 0;
+  const int64_t panel_elems = std::max(p.kpe * p.ge.NR, p.kpp * p.gp.NR);
+  const int64_t grain = std::max<int64_t>(1, kPackGrainElems / panel_elems);
+  at::parallel_for(0, npe + p.npp, grain, [&](int64_t b, int64_t e) {
+    if (b < npe) (*panels_e)(b, std::min(e, npe), pe + b * p.kpe * p.ge.NR);
+    const int64_t j0 = std::max(b, npe) - npe, j1 = e - npe;
+    if (j0 < j1) panels_p(j0, j1, pp + j0 * p.kpp * p.gp.NR);
+  });
+  std::vector<A> scale(g.Cp, A(0)), shift_d(g.Cp, A(0));
+  fold<A>(depthwise, eps, scale, shift_d);
+  std::memcpy(part(l.shift_d), shift_d.data(), g.Cp * sizeof(A));
+  const at::Tensor w = depthwise[0].to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const A* wp = w.const_data_ptr<A>();
+  const int64_t KK = g.K * g.K;
+  A* wd = reinterpret_cast<A*>(part(l.wd));
+  std::fill(wd, wd + KK * g.Cp, A(0));  // zero for the padding channels
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t t = 0; t < KK; ++t) wd[t * g.Cp + c] = wp[c * KK + t] * scale[c];
+}
+
+// Refuses a packed buffer that was not made for this call.
+template <class T, class A, class In>
+void check_packed(const char* op, const at::Tensor& packed, const Plan<T, A, In>& p,
+                  const PackLayout& l, double eps) {
+  EFFK_CHECK(op, packed.device().is_cpu() && packed.scalar_type() == at::kByte &&
+                     packed.dim() == 1 && packed.is_contiguous(),
+             "packed must be the contiguous 1-d uint8 CPU tensor that inverted_residual_pack "
+             "returns; got ", packed.scalar_type(), " ", packed.sizes(), " on ",
+             packed.device());
+  PackHeader h{};
+  EFFK_CHECK(op, packed.numel() >= static_cast<int64_t>(sizeof(h)),
+             "packed is ", packed.numel(), " bytes, shorter than its header");
+  std::memcpy(&h, packed.const_data_ptr<uint8_t>(), sizeof(h));
+  const PackHeader want = pack_header(p, eps);
+  EFFK_CHECK(op, h == want && packed.numel() == l.bytes,
+             "packed was not made for this call (made for dtype ",
+             static_cast<c10::ScalarType>(h.dtype), ", Cin ", h.Cin, ", hidden ", h.C,
+             ", Cout ", h.Cout, ", k ", h.K, ", eps ", h.eps, ", panels ", h.NRe, "/", h.NRp,
+             h.pairs ? " (bf16 pairs)" : "", "; this call: dtype ",
+             static_cast<c10::ScalarType>(want.dtype), ", Cin ", want.Cin, ", hidden ", want.C,
+             ", Cout ", want.Cout, ", k ", want.K, ", eps ", want.eps, ", panels ", want.NRe,
+             "/", want.NRp, want.pairs ? " (bf16 pairs)" : "",
+             "): pack the block again with inverted_residual_pack");
+}
+
+// packed: from inverted_residual_pack (checked), or null: pack into the calling thread's
+// scratch (a fresh buffer per call costs page faults).
+template <class T, class In>
+void forward_with(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
+                  at::TensorList depthwise, at::TensorList se, at::TensorList project,
+                  double eps, const at::Tensor* packed, const char* op, at::Tensor& out) {
+  using A = acc_type<T>;
+  Plan<T, A, In> p = make_plan<T, A, In>(g);
+  p.x = xc.const_data_ptr<T>();
+  p.sN = xc.stride(0);
+  p.sH = xc.stride(2);
+  p.sW = xc.stride(3);
+  p.out = out.data_ptr<T>();
+  const PackLayout l = pack_layout(p);
+  if (packed != nullptr) {
+    check_packed(op, *packed, p, l, eps);
+    attach(p, l, packed->const_data_ptr<uint8_t>());
+  } else {
+    uint8_t* buf = thread_scratch<uint8_t>(kPacked, l.bytes);
+    pack_block(p, l, expand, depthwise, project, eps, buf);
+    attach(p, l, buf);
+  }
   run_block(p, se);
 }
 
 template <class T>
 void forward(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
              at::TensorList depthwise, at::TensorList se, at::TensorList project, double eps,
-             at::Tensor& out) {
+             const at::Tensor* packed, const char* op, at::Tensor& out) {
   with_gemm_operand<T, acc_type<T>>(cpu_isa(), [&](auto operand) {
-    forward_with<T, decltype(operand)>(g, xc, expand, depthwise, se, project, eps, out);
+    forward_with<T, decltype(operand)>(g, xc, expand, depthwise, se, project, eps, packed, op,
+                                       out);
   });
+}
+
+// The checked problem plus the ring / step sizes.
+Geometry geometry(const char* op, const at::Tensor& x, at::TensorList expand,
+                  at::TensorList depthwise, at::TensorList se, at::TensorList project,
+                  int64_t stride, int64_t dilation, c10::string_view act,
+                  c10::string_view se_act, c10::string_view se_gate, bool skip, double eps) {
+  Geometry g{};
+  static_cast<IrProblem&>(g) = check_inverted_residual_inference(
+      op, x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate, skip, eps);
+  const int64_t lanes = x.scalar_type() == at::kDouble ? 8 : 16;
+  g.Cp = round_up(g.C, lanes);
+  const int64_t reach = g.dil * (g.K - 1);
+  g.Wp = std::max(g.pad + g.W, (g.Wo - 1) * g.stride + reach + 1);
+  g.G = std::max<int64_t>(1, std::min(g.Ho, ceil_div(kStepPixels, g.Wo)));
+  g.ring_rows = (g.G - 1) * g.stride + reach + 1;
+  return g;
+}
+
+at::Tensor run(const char* op, const at::Tensor& x, at::TensorList expand,
+               at::TensorList depthwise, at::TensorList se, at::TensorList project,
+               int64_t stride, int64_t dilation, c10::string_view act, c10::string_view se_act,
+               c10::string_view se_gate, bool skip, double eps, const at::Tensor* packed) {
+  const Geometry g = geometry(op, x, expand, depthwise, se, project, stride, dilation, act,
+                              se_act, se_gate, skip, eps);
+  at::Tensor out = empty_nhwc({g.N, g.Cout, g.Ho, g.Wo}, x.options());
+  if (out.numel() == 0) return in_format(out, output_format(x));
+  const at::Tensor xc = channels_innermost(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
+    forward<scalar_t>(g, xc, expand, depthwise, se, project, eps, packed, op, out);
+  });
+  return in_format(out, output_format(x));
 }
 
 }  // namespace
@@ -823,26 +990,47 @@ at::Tensor inverted_residual_inference(const at::Tensor& x, at::TensorList expan
                                        at::TensorList project, int64_t stride, int64_t dilation,
                                        c10::string_view act, c10::string_view se_act,
                                        c10::string_view se_gate, bool skip, double eps) {
-  Geometry g{};
-  static_cast<IrProblem&>(g) = check_inverted_residual_inference(
-      kOp, x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate, skip, eps);
-  at::Tensor out = empty_nhwc({g.N, g.Cout, g.Ho, g.Wo}, x.options());
-  if (out.numel() == 0) return in_format(out, output_format(x));
-  const int64_t lanes = x.scalar_type() == at::kDouble ? 8 : 16;
-  g.Cp = round_up(g.C, lanes);
-  const int64_t reach = g.dil * (g.K - 1);
-  g.Wp = std::max(g.pad + g.W, (g.Wo - 1) * g.stride + reach + 1);
-  g.G = std::max<int64_t>(1, std::min(g.Ho, ceil_div(kStepPixels, g.Wo)));
-  g.ring_rows = (g.G - 1) * g.stride + reach + 1;
-  const at::Tensor xc = channels_innermost(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
-    forward<scalar_t>(g, xc, expand, depthwise, se, project, eps, out);
+  return run(kOp, x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate,
+             skip, eps, nullptr);
+}
+
+at::Tensor inverted_residual_packed(const at::Tensor& x, const at::Tensor& packed,
+                                    at::TensorList expand, at::TensorList depthwise,
+                                    at::TensorList se, at::TensorList project, int64_t stride,
+                                    int64_t dilation, c10::string_view act,
+                                    c10::string_view se_act, c10::string_view se_gate,
+                                    bool skip, double eps) {
+  return run("inverted_residual_packed", x, expand, depthwise, se, project, stride, dilation,
+             act, se_act, se_gate, skip, eps, &packed);
+}
+
+at::Tensor inverted_residual_pack(const at::Tensor& x, at::TensorList expand,
+                                  at::TensorList depthwise, at::TensorList se,
+                                  at::TensorList project, int64_t stride, int64_t dilation,
+                                  c10::string_view act, c10::string_view se_act,
+                                  c10::string_view se_gate, bool skip, double eps) {
+  constexpr const char* op = "inverted_residual_pack";
+  const Geometry g = geometry(op, x, expand, depthwise, se, project, stride, dilation, act,
+                              se_act, se_gate, skip, eps);
+  at::Tensor packed;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "inverted_residual_pack", [&] {
+    using T = scalar_t;
+    with_gemm_operand<T, acc_type<T>>(cpu_isa(), [&](auto operand) {
+      const auto p = make_plan<T, acc_type<T>, decltype(operand)>(g);
+      const PackLayout l = pack_layout(p);
+      packed = at::empty({l.bytes}, x.options().dtype(at::kByte).memory_format(
+                                                  at::MemoryFormat::Contiguous));
+      pack_block(p, l, expand, depthwise, project, eps, packed.data_ptr<uint8_t>());
+    });
   });
-  return in_format(out, output_format(x));
+  return packed;
 }
 
 }  // namespace effkernels::cpu
 
 TORCH_LIBRARY_IMPL(effkernels, CPU, m) {
   m.impl("inverted_residual_inference", &effkernels::cpu::inverted_residual_inference);
+  m.impl("inverted_residual_pack", &effkernels::cpu::inverted_residual_pack);
+  m.impl("inverted_residual_packed", &effkernels::cpu::inverted_residual_packed);
 }

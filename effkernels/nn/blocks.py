@@ -35,6 +35,9 @@ class _Block(NotScriptable, nn.Module):
     """expand 1x1+BN+act -> depthwise kxk+BN+act -> [SE] -> project 1x1+BN[+act] -> [+ x]."""
 
     _roles: Dict[str, Path]
+    # prepack_for_inference: the packed eval-mode weights (ops._prepacked_block's cache); None:
+    # pack on every call.
+    _packed_cache: Optional[dict] = None
 
     def _setup(self, roles: Dict[str, Path], *, act: str, skip: bool, se_act: str = "relu",
                se_gate: str = "sigmoid", project_act: str = "identity",
@@ -143,6 +146,12 @@ class _Block(NotScriptable, nn.Module):
             r, e = parts["se_reduce"], parts["se_expand"]
             se = [F_.cast(t, dtype) for t in (r.weight, r.bias, e.weight, e.bias)]
         dw, bn = parts["dw_conv"], parts["dw_bn"]
+        if self._packed_cache is not None and not bn.training:
+            out = ops._prepacked_block(self._packed_cache, F_.cast(x, dtype), expand, depthwise,
+                                       se, project, dw.stride[0], dw.dilation[0], self.act,
+                                       self.se_act, self.se_gate, self.skip, bn.eps)
+            if out is not None:
+                return out
         # _fusable: running statistics kept and momentum set, so bn_args would pass these.
         return ops.inverted_residual(F_.cast(x, dtype), expand, depthwise, se, project,
                                      stride=dw.stride[0], dilation=dw.dilation[0], act=self.act,
@@ -158,6 +167,25 @@ class _Block(NotScriptable, nn.Module):
         if self.same:
             parts.append("padding='same'")
         return ", ".join(parts)
+
+
+def prepack_for_inference(model: nn.Module, enabled: bool = True) -> int:
+    """Lets the inverted-residual blocks of `model` (InvertedResidual, MBConv,
+    DepthwiseSeparable, also those effkernels.convert swapped in) keep their eval-mode weights
+    packed for the CPU kernel (BatchNorm folded, GEMM panels for this CPU and the input's dtype)
+    instead of packing them on every call, as ONNX Runtime and oneDNN prepack at session
+    creation. Only CPU inference uses them (eval mode, no gradient recorded, no compiler);
+    results are bit-for-bit those of the unpacked call. A block packs again at its next call
+    when one of its weights or BatchNorm statistics is replaced or changed in place through
+    PyTorch (version counter); writes that bypass it (`.data`, numpy views) are not seen: call
+    this again after those. The packed copies cost about the weights' size in memory;
+    enabled=False drops them. Returns the number of blocks set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, _Block):
+            module._packed_cache = {} if enabled else None
+            count += 1
+    return count
 
 
 def _bn_factory(norm_layer, eps: float, momentum: float, factory: dict):

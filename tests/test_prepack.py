@@ -1,0 +1,207 @@
+"""Prepacked inference weights (effkernels::inverted_residual_pack / _packed, csrc/cpu/
+inverted_residual.cpp; effkernels.nn.prepack_for_inference): bit-for-bit the per-call packing
+for every fused-block case and dtype, refused when made for another call, repacked when a
+weight changes in place or is replaced, used only for CPU inference."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import effkernels
+from effkernels import models
+from effkernels.nn import prepack_for_inference
+
+from .test_inverted_residual_cpu import CASES, OP, _args, _cast, _fused, _ref
+from .helpers import assert_close
+
+pytestmark = pytest.mark.skipif(
+    effkernels.available_backends("cpu")["cpu"] != "available",
+    reason="the C++ CPU backend is not available")
+
+
+def _call_args(block, kw, eps=1e-5):
+    e, d, s, p = block
+    return (e, d, s, p, kw["stride"], kw["dilation"], kw["act"], kw["se_act"], kw["se_gate"],
+            kw["skip"], eps)
+
+
+def _pack(x, block, kw, eps=1e-5):
+    return OP.inverted_residual_pack(x, *_call_args(block, kw, eps))
+
+
+def _packed(x, packed, block, kw, eps=1e-5):
+    return OP.inverted_residual_packed(x, packed, *_call_args(block, kw, eps))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16])
+def test_packed_bitwise(case, dtype):
+    """The packed call computes exactly what the per-call packing computes (the same buffer
+    layout, built by the same code), and that is the block (against the float64 reference)."""
+    x64, block64, kw = _args(case, torch.float64, "channels_last")
+    x = x64.to(dtype).contiguous(memory_format=torch.channels_last)
+    block = _cast(block64, dtype)
+    packed = _pack(x, block, kw)
+    assert packed.dtype == torch.uint8 and packed.dim() == 1 and packed.numel() > 0
+    out = _packed(x, packed, block, kw)
+    expected = _fused(x, block, kw)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert torch.equal(out, expected), f"{case} {dtype}: packed differs from per-call packing"
+    if dtype in (torch.float32, torch.float64):
+        assert_close(out, _ref(x.double(), _cast(block, torch.float64), kw), dtype, "out")
+    # The packed weights serve any input of the block: another batch size and layout.
+    x2 = torch.cat([x, x.flip(0)]).contiguous()
+    assert torch.equal(_packed(x2, packed, block, kw), _fused(x2, block, kw))
+
+
+def test_packed_refused_for_another_call():
+    x, block, kw = _args("k5_se_hsig", torch.float32, "channels_last")
+    x, block = x.float(), _cast(block, torch.float32)
+    packed = _pack(x, block, kw)
+    with pytest.raises(RuntimeError, match="inverted_residual_packed: packed was not made for "
+                                           "this call.*dtype Float.*dtype BFloat16"):
+        _packed(x.bfloat16(), packed, _cast(block, torch.bfloat16), kw)
+    with pytest.raises(RuntimeError, match="packed was not made for this call.*eps 0.001"):
+        _packed(x, packed, block, kw, eps=1e-3)
+    x_o, block_o, kw_o = _args("mbv2_s2", torch.float32, "channels_last")
+    with pytest.raises(RuntimeError, match="packed was not made for this call.*Cin 24"):
+        _packed(x_o.float(), packed, _cast(block_o, torch.float32), kw_o)
+    with pytest.raises(RuntimeError, match="packed must be the contiguous 1-d uint8 CPU tensor"):
+        _packed(x, packed.float(), block, kw)
+    with pytest.raises(RuntimeError, match="packed was not made for this call"):
+        _packed(x, packed[:-64].clone(), block, kw)
+    with pytest.raises(RuntimeError, match="shorter than its header"):
+        _packed(x, packed[:8].clone(), block, kw)
+    # The block's own checks still run first, naming the argument.
+    with pytest.raises(RuntimeError, match="inverted_residual_packed: .*x"):
+        _packed(x[:, :5], packed, block, kw)
+
+
+def test_pack_checks_like_the_block():
+    x, block, kw = _args("mbv2_s1_skip", torch.float32, "channels_last")
+    e, d, s, p = _cast(block, torch.float32)
+    with pytest.raises(RuntimeError, match="inverted_residual_pack: depthwise"):
+        _pack(x.float(), (e, d[:3], s, p), kw)
+
+
+def test_opcheck():
+    x, block, kw = _args("k5_se_hsig", torch.float32, "channels_last")
+    x, block = x.float(), _cast(block, torch.float32)
+    packed = _pack(x, block, kw)
+    torch.library.opcheck(OP.inverted_residual_packed.default,
+                          (x, packed, *_call_args(block, kw)))
+    # The pack's size depends on this CPU's panel widths: its fake kernel has a data-dependent
+    # size, which the dynamic-shape AOT test cannot trace; the other checks run.
+    torch.library.opcheck(OP.inverted_residual_pack.default, (x, *_call_args(block, kw)),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+# ---- effkernels.nn.prepack_for_inference -----------------------------------------------------
+
+def _model(name="mobilenetv3_large_100"):
+    torch.manual_seed(0)
+    m = models.create_model(name).eval()
+    for mod in m.modules():  # non-trivial BatchNorm statistics
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.normal_(0, 0.1)
+    return m.to(memory_format=torch.channels_last)
+
+
+def _entries(model):
+    return [m._packed_cache.get("entry") for m in model.modules()
+            if getattr(m, "_packed_cache", None) is not None]
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_large_100", "mobilenetv2_100"])
+def test_prepacked_model_bitwise(name):
+    model = _model(name)
+    x = torch.randn(2, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+    packed_model = copy.deepcopy(model)
+    assert prepack_for_inference(packed_model) == sum(
+        isinstance(m, effkernels.nn.blocks._Block) for m in model.modules()) > 10
+    with torch.no_grad():
+        first, second = packed_model(x), packed_model(x)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    entries = _entries(packed_model)
+    assert entries and all(e is not None and e[3].dtype == torch.uint8 for e in entries)
+
+
+def test_prepacked_weights_are_used_and_repacked():
+    model = _model()
+    block = model.blocks[5][0]
+    x = torch.randn(1, block.conv_pw.in_channels, 14, 14).contiguous(
+        memory_format=torch.channels_last)
+    prepack_for_inference(block)
+    with torch.no_grad():
+        expected = block(x)
+        packed = block._packed_cache["entry"][3]
+        # The packed buffer is what the call reads: zeroing its weights changes the result.
+        saved = packed.clone()
+        packed[128:] = 0  # past the header (96 bytes, padded to 128)
+        assert not torch.equal(block(x), expected)
+        packed.copy_(saved)
+        assert torch.equal(block(x), expected)
+        # An in-place change through PyTorch (optimizer step, load_state_dict, copy_) packs
+        # again: the result is the unpacked block's with the new weight.
+        block.conv_pwl.weight.mul_(-0.5)
+        block.bn3.running_var.add_(0.25)
+        changed = block(x)
+        assert block._packed_cache["entry"][3] is not packed
+    fresh = copy.deepcopy(block)
+    prepack_for_inference(fresh, enabled=False)
+    assert fresh._packed_cache is None
+    with torch.no_grad():
+        assert torch.equal(changed, fresh(x))
+        assert not torch.equal(changed, expected)
+        # A replaced parameter packs again too.
+        block.conv_dw.weight = torch.nn.Parameter(block.conv_dw.weight * 1.5)
+        fresh.conv_dw.weight = torch.nn.Parameter(fresh.conv_dw.weight * 1.5)
+        assert torch.equal(block(x), fresh(x))
+        # load_state_dict (copy_ under no_grad) as well.
+        state = {k: v * 0.9 if v.is_floating_point() else v
+                 for k, v in _model().blocks[5][0].state_dict().items()}
+        block.load_state_dict(state)
+        fresh.load_state_dict(state)
+        assert torch.equal(block(x), fresh(x))
+
+
+def test_prepacked_only_for_cpu_inference():
+    model = _model()
+    prepack_for_inference(model)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    reference_model = copy.deepcopy(model)
+    prepack_for_inference(reference_model, enabled=False)
+    # Gradient recorded: the differentiable path, no packing.
+    out = model(x)
+    assert out.requires_grad and all(e is None for e in _entries(model))
+    assert_close(out.detach(), reference_model(x).detach(), torch.float32, "grad path")
+    # The reference backend: its own result, no packing.
+    with torch.no_grad(), effkernels.backend("reference"):
+        assert torch.equal(model(x), reference_model(x))
+    assert all(e is None for e in _entries(model))
+    # Training mode: batch statistics, running statistics updated, no packing.
+    model.train()
+    reference_model.train()
+    with torch.no_grad():
+        assert torch.equal(model(x), reference_model(x))
+    assert all(e is None for e in _entries(model))
+    for a, b in zip(model.buffers(), reference_model.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_prepacked_model_compiles():
+    model = _model("mobilenetv2_100")
+    prepack_for_inference(model)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert_close(compiled, eager, torch.float32, "compiled")
