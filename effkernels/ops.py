@@ -152,9 +152,14 @@ def _plain(t, grad: bool) -> bool:
     return not isinstance(t, torch.Tensor)
 
 
+def _plain_context() -> bool:
+    """No compiler, Python dispatch mode or functorch transform active (see above)."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 def _direct(args) -> bool:
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+    if not _plain_context():
         return False
     grad = torch.is_grad_enabled()
     for a in args:  # plain loops: this runs ~50 times per batch-1 forward
@@ -456,9 +461,16 @@ def _prepacked_block(cache: dict, x, expand, depthwise, se, project, stride, dil
             packed = ops.inverted_residual_pack.default.redispatch(key, *args)
             entry = cache["entry"] = ((x.dtype, eps), tensors, [t._version for t in tensors],
                                       packed)
-        return ops.inverted_residual_packed.default.redispatch(key, x, entry[3], *args[1:])
+        return _packed_call(x, entry[3], args[1:])
     except Exception:  # noqa: BLE001 - the checked path names the bad argument
         return None
+
+
+def _packed_call(x, packed, args):
+    """effkernels::inverted_residual_packed on the CPU kernel, below Autograd (callers have
+    checked what _direct checks); args: the op's arguments after `packed`."""
+    return _cpp().inverted_residual_packed.default.redispatch(_kernel_key("cpu"), x, packed,
+                                                              *args)
 
 
 def _needs_grad(x, *stages) -> bool:

@@ -205,3 +205,45 @@ def test_prepacked_model_compiles():
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True)(x)
     assert_close(compiled, eager, torch.float32, "compiled")
+
+
+def test_replay_follows_every_change():
+    """The replayed call (blocks._PackedReplay: the block's Python skipped) is dropped by any
+    change that the full forward would see; each result equals an unprepacked copy's."""
+    model = _model()
+    block = model.blocks[4][1]  # MobileNetV3-Large 112 -> 672 -> 112: expand, SE, skip
+    x = torch.randn(1, block.conv_pw.in_channels, 14, 14).contiguous(
+        memory_format=torch.channels_last)
+    prepack_for_inference(block)
+    fresh = copy.deepcopy(block)
+    prepack_for_inference(fresh, enabled=False)
+
+    def check(what):
+        with torch.no_grad():
+            got, want = block(x), fresh(x)
+        assert torch.equal(got, want), what
+
+    with torch.no_grad():
+        block(x)
+    assert "replay" in block._packed_cache
+    check("replayed")
+    new_bn = copy.deepcopy(block.bn3)
+    new_bn.running_mean.normal_(0, 0.3)
+    for i, change in enumerate((
+            lambda b: b.bn2.train(),                                     # one BN in training
+            lambda b: setattr(b, "act", "relu"),                         # a setting
+            lambda b: setattr(b.bn1, "eps", 1e-3),
+            lambda b: setattr(b, "bn3", copy.deepcopy(new_bn)),          # a child replaced
+            lambda b: b.se.conv_reduce.bias.data.add_(0.5),              # SE (not packed): live
+            lambda b: setattr(b.conv_pwl, "weight",
+                              torch.nn.Parameter(b.conv_pwl.weight * 0.5)))):
+        change(block)
+        change(fresh)
+        check(f"change {i}")
+        check(f"change {i}, twice")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(block(x), fresh(x))
+    with torch.no_grad(), effkernels.backend("reference"):
+        assert torch.equal(block(x), fresh(x))
+    with torch.no_grad():
+        assert torch.equal(block(x.double()), fresh(x.double()))
