@@ -15,6 +15,8 @@ import effkernels
 from effkernels import nn as enn
 from effkernels import reference
 
+from .helpers import assert_close
+
 from .model_helpers import assert_rel, assert_train_matches, randomize_bn
 
 _ACT_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hswish": nn.Hardswish, "silu": nn.SiLU,
@@ -261,3 +263,36 @@ def test_modules_follow_the_backend():
     with effkernels.backend("reference"):
         expected = block(x)
     assert_rel(block(x), expected, 1e-5, "cpu vs reference backend")
+
+
+@pytest.mark.parametrize("act", ["relu6", "relu", "hswish", "silu", "identity"])
+@pytest.mark.parametrize("conv_bias,affine", [(False, True), (True, False)])
+def test_dense_conv_eval_folds_bn(act, conv_bias, affine, monkeypatch):
+    """A dense conv (the stem) in inference folds BN into the convolution and applies the
+    activation in place: the conv + BN + act result (float64 reference), and the same as with
+    a gradient recorded (the unfolded path)."""
+    from effkernels.nn import _functional
+    folds = []
+    acts = dict(_functional._INPLACE_ACT)
+    monkeypatch.setattr(_functional, "_INPLACE_ACT", {
+        k: (lambda y, f=f: folds.append(1) or f(y)) for k, f in acts.items()})
+    torch.manual_seed(0)
+    m = enn.ConvBNAct(3, 24, 3, stride=2, act=act).eval()
+    if conv_bias:
+        m.conv.bias = nn.Parameter(torch.randn(24) * 0.1)
+    if not affine:
+        m.bn = nn.BatchNorm2d(24, affine=False).eval()
+    m.bn.running_mean.normal_(0, 0.2)
+    m.bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 17, 15).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        folded = m(x)
+        m64 = copy.deepcopy(m).double()
+        expected = reference.activation(act, F.batch_norm(
+            m64.conv(x.double()), m64.bn.running_mean, m64.bn.running_var, m64.bn.weight,
+            m64.bn.bias, False, 0.0, m64.bn.eps))
+    assert folds == [1]
+    unfolded = m(x)  # parameters require grad, grad mode on: conv, then BN, then act
+    assert unfolded.requires_grad and not folded.requires_grad and folds == [1]
+    assert_close(folded, expected, torch.float32, "folded")
+    assert_close(unfolded.detach(), expected, torch.float32, "unfolded")

@@ -195,10 +195,49 @@ def dense(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,
 
         return _sync.conv_bn_act(conv_fn, op_eval, group, x, [conv.weight], *bnp[:4],
                                  bnp.momentum, bnp.eps)
+    if _foldable(x, conv, bnp, act):
+        # Inference: BN folded into the convolution (scale into the weights, shift as its
+        # bias) and the activation in place: one pass over the output instead of three (the
+        # stem's output is the largest tensor of these models; ONNX Runtime fuses it so too).
+        scale = torch.rsqrt(bnp.running_var + bnp.eps)
+        if bnp.weight is not None:
+            scale = scale * bnp.weight
+        shift = -bnp.running_mean * scale
+        if bnp.bias is not None:
+            shift = shift + bnp.bias
+        if conv.bias is not None:
+            shift = shift + conv.bias * scale
+        y = F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), shift, conv.stride, padding,
+                     conv.dilation, conv.groups)
+        return _INPLACE_ACT[act](y)
     y = conv_fn(x, [conv.weight])
     y = F.batch_norm(y, bnp.running_mean, bnp.running_var, bnp.weight, bnp.bias, bnp.training,
                      bnp.momentum, bnp.eps)
     return reference.activation(act, y)
+
+
+_INPLACE_ACT = {"identity": lambda y: y, "relu": F.relu_,
+                "relu6": lambda y: F.hardtanh_(y, 0.0, 6.0),
+                "hswish": lambda y: F.hardswish(y, inplace=True),
+                "silu": lambda y: F.silu(y, inplace=True)}
+
+
+def _foldable(x: torch.Tensor, conv: nn.Conv2d, bnp: BNArgs, act: str) -> bool:
+    """dense() in eval mode with no gradient recorded, fp32/fp64 (folding into bf16/fp16
+    weights would round them once more), an activation with an in-place form, and eager
+    (no compiler, dispatch mode or transform: the profiler and FlopCounterMode see the layer
+    as written, conv + BN + act)."""
+    if bnp.training or bnp.running_mean is None or act not in _INPLACE_ACT:
+        return False
+    if not ops._plain_context():
+        return False
+    if x.dtype not in (torch.float32, torch.float64) or conv.weight.dtype != x.dtype:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            t is not None and t.requires_grad for t in (conv.weight, conv.bias, bnp.weight,
+                                                        bnp.bias))):
+        return False
+    return True
 
 
 def conv_bn_act(x: torch.Tensor, conv: ConvLike, bn: nn.BatchNorm2d, act: str,
