@@ -71,4 +71,9 @@ TORCH_LIBRARY(effkernels, m) {
       "inverted_residual_packed(Tensor x, Tensor packed, Tensor[] expand, Tensor[] depthwise, "
       "Tensor[] se, Tensor[] project, int stride, int dilation, str act, str se_act, "
       "str se_gate, bool skip, float eps) -> Tensor");
+
+  // y = x weight^T + bias for the classifier heads at small batch, inference only (CPU, fp32;
+  // csrc/cpu/linear_inference.cpp): F.linear's matrix-vector product at batch 1 runs on one
+  // thread. The models call it from their heads when no gradient is recorded.
+  m.def("linear_inference(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }

@@ -98,6 +98,10 @@ def _ir_packed_fake(x, packed, expand, depthwise, se, project, stride, dilation,
                               se_gate, skip, eps)
 
 
+def _linear_inference_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 def _ir_pack_fake(x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate,
                   skip, eps):
     # The size depends on the panel widths the CPU's ISA selects: data-dependent here.
@@ -237,7 +241,8 @@ def register(namespace: str) -> None:
     signatures)."""
     inference_ops = {"inverted_residual_inference": _ir_inference_fake,  # C++ only
                      "inverted_residual_pack": _ir_pack_fake,
-                     "inverted_residual_packed": _ir_packed_fake}
+                     "inverted_residual_packed": _ir_packed_fake,
+                     "linear_inference": _linear_inference_fake}
     for op, fake in inference_ops.items():
         if namespace == "effkernels" and hasattr(torch.ops.effkernels, op):
             name = f"{namespace}::{op}"

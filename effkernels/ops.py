@@ -32,6 +32,7 @@ import inspect
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import _backend, _checks, reference
 
@@ -464,6 +465,28 @@ def _prepacked_block(cache: dict, x, expand, depthwise, se, project, stride, dil
         return _packed_call(x, entry[3], args[1:])
     except Exception:  # noqa: BLE001 - the checked path names the bad argument
         return None
+
+
+# Rows of x up to which _linear takes effkernels::linear_inference (measured against F.linear
+# at batch 1-8, `python -m bench.run --suite models`: see bench/NOTES.md).
+_LINEAR_MAX_ROWS = 8
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear, or, for a few rows of an fp32 CPU input with no gradient recorded and the cpu
+    backend selected, effkernels::linear_inference (the models' classifier heads at small
+    batch, where F.linear's matrix-vector product runs on one thread)."""
+    if (type(x) is torch.Tensor and x.device.type == "cpu" and x.dim() == 2
+            and x.shape[0] <= _LINEAR_MAX_ROWS and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+            and _direct((x, weight, bias))):
+        try:
+            if _resolve(x, "pwconv_bn_act") == "cpu":
+                return _cpp().linear_inference.default.redispatch(_kernel_key("cpu"), x, weight,
+                                                                  bias)
+        except Exception:  # noqa: BLE001 - F.linear raises the usual errors
+            pass
+    return F.linear(x, weight, bias)
 
 
 def _packed_call(x, packed, args):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import reference
+from .. import ops, reference
 from ..nn import _functional as F_
 from ..nn.modules import NotScriptable, _check_act
 from ._builder import BlockArgs, BuildConfig, build_stages
@@ -70,11 +70,16 @@ class EfficientNet(NotScriptable, nn.Module):
             # The 1x1 conv on the pooled 1x1 map is a matrix-vector product: F.linear (a GEMV
             # on the flattened weight view) rather than conv2d, whose CPU path for a 1x1 map
             # in channels_last is the slow im2col convolution.
-            x = reference.activation(self.act, F.linear(x, self.conv_head.weight.flatten(1),
-                                                        self.conv_head.bias))
+            x = reference.activation(self.act, ops._linear(x, self.conv_head.weight.flatten(1),
+                                                           self.conv_head.bias))
         if self.drop_rate > 0.0:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.classifier(x)
+        if pre_logits:
+            return x
+        if type(self.classifier) is nn.Linear:
+            # At small batch with no gradient: effkernels' threaded matrix-vector product.
+            return ops._linear(x, self.classifier.weight, self.classifier.bias)
+        return self.classifier(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
