@@ -435,6 +435,7 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
             _update_running(stage[3], stage[4], stats[2 * i], stats[2 * i + 1], count, momentum)
     return out
 
+
 def _prepacked_block(cache: dict, x, expand, depthwise, se, project, stride, dilation, act,
                      se_act, se_gate, skip, eps) -> Optional[torch.Tensor]:
     """The eval-mode block on the CPU from weights packed once (effkernels::
@@ -467,8 +468,8 @@ def _prepacked_block(cache: dict, x, expand, depthwise, se, project, stride, dil
         return None
 
 
-# Rows of x up to which _linear takes effkernels::linear_inference (measured against F.linear
-# at batch 1-8, `python -m bench.run --suite models`: see bench/NOTES.md).
+# Rows of x up to which _linear takes effkernels::linear_inference: faster than F.linear up to
+# 8 rows, equal at 16 (1280->1000, ad-hoc timing: bench/NOTES.md, "The heads' linear layers").
 _LINEAR_MAX_ROWS = 8
 
 
@@ -480,7 +481,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
             and x.shape[0] <= _LINEAR_MAX_ROWS and x.dtype == torch.float32
             and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
             and _direct((x, weight, bias))):
-        try:
+        try:  # the backend that serves the pointwise op serves the head's linear layer
             if _resolve(x, "pwconv_bn_act") == "cpu":
                 return _cpp().linear_inference.default.redispatch(_kernel_key("cpu"), x, weight,
                                                                   bias)

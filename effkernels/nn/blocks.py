@@ -213,6 +213,12 @@ class _PackedReplay:
                 block.same, dw.stride, dw.dilation, dw.padding)
 
     def __call__(self, block: "_Block", x: torch.Tensor) -> Optional[torch.Tensor]:
+        try:
+            return self._replay(block, x)
+        except Exception:  # noqa: BLE001 - the full forward raises the checked error
+            return None
+
+    def _replay(self, block: "_Block", x: torch.Tensor) -> Optional[torch.Tensor]:
         if (type(x) is not torch.Tensor or x.dtype is not self.dtype or x.device.type != "cpu"
                 or block.training or torch.is_autocast_enabled("cpu")
                 or not ops._plain_context() or ops._resolve(x, "inverted_residual") != "cpu"):
@@ -231,10 +237,7 @@ class _PackedReplay:
         for owner, name, t, version in self.sources:
             if owner.get(name) is not t or t._version != version:
                 return None
-        try:
-            return ops._packed_call(x, self.packed, self.args)
-        except Exception:  # noqa: BLE001 - the full forward raises the checked error
-            return None
+        return ops._packed_call(x, self.packed, self.args)
 
 
 def prepack_for_inference(model: nn.Module, enabled: bool = True) -> int:
