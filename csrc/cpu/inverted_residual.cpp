@@ -864,7 +864,8 @@ void pack_block(const Plan<T, A, In>& p, const PackLayout& l, at::TensorList exp
   std::memcpy(part(l.shift_e), shift_e.data(), g.C * sizeof(A));
   std::memcpy(part(l.shift_p), shift_p.data(), g.Cout * sizeof(A));
   if constexpr (Plan<T, A, In>::kPairs) {
-    if (g.has_expand) std::memcpy(part(l.col_e), panels_e->col_scale(), p.npe * p.ge.NR * sizeof(A));
+    if (g.has_expand)
+      std::memcpy(part(l.col_e), panels_e->col_scale(), p.npe * p.ge.NR * sizeof(A));
     std::memcpy(part(l.col_p), panels_p.col_scale(), p.npp * p.gp.NR * sizeof(A));
   }
   // The threads pack the expand and project panels together (at batch 1 packing alone on the
