@@ -91,3 +91,22 @@ def test_converted_model_compiles_fullgraph():
     compiled = torch.compile(converted, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert_rel(compiled(x), original(x), 1e-5, "compiled converted")
+
+
+@pytest.mark.parametrize("name", ["tv_mobilenet_v3_large", "tv_efficientnet_b0",
+                                  "timm_efficientnet_b0"])
+def test_converted_model_prepacks(name):
+    """effkernels.nn.prepack_for_inference on a converted model: its adopted blocks keep
+    packed weights and replay their calls; the outputs are bit-for-bit the unpacked ones."""
+    _, converted, _ = _converted(name)
+    converted = converted.to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 72).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = converted(x)
+    assert effkernels.nn.prepack_for_inference(converted) > 0
+    with torch.no_grad():
+        first, replayed = converted(x), converted(x)
+    assert torch.equal(first, expected) and torch.equal(replayed, expected)
+    caches = [m._packed_cache for m in converted.modules()
+              if getattr(m, "_packed_cache", None) is not None]
+    assert any("replay" in c for c in caches)
