@@ -763,11 +763,7 @@ struct PackHeader {
   int64_t NRe, NRp;  // panel widths, chosen from the CPU's ISA
   int64_t Cin, C, Cout, K, has_expand;
   double eps;
-  bool operator==(const PackHeader& o) const {
-    return magic == o.magic && version == o.version && dtype == o.dtype && pairs == o.pairs &&
-           NRe == o.NRe && NRp == o.NRp && Cin == o.Cin && C == o.C && Cout == o.Cout &&
-           K == o.K && has_expand == o.has_expand && eps == o.eps;
-  }
+  bool operator==(const PackHeader&) const = default;
 };
 
 // Byte offsets of the parts (64-byte aligned, after the header) and the total size.

@@ -89,19 +89,18 @@ struct LinearRows {
 
 at::Tensor linear_inference(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias) {
-  EFFK_CHECK(kOp, x.defined() && x.dim() == 2, "x must be 2-D (N, in_features); got ",
-             x.defined() ? x.sizes() : at::IntArrayRef{});
+  check_float_input(kOp, "x", x, 2);
   EFFK_CHECK(kOp, x.scalar_type() == at::kFloat && x.device().is_cpu(),
              "x must be a float32 CPU tensor; got ", x.scalar_type(), " on ", x.device());
-  EFFK_CHECK(kOp, weight.defined() && weight.dim() == 2 && weight.size(1) == x.size(1),
-             "weight must have shape (out_features, ", x.size(1), "); got ",
-             weight.defined() ? weight.sizes() : at::IntArrayRef{});
+  check_float_input(kOp, "weight", weight, 2);
   check_same(kOp, "weight", weight, x);
+  EFFK_CHECK(kOp, weight.size(1) == x.size(1), "weight must have shape (out_features, ",
+             x.size(1), "); got ", weight.sizes());
   const int64_t N = x.size(0), I = x.size(1), O = weight.size(0);
   if (bias.has_value() && bias->defined()) {
-    EFFK_CHECK(kOp, bias->dim() == 1 && bias->size(0) == O, "bias must have shape (", O,
-               ",); got ", bias->sizes());
+    check_float_input(kOp, "bias", *bias, 1);
     check_same(kOp, "bias", *bias, x);
+    EFFK_CHECK(kOp, bias->size(0) == O, "bias must have shape (", O, ",); got ", bias->sizes());
   }
   at::Tensor y = at::empty({N, O}, x.options());
   if (y.numel() == 0) return y;

@@ -158,8 +158,10 @@ class _Block(NotScriptable, nn.Module):
                     self.se_act, self.se_gate, self.skip, bn.eps)
             out = ops._prepacked_block(self._packed_cache, F_.cast(x, dtype), *args)
             if out is not None:
-                if x.dtype == dtype and all(t.dtype == dtype for stage in args[:4]
-                                            for t in stage[:1]):  # no per-call casts
+                # Only without per-call casts (F_.cast copies the conv weights and the SE
+                # tensors when their dtype differs): the replay passes these lists again.
+                cast = [stage[0] for stage in (expand, depthwise, project) if stage] + se
+                if x.dtype == dtype and all(t.dtype == dtype for t in cast):
                     self._packed_cache["replay"] = _PackedReplay(
                         self, parts, dtype, args, self._packed_cache["entry"][3])
                 return out
