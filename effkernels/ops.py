@@ -139,7 +139,8 @@ def _resolve(x: torch.Tensor, op: str) -> str:
 # torch.library's Python autograd wrapper (~6 us of a ~24 us call on a small tensor; the
 # batch-1 models make ~50 calls). Only for plain eager tensors with no transform (vmap), Python
 # dispatch mode (FlopCounterMode, FakeTensorMode) or compiler involved, which all need the full
-# dispatch. Autocast was applied in Python already (_autocast). nn.Parameter counts as plain
+# dispatch. While torch.profiler records, they dispatch in full (_kernel_call), so that the
+# profile shows them. Autocast was applied in Python already (_autocast). nn.Parameter counts as plain
 # (a marker subclass with torch function handling disabled): the models' weights are
 # Parameters, so without it no module call took this path.
 _KERNEL_KEYS = {}
@@ -180,6 +181,15 @@ def _kernel_key(impl: str) -> torch._C.DispatchKeySet:
     return _KERNEL_KEYS[impl]
 
 
+def _kernel_call(op, impl: str, *args):
+    """op (an OpOverloadPacket of effkernels) on backend impl's kernel, below Autograd. While a
+    profiler records, through the full dispatch instead: redispatch skips RecordFunction, so
+    torch.profiler would not see the op (same kernel, same result)."""
+    if torch._C._autograd._profiler_enabled():
+        return op.default(*args)
+    return op.default.redispatch(_kernel_key(impl), *args)
+
+
 def _eval_direct(name: str, x, args_of, *, api_op: Optional[str] = None):
     """Eval-mode calls that would go straight to a CPU/CUDA kernel (see _direct) skip the
     Python argument checks: the C++ op checks the same things (op_checks.cpp), and eval has no
@@ -200,7 +210,7 @@ def _eval_direct(name: str, x, args_of, *, api_op: Optional[str] = None):
             return None
         if api_op is not None and not _backend.fused_inference(x.device.type):
             return None
-        out = getattr(_cpp(), name).default.redispatch(_kernel_key(impl), *args)
+        out = _kernel_call(getattr(_cpp(), name), impl, *args)
         return out if api_op is not None else out[0]
     except Exception:  # noqa: BLE001 - the checked path names the bad argument
         return None
@@ -210,7 +220,7 @@ def _call(impl: str, name: str, *args):
     if impl in ("cpu", "cuda"):
         op = getattr(_cpp(), name)
         if _direct(args):
-            return op.default.redispatch(_kernel_key(impl), *args)
+            return _kernel_call(op, impl, *args)
         return op(*args)
     if impl == "triton":
         from . import _triton_backend
@@ -453,14 +463,14 @@ def _prepacked_block(cache: dict, x, expand, depthwise, se, project, stride, dil
         if (not _direct(args) or _resolve(x, "inverted_residual") != "cpu"
                 or not _backend.fused_inference("cpu")):
             return None
-        ops, key = _cpp(), _kernel_key("cpu")
+        ops = _cpp()
         tensors = [t for stage in (expand, depthwise, project) for t in stage]
         entry = cache.get("entry")
         if (entry is None or entry[0] != (x.dtype, eps) or len(entry[1]) != len(tensors)
                 or any(a is not b or a._version != v
                        for a, b, v in zip(tensors, entry[1], entry[2]))):
             cache.clear()
-            packed = ops.inverted_residual_pack.default.redispatch(key, *args)
+            packed = _kernel_call(ops.inverted_residual_pack, "cpu", *args)
             entry = cache["entry"] = ((x.dtype, eps), tensors, [t._version for t in tensors],
                                       packed)
         return _packed_call(x, entry[3], args[1:])
@@ -483,8 +493,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
             and _direct((x, weight, bias))):
         try:  # the backend that serves the pointwise op serves the head's linear layer
             if _resolve(x, "pwconv_bn_act") == "cpu":
-                return _cpp().linear_inference.default.redispatch(_kernel_key("cpu"), x, weight,
-                                                                  bias)
+                return _kernel_call(_cpp().linear_inference, "cpu", x, weight, bias)
         except Exception:  # noqa: BLE001 - F.linear raises the usual errors
             pass
     return F.linear(x, weight, bias)
@@ -493,8 +502,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
 def _packed_call(x, packed, args):
     """effkernels::inverted_residual_packed on the CPU kernel, below Autograd (callers have
     checked what _direct checks); args: the op's arguments after `packed`."""
-    return _cpp().inverted_residual_packed.default.redispatch(_kernel_key("cpu"), x, packed,
-                                                              *args)
+    return _kernel_call(_cpp().inverted_residual_packed, "cpu", x, packed, *args)
 
 
 def _needs_grad(x, *stages) -> bool:

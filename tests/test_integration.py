@@ -232,3 +232,33 @@ def test_jit_script_fails_clearly(model_and_input):
     message = str(info.value)
     assert "effkernels" in message and ("torch.compile" in message
                                         or "torch.export" in message), message
+
+
+@pytest.mark.skipif(effkernels.available_backends("cpu")["cpu"] != "available",
+                    reason="the C++ CPU backend is not available")
+def test_torch_profiler_sees_the_kernels():
+    """Eager inference calls go below the dispatcher's autograd layer (ops._kernel_call), which
+    skips the profiler's RecordFunction: while torch.profiler records they take the full
+    dispatch, so every effkernels kernel of a forward is in the profile, prepacked or not."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = create_model("mixnet_s").eval()
+    x = torch.randn(1, 3, 64, 64)
+
+    def kernels():
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = model(x)
+        return out, {e.key for e in prof.key_averages() if e.key.startswith("effkernels::")}
+
+    with torch.no_grad():
+        expected = model(x)
+    out, names = kernels()
+    assert torch.equal(out, expected)
+    assert {"effkernels::inverted_residual_inference", "effkernels::linear_inference",
+            "effkernels::pwconv_bn_act"} <= names, names
+    effkernels.nn.prepack_for_inference(model)
+    with torch.no_grad():
+        model(x)  # packs
+    out, names = kernels()
+    assert torch.equal(out, expected)
+    assert "effkernels::inverted_residual_packed" in names, names
