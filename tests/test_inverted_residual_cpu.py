@@ -143,6 +143,119 @@ def test_fused_low_precision(case, dtype):
     assert_lowp_close(out, ref64, theirs, dtype, "out")
 
 
+# ---- grouped (block-diagonal) 1x1 weights: MixNet's split convolutions -------------------------
+# The GEMMs read each panel's nonzero k range only for finite rows; otherwise the whole K (a zero
+# weight times Inf/NaN is NaN, as for any dense weight).
+
+def _block_diagonal(w, groups):
+    out, cin = w.shape[:2]
+    mask = torch.zeros(out, cin, dtype=torch.bool)
+    for g in range(groups):
+        mask[g * out // groups:(g + 1) * out // groups, g * cin // groups:(g + 1) * cin // groups] = 1
+    return w * mask[:, :, None, None].to(w.dtype)
+
+
+# (N, Cin, H, W, hidden, Cout, stride, dilation, se, expand groups, project groups, kernel
+# sizes: one, or MixConv's per channel group, zero-padded to the largest)
+GROUPED = {
+    "mixnet_a2_p2_se": (1, 40, 14, 14, 240, 40, 1, 1, True, 2, 2, (5,)),
+    "p2_7x7_se": (1, 80, 7, 7, 480, 96, 1, 1, True, 1, 2, (3,)),
+    "a4_p4_s2_odd": (2, 24, 11, 9, 96, 64, 2, 1, False, 4, 4, (3,)),
+    "a3_no_se_skip": (2, 24, 10, 10, 144, 24, 1, 1, False, 3, 3, (3,)),
+    # MixConv: groups of 120 / 60 channels (vectors of 16 mixing two kernel sizes)
+    "mix35_a2_p2_se": (1, 40, 14, 14, 240, 40, 1, 1, True, 2, 2, (3, 5)),
+    "mix3579_s2_p2": (2, 24, 13, 11, 240, 32, 2, 1, False, 1, 2, (3, 5, 7, 9)),
+    "mix357_no_expand": (1, 48, 9, 9, None, 48, 1, 1, False, 0, 2, (3, 5, 7)),
+    "mix3to11_s2_se": (1, 64, 14, 14, 300, 64, 2, 1, True, 1, 1, (3, 5, 7, 9, 11)),
+    "mix35_dil2_bands": (3, 16, 12, 10, 96, 16, 1, 2, False, 2, 2, (3, 5)),
+}
+
+
+def _mixconv_weight(c, sizes, dtype=torch.float64):
+    """Groups of c // len(sizes) channels (the last takes the rest), each kernel centred in
+    zeros of the largest size."""
+    kmax, parts, done = max(sizes), [], 0
+    for i, k in enumerate(sizes):
+        n = c - done if i == len(sizes) - 1 else c // len(sizes)
+        o = (kmax - k) // 2
+        parts.append(torch.nn.functional.pad(conv_weight((n, 1, k, k), dtype), (o, o, o, o)))
+        done += n
+    return torch.cat(parts)
+
+
+def _grouped_args(case, layout="channels_last"):
+    n, cin, h, w, hidden, cout, stride, dil, se, ge, gp, sizes = GROUPED[case]
+    x = make_input((n, cin, h, w), torch.float64, layout)
+    e, d, s, p = make_block(cin, hidden, cout, max(sizes), se)
+    if e:
+        e[0] = _block_diagonal(e[0], ge)
+    d[0] = _mixconv_weight(hidden or cin, sizes)
+    p[0] = _block_diagonal(p[0], gp)
+    pad = dil * (max(sizes) - 1) // 2
+    same = (h + 2 * pad - dil * (max(sizes) - 1) - 1) // stride + 1 == h
+    kw = dict(stride=stride, dilation=dil, act="relu6", se_act="relu", se_gate="sigmoid",
+              skip=stride == 1 and cin == cout and same)
+    return x, [e, d, s, p], kw
+
+
+@pytest.mark.parametrize("case", list(GROUPED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_fused_grouped_weights(case, dtype):
+    x64, block64, kw = _grouped_args(case)
+    x = x64.to(dtype).contiguous(memory_format=torch.channels_last)
+    block = _cast(block64, dtype)
+    out = _fused(x, block, kw)
+    ref64 = _ref(x.double(), _cast(block, torch.float64), kw)
+    if dtype in (torch.float32, torch.float64):
+        assert_close(out, ref64, dtype, "out")
+    else:
+        assert_lowp_close(out, ref64, _ref(x, block, kw), dtype, "out")
+
+
+def _same_nonfinite(out, ref):
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN pattern differs"
+    assert torch.equal(out.isinf(), ref.isinf()), "Inf pattern differs"
+    finite = ref.isfinite()
+    assert_close(out[finite], ref[finite], torch.float32, "finite part")
+
+
+@pytest.mark.parametrize("case", ["mixnet_a2_p2_se", "a4_p4_s2_odd", "a3_no_se_skip",
+                                  "mix357_no_expand", "mix35_dil2_bands"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_fused_grouped_nonfinite_input(case, value):
+    """An Inf/NaN in x: the dense block-diagonal GEMM makes NaN in the other groups' channels
+    (0 * Inf), and a zero-padded MixConv tap NaN two pixels away, as the reference's dense
+    convolutions do: neither the zero ranges nor the zero taps are skipped then."""
+    x, block, kw = _grouped_args(case)
+    x[0, 1, 2, 3] = value
+    block32 = _cast(block, torch.float32)
+    out = _fused(x.float().contiguous(memory_format=torch.channels_last), block32, kw)
+    ref = _ref(x.float().double(), _cast(block32, torch.float64), kw)
+    assert ref.isnan().any()
+    _same_nonfinite(out, ref)
+
+
+def test_fused_grouped_nonfinite_gate():
+    """A NaN SE gate (finite hidden rows): the gated zero weights are NaN, so the project GEMM
+    reads the whole K and every output pixel is NaN, as in the reference."""
+    x, block, kw = _grouped_args("p2_7x7_se")  # 96 outputs: more than one project panel
+    block[2][3][7] = float("nan")  # SE expand bias of hidden channel 7 (the first group)
+    block32 = _cast(block, torch.float32)
+    out = _fused(x.float().contiguous(memory_format=torch.channels_last), block32, kw)
+    ref = _ref(x.float().double(), _cast(block32, torch.float64), kw)
+    assert ref.isnan().all()
+    _same_nonfinite(out, ref)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_fused_grouped_threads_bitwise(n):
+    x, block, kw = _grouped_args("mixnet_a2_p2_se")
+    x = x.repeat(n, 1, 1, 1).float().contiguous(memory_format=torch.channels_last)
+    block = _cast(block, torch.float32)
+    outs = per_thread_count(lambda: _fused(x, block, kw))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
 def test_fused_eps_and_forced_no_skip():
     x, block, kw = _args("mbv2_s1_skip", torch.float32, "channels_last", skip=False)
     out = _fused(x.float(), _cast(block, torch.float32), kw, eps=1e-3)

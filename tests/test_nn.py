@@ -190,7 +190,9 @@ def test_plain_block_runs_the_fused_op(monkeypatch):
     enn.InvertedResidual(8, 8, 1, 6).train()(torch.randn(2, 8, 6, 6))
     assert len(calls) == 2
     enn.InvertedResidual(8, 8, 1, 6, kernel_size=[3, 5]).eval()(torch.randn(1, 8, 6, 6))
-    assert len(calls) == 2  # MixConv composes the single ops
+    assert len(calls) == 3  # MixConv in eval: the fused op (kernels zero-padded to 5x5)
+    enn.InvertedResidual(8, 8, 1, 6, kernel_size=[3, 5]).train()(torch.randn(2, 8, 6, 6))
+    assert len(calls) == 3  # in training it composes the single ops (mixconv_bn_act)
 
 
 def test_module_behaviours():

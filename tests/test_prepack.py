@@ -13,7 +13,7 @@ import effkernels
 from effkernels import models
 from effkernels.nn import prepack_for_inference
 
-from .test_inverted_residual_cpu import CASES, OP, _args, _cast, _fused, _ref
+from .test_inverted_residual_cpu import CASES, GROUPED, OP, _args, _cast, _fused, _grouped_args, _ref
 from .helpers import assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -54,6 +54,18 @@ def test_packed_bitwise(case, dtype):
     # The packed weights serve any input of the block: another batch size and layout.
     x2 = torch.cat([x, x.flip(0)]).contiguous()
     assert torch.equal(_packed(x2, packed, block, kw), _fused(x2, block, kw))
+
+
+@pytest.mark.parametrize("case", list(GROUPED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_bitwise_grouped(case, dtype):
+    """Block-diagonal 1x1 weights and zero-padded MixConv kernels (their k ranges and
+    depthwise segments are part of the packed buffer)."""
+    x64, block64, kw = _grouped_args(case)
+    x = x64.to(dtype).contiguous(memory_format=torch.channels_last)
+    block = _cast(block64, dtype)
+    out = _packed(x, _pack(x, block, kw), block, kw)
+    assert torch.equal(out, _fused(x, block, kw)), f"{case} {dtype}"
 
 
 def test_packed_refused_for_another_call():
@@ -118,7 +130,7 @@ def _entries(model):
             if getattr(m, "_packed_cache", None) is not None]
 
 
-@pytest.mark.parametrize("name", ["mobilenetv3_large_100", "mobilenetv2_100"])
+@pytest.mark.parametrize("name", ["mobilenetv3_large_100", "mobilenetv2_100", "mixnet_s"])
 def test_prepacked_model_bitwise(name):
     model = _model(name)
     x = torch.randn(2, 3, 96, 96).contiguous(memory_format=torch.channels_last)
@@ -247,3 +259,48 @@ def test_replay_follows_every_change():
         assert torch.equal(block(x), fresh(x))
     with torch.no_grad():
         assert torch.equal(block(x.double()), fresh(x.double()))
+
+
+def test_split_block_replay_follows_every_change():
+    """MixNet's split convolutions (ModuleLists of 1x1 and of 3x3/5x5 depthwise convs) run
+    fused in eval from dense weights built once (_Block._dense_weight): a change to any part's
+    weight, in place or replaced, or a part replaced, rebuilds them and repacks; the results
+    equal an unprepacked copy's, and timm's block."""
+    timm = pytest.importorskip("timm")
+    model = _model("mixnet_s")
+    block = model.blocks[2][1]  # 40 -> 240 (2 x 120) -> 40, k 3/5, SE, skip
+    x = torch.randn(1, 40, 14, 14).contiguous(memory_format=torch.channels_last)
+    prepack_for_inference(block)
+    fresh = copy.deepcopy(block)
+    prepack_for_inference(fresh, enabled=False)
+    theirs = timm.create_model("mixnet_s").blocks[2][1].eval()
+
+    def check(what):
+        theirs.load_state_dict(block.state_dict())
+        with torch.no_grad():
+            got, want = block(x), fresh(x)
+            assert_close(got, theirs(x), torch.float32, f"{what}: timm's block")
+        assert torch.equal(got, want), what
+
+    with torch.no_grad():
+        block(x)
+    assert "replay" in block._packed_cache
+    check("replayed")
+    with torch.no_grad():
+        dense = block._dense_weights["dw_conv"][2]
+        assert dense.shape == (240, 1, 5, 5) and (dense[:120, :, 0] == 0).all()
+    for i, change in enumerate((
+            lambda b: b.conv_dw[0].weight.data.mul_(1.0),                # no version bump
+            lambda b: torch.no_grad()(b.conv_dw[1].weight.mul_)(0.5),    # in place
+            lambda b: torch.no_grad()(b.conv_pw[0].weight.add_)(0.1),
+            lambda b: setattr(b.conv_pwl[1], "weight",
+                              torch.nn.Parameter(b.conv_pwl[1].weight * 0.5)),
+            lambda b: b.conv_pw.__setitem__(1, copy.deepcopy(b.conv_pw[0])),  # a part replaced
+            lambda b: b.conv_dw.__setitem__(0, torch.nn.Conv2d(120, 120, 3, padding=1,
+                                                               groups=120, bias=False)))):
+        torch.manual_seed(i)
+        change(block)
+        torch.manual_seed(i)
+        change(fresh)
+        check(f"change {i}")
+        check(f"change {i}, twice")

@@ -308,20 +308,33 @@ def test_fused_inverted_residual_reads_input_writes_output_only():
 
 
 def test_unfused_block_counts_each_op():
-    """A block effkernels cannot run as one inverted_residual (MixNet's split 1x1) counts each
-    op's traffic as it runs; the grouped 1x1 is counted as grouped, not as the block-diagonal
-    GEMM it runs as."""
+    """A block effkernels cannot run as one inverted_residual (MixNet's split convolutions
+    with TF 'same' padding at stride 2) counts each op's traffic as it runs; the grouped 1x1 is
+    counted as grouped, not as the block-diagonal GEMM it runs as."""
     block = MBConv(16, 16, 64, dw_kernel_size=[3, 5], exp_kernel_size=[1, 1],
-                   pw_kernel_size=[1, 1], act="relu")
+                   pw_kernel_size=[1, 1], stride=2, act="relu", same=True)
     p = effkernels.profile(block, (16, 8, 8))
     rows = {row.name: row for row in p.layers}
     assert rows["conv_pw"].macs == 64 * 2 * (8 * 32)
     assert rows["conv_pw"].params == 2 * 8 * 32 + 2 * 64
-    assert rows["conv_dw"].macs == 64 * (32 * 9 + 32 * 25)
+    # TF 'same': one padded dwconv_bn_act per kernel size, 4x4 outputs
+    assert rows["conv_dw.0"].macs + rows["conv_dw.1"].macs == 16 * (32 * 9 + 32 * 25)
     assert rows["conv_pw"].fused_read == 16 * 64 * 4  # its own input: not a fused block
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         block.eval()(torch.randn(1, 16, 8, 8))
     assert counter.get_total_flops() > 2 * p.macs  # dense block-diagonal GEMMs
+
+
+def test_split_block_fused_in_eval_counts_grouped_macs():
+    """MixNet's split convolutions run as one fused inverted_residual in eval (block-diagonal
+    1x1 weights, MixConv kernels zero-padded to the largest): one layer whose MACs are the
+    grouped convolutions' (what the block computes), not the dense weights'."""
+    block = MBConv(16, 16, 64, dw_kernel_size=[3, 5], exp_kernel_size=[1, 1],
+                   pw_kernel_size=[1, 1], act="relu")
+    p = effkernels.profile(block, (16, 8, 8))
+    assert [row.type for row in p.layers] == ["inverted_residual/1"]  # one op, one output
+    assert p.macs == 8 * 8 * (16 * 32 + 32 * 9 + 32 * 25 + 64 * 8)
+    assert p.fused_bytes < p.unfused_bytes / 4
 
 
 def test_plain_and_converted_torchvision_models_count_the_same():

@@ -595,6 +595,64 @@ struct Bf16PairPanels {
   }
 };
 
+// Grouped (block-diagonal) weights: the input channels [lo, hi) outside of which a panel's
+// weights are all exactly zero (MixNet's split pointwise convs, effkernels.nn's block-diagonal
+// weight: half of such a GEMM's FMAs are with zeros). Per panel; empty when no panel has any.
+// The k range [k0, k1) a panel's GEMM reads: its nonzero range [lo, hi) (k0 a multiple of
+// kStep, the pair kernel's) when `skip`, else all of [0, K).
+inline std::pair<int64_t, int64_t> k_span(int64_t lo, int64_t hi, bool skip, int64_t K,
+                                          int64_t kStep) {
+  if (!skip) return {0, K};
+  return {lo / kStep * kStep, std::min(K, round_up(hi, kStep))};
+}
+
+struct PanelK {
+  std::vector<int64_t> lo, hi;
+  bool empty() const { return lo.empty(); }
+  std::pair<int64_t, int64_t> span(int64_t j, bool skip, int64_t K, int64_t kStep) const {
+    return empty() ? std::pair<int64_t, int64_t>{0, K} : k_span(lo[j], hi[j], skip, K, kStep);
+  }
+};
+
+template <class T>
+PanelK panel_k_ranges(const at::Tensor& weight, int64_t NR) {  // (Cout, Cin, 1, 1) of T
+  const int64_t Cout = weight.size(0), Cin = weight.size(1);
+  const auto w = weight.accessor<T, 4>();
+  const int64_t npanels = ceil_div(Cout, NR);
+  PanelK r{std::vector<int64_t>(npanels, Cin), std::vector<int64_t>(npanels, 0)};
+  bool narrower = false;
+  for (int64_t j = 0; j < npanels; ++j) {
+    for (int64_t c = j * NR; c < std::min(Cout, (j + 1) * NR); ++c) {
+      int64_t lo = 0, hi = Cin;  // stops at the first nonzero (NaN included) from either end
+      while (lo < Cin && static_cast<float>(w[c][lo][0][0]) == 0.0f) ++lo;
+      while (hi > lo && static_cast<float>(w[c][hi - 1][0][0]) == 0.0f) --hi;
+      if (lo < hi) {
+        r.lo[j] = std::min(r.lo[j], lo);
+        r.hi[j] = std::max(r.hi[j], hi);
+      }
+    }
+    if (r.lo[j] >= r.hi[j]) r.lo[j] = r.hi[j] = 0;
+    narrower = narrower || r.hi[j] - r.lo[j] < Cin;
+  }
+  return narrower ? r : PanelK{};
+}
+
+// Whether `rows` rows of K values (row stride lda) are all finite: skipping a zero weight is
+// exact only for a finite x (NaN * 0 = NaN), so a tile holding a NaN/Inf takes the full K.
+template <class A, class In>
+bool all_finite(const In* a, int64_t lda, int64_t rows, int64_t K) {
+  A acc = A(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const In* row = a + r * lda;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < K; ++k) {
+      const A v = static_cast<A>(row[k]);
+      acc += v - v;  // NaN for an Inf or a NaN
+    }
+  }
+  return acc == A(0);
+}
+
 // The packed panels of a conv weight for a GEMM with operands In: WeightPanels (scale folded
 // into the weights) or Bf16PairPanels (scale applied to the results).
 template <class T, class A, class In>

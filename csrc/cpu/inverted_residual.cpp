@@ -124,7 +124,8 @@ EFFK_INLINE void store_act(A* __restrict out, const CV<A>& acc, const A* __restr
 template <class A>
 struct DwArgs {
   const A* rows[kMaxK];  // the k window rows (padded rows; a zero row outside the image)
-  const A* w;            // [k][k][Cp], BN scale folded in, zero for padding channels
+  const A* w;            // [k][k][ldw] for channels [cw, cw + ldw), BN scale folded in
+  int64_t ldw, cw;
   const A* shift;        // [Cp]
   A* out;                // [Wo][Cp]
   A* sums;               // [Cp]: sum over the row of out (SE), or null
@@ -159,7 +160,7 @@ struct DwRowFast {
 #pragma GCC unroll 16
       for (int i = 0; i < K; ++i)
 #pragma GCC unroll 16
-        for (int j = 0; j < K; ++j) w[i][j] = vload(a.w + (i * K + j) * Cp + c);
+        for (int j = 0; j < K; ++j) w[i][j] = vload(a.w + (i * K + j) * a.ldw + (c - a.cw));
       for (int64_t ow = 0; ow < Wo4; ow += P) {
         CV<A> acc[P] = {};
 #pragma GCC unroll 16
@@ -207,8 +208,8 @@ struct DwRowGeneric {
         CV<A> acc = {};
         for (int64_t i = 0; i < a.K; ++i) {
           const A* x = a.rows[i] + ow * a.stride * Cp + c;
-          const A* w = a.w + i * a.K * Cp + c;
-          for (int64_t j = 0; j < a.K; ++j) acc += vload(x + j * a.dil * Cp) * vload(w + j * Cp);
+          const A* w = a.w + i * a.K * a.ldw + (c - a.cw);
+          for (int64_t j = 0; j < a.K; ++j) acc += vload(x + j * a.dil * Cp) * vload(w + j * a.ldw);
         }
         EFFK_DISPATCH_ACT(a.act, [&] { store_act<ACT>(a.out + ow * Cp + c, acc, a.shift + c); });
       }
@@ -345,6 +346,12 @@ struct Geometry : IrProblem {
   int64_t ring_rows;  // (G-1)*stride + dil*(K-1) + 1
 };
 
+// A run of whole vectors of hidden channels [c0, c1) whose depthwise taps are zero outside the
+// centred k x k (as int64s in the packed buffer).
+struct DwSegment {
+  int64_t c0, c1, k, woff;
+};
+
 // Everything the tasks read; built once per call (the weights' parts point into a packed
 // buffer: attach()). In: the GEMMs' operand type (A, or bf16 for
 // cpu_gemm.h's pair kernel: x tiles and the rounded hidden rows in bf16, the BN scales applied
@@ -369,6 +376,18 @@ struct Plan {
   const A* shift_p = nullptr;  // [Cout]
   const A* wd = nullptr;       // depthwise [k][k][Cp], BN scale folded in, zero past C
   const A* shift_d = nullptr;  // [Cp]
+  // Grouped (block-diagonal: MixNet's split 1x1 convs) weights: per expand / project panel
+  // its nonzero k range (lo, hi), or null where every panel is dense. The GEMMs read only that
+  // range of finite rows (all_finite), for which the skipped products are exact zeros.
+  const int64_t* kr_e = nullptr;
+  const int64_t* kr_p = nullptr;
+  // MixConv (kernels zero-padded to K x K): runs of whole vectors whose nonzero taps fit a
+  // smaller centred k x k (DwSegment), computed with that k for finite window rows (the skipped
+  // taps' products are exact zeros); nseg == 0 when none is smaller than K.
+  int64_t nseg = 0;
+  const DwSegment* segs = nullptr;
+  const A* wseg = nullptr;  // each segment's [k][k][c1 - c0] weights at its woff
+  DwFn<A> dw_k[kMaxK + 1] = {};  // the depthwise kernel per segment kernel size
   DwFn<A> dw;
   KernelFn<ExpandEpi<A>> expand_epi;
   KernelFn<ProjectEpi<T, A, false>> project_epi;
@@ -415,6 +434,7 @@ class Worker {
     ring_ = thread_scratch<A>(kRing, ring_elems);
     std::fill(ring_, ring_ + ring_elems, A(0));  // padding columns/channels, zero row
     zero_row_ = ring_ + g_.ring_rows * g_.Wp * g_.Cp;
+    ring_finite_.assign(g_.ring_rows, 1);
     if (g_.has_expand) tile_ = thread_scratch<In>(kTileA, (kChunkPixels + 12) * p_.ldx);
     if (!g_.has_se) {
       // Rows past a step's pixels are read by the GEMM's last block: keep them finite.
@@ -444,6 +464,8 @@ class Worker {
       A* dst = dw_image ? dw_image + oh * g_.Wo * g_.Cp : dw_rows_;
       DwArgs<A> a{};
       a.w = p_.wd;
+      a.ldw = g_.Cp;
+      a.cw = 0;
       a.shift = p_.shift_d;
       a.Wo = g_.Wo;
       a.Cp = g_.Cp;
@@ -455,15 +477,41 @@ class Worker {
       a.c1 = slice.c1;
       for (int64_t q = 0; q < rows; ++q) {
         const int64_t ih0 = (oh + q) * g_.stride - g_.pad;
+        bool finite = true;
         for (int64_t i = 0; i < g_.K; ++i) {
           const int64_t ih = ih0 + i * g_.dil;
-          a.rows[i] = ih >= 0 && ih < g_.H ? ring_row(ih) : zero_row_;
+          const bool inside = ih >= 0 && ih < g_.H;
+          a.rows[i] = inside ? ring_row(ih) : zero_row_;
+          if (p_.nseg) finite = finite && (!inside || ring_finite_[ih % g_.ring_rows]);
         }
         a.out = dst + q * g_.Wo * g_.Cp;
         a.sums = row_sums ? row_sums + (oh + q) * g_.Cp : nullptr;
-        p_.dw(a);
+        if (p_.nseg && finite) {
+          depthwise_segments(a);
+        } else {
+          p_.dw(a);
+        }
       }
       if (!dw_image) project(n, oh * g_.Wo, rows * g_.Wo, dw_rows_, p_.pp, 0, p_.npp);
+    }
+  }
+
+  // The depthwise row `a` (all K window rows finite) segment by segment, each with its own
+  // kernel size: the window rows and columns of its centred k x k inside the K x K one.
+  void depthwise_segments(const DwArgs<A>& a) const {
+    for (int64_t i = 0; i < p_.nseg; ++i) {
+      const DwSegment& sg = p_.segs[i];
+      DwArgs<A> b = a;
+      b.c0 = std::max(a.c0, sg.c0);
+      b.c1 = std::min(a.c1, sg.c1);
+      if (b.c0 >= b.c1) continue;
+      const int64_t o = (g_.K - sg.k) / 2;
+      for (int64_t r = 0; r < sg.k; ++r) b.rows[r] = a.rows[r + o] + o * g_.dil * g_.Cp;
+      b.K = sg.k;
+      b.w = p_.wseg + sg.woff;
+      b.ldw = sg.c1 - sg.c0;
+      b.cw = sg.c0;
+      p_.dw_k[sg.k](b);
     }
   }
 
@@ -471,8 +519,10 @@ class Worker {
   // panels [j0, j1) = project(a rows) + shift (+ x). `a` is readable (finite) for
   // round_up(M, 12) rows of Cp. Pairs: the rows are first rounded to bf16, times `gate` (SE;
   // else null: the fp32 path folds the gates into `panels`).
+  // skip_ok: false when the image's SE gates (folded into `panels`) are not all finite, so that
+  // the zero weights' products are not zeros.
   void project(int64_t n, int64_t p0, int64_t M, const A* a, const In* panels, int64_t j0,
-               int64_t j1, const A* gate = nullptr) {
+               int64_t j1, const A* gate = nullptr, bool skip_ok = true) {
     const int NR = p_.gp.NR;
     const In* rows;
     int64_t ld;
@@ -491,8 +541,10 @@ class Worker {
         res_[r] = p_.x + n * p_.sN + h * p_.sH + w * p_.sW;
       }
     }
+    const bool skip = p_.kr_p && skip_ok && all_finite<A>(rows, ld, M, g_.C);
     for (int64_t j = j0; j < j1; ++j) {
-      p_.gp.fn({g_.C, rows, ld, M, panels + j * p_.kpp * NR, block_, NR,
+      const auto [k0, k1] = span(p_.kr_p, j, skip, g_.C);
+      p_.gp.fn({k1 - k0, rows + k0, ld, M, panels + j * p_.kpp * NR + k0 * NR, block_, NR,
                 p_.col_scale_p ? p_.col_scale_p + j * NR : nullptr});
       ProjectEpiArgs<T, A> e{block_, NR, M, j * NR, std::min<int64_t>(NR, g_.Cout - j * NR),
                              p_.shift_p, out, g_.Cout, res_.data()};
@@ -523,13 +575,18 @@ class Worker {
       if (!g_.has_expand) continue;
       const int NR = p_.ge.NR;
       std::fill(tile_ + M * p_.ldx, tile_ + (M + 12) * p_.ldx, In(0));
+      const bool skip = p_.kr_e && all_finite<A>(tile_, p_.ldx, M, g_.Cin);
       for (int64_t j = slice.j0; j < slice.j1; ++j) {
-        p_.ge.fn({g_.Cin, tile_, p_.ldx, M, p_.pe + j * p_.kpe * NR, block_, NR,
+        const auto [k0, k1] = span(p_.kr_e, j, skip, g_.Cin);
+        p_.ge.fn({k1 - k0, tile_ + k0, p_.ldx, M, p_.pe + j * p_.kpe * NR + k0 * NR, block_, NR,
                   p_.col_scale_e ? p_.col_scale_e + j * NR : nullptr});
         p_.expand_epi({block_, NR, M, j * NR, std::min<int64_t>(NR, g_.C - j * NR),
                        p_.shift_e, ptrs_.data(), g_.act});
       }
     }
+    for (int64_t ih = r0; p_.nseg && ih <= r1; ++ih)
+      ring_finite_[ih % g_.ring_rows] = all_finite<A>(
+          ring_row(ih) + g_.pad * g_.Cp + slice.c0, g_.Cp, g_.W, slice.c1 - slice.c0);
   }
 
   template <class D>
@@ -541,10 +598,17 @@ class Worker {
     }
   }
 
+  // Panel j's k range (kr: Plan::kr_e / kr_p, not null when `skip`).
+  static std::pair<int64_t, int64_t> span(const int64_t* kr, int64_t j, bool skip, int64_t K) {
+    return skip ? k_span(kr[2 * j], kr[2 * j + 1], true, K, kPackedStep<A, In>)
+                : std::pair<int64_t, int64_t>{0, K};
+  }
+
   const Plan<T, A, In>& p_;
   const Geometry& g_;
   A* ring_ = nullptr;
   A* zero_row_ = nullptr;
+  std::vector<char> ring_finite_;  // per ring row, with segments: its slice's values all finite
   In* tile_ = nullptr;
   In* project_rows_ = nullptr;  // pairs: the rounded (gated) hidden rows of one project call
   int64_t ldq_ = 0;
@@ -684,6 +748,7 @@ void run_block(const Plan<T, A, In>& p, at::TensorList se) {
                                        : nullptr;
   std::vector<double> pooled(g.C);
   std::vector<A> gates(group * g.C);
+  std::vector<char> gates_finite(group, 1);
   for (int64_t n0 = 0; n0 < g.N; n0 += group) {
     const int64_t m = std::min(group, g.N - n0);
     // Phase A: hidden rows and depthwise rows into the image buffers, by (image, band, slice).
@@ -709,6 +774,7 @@ void run_block(const Plan<T, A, In>& p, at::TensorList se) {
         pooled[c] = acc / static_cast<double>(HW);
       }
       layer->gates(pooled.data(), gates.data() + i * g.C);
+      gates_finite[i] = all_finite<A>(gates.data() + i * g.C, g.C, 1, g.C);
     }
     if (g.has_se && !kGatedRows) {
       at::parallel_for(0, m * p.npp, std::max<int64_t>(1, kGrainMacs / (g.C * NR)),
@@ -737,7 +803,8 @@ void run_block(const Plan<T, A, In>& p, at::TensorList se) {
         wk.project(n0 + i, p0, std::min(chunk, HW - p0), images + i * img_stride + p0 * g.Cp,
                    panels ? panels + i * panel_elems : p.pp, p.npp * q / pg,
                    p.npp * (q + 1) / pg,
-                   g.has_se && kGatedRows ? gates.data() + i * g.C : nullptr);
+                   g.has_se && kGatedRows ? gates.data() + i * g.C : nullptr,
+                   gates_finite[i] != 0);
       }
     });
   }
@@ -753,7 +820,7 @@ void run_block(const Plan<T, A, In>& p, at::TensorList se) {
 // MobileNetV2 forward (its 14 MB of weights read and written each call).
 
 constexpr int64_t kPackMagic = 0x4b50524945464645;  // "EFFEIRPK"
-constexpr int64_t kPackVersion = 1;
+constexpr int64_t kPackVersion = 3;
 
 // What a packed buffer was made for: every field must match the call that reads it.
 struct PackHeader {
@@ -768,7 +835,7 @@ struct PackHeader {
 
 // Byte offsets of the parts (64-byte aligned, after the header) and the total size.
 struct PackLayout {
-  int64_t pe, pp, col_e, col_p, shift_e, shift_p, wd, shift_d, bytes;
+  int64_t pe, pp, col_e, col_p, shift_e, shift_p, wd, shift_d, kr_e, kr_p, segs, wseg, bytes;
 };
 
 // The call's dimensions, GEMM shapes and kernels; x, its strides and out are set by the caller.
@@ -785,6 +852,7 @@ Plan<T, A, In> make_plan(const Geometry& g) {
   p.kpp = round_up(g.C, kPackedStep<A, In>);
   p.ldx = g.Cin % 64 == 0 ? g.Cin + 16 : g.Cin;  // no 4 KiB-aliased tile rows
   p.dw = select_dw<A>(p.isa, g.K, g.stride, g.dil);
+  for (int64_t k = 1; k <= g.K; k += 2) p.dw_k[k] = select_dw<A>(p.isa, k, g.stride, g.dil);
   p.expand_epi = select_kernel<ExpandEpi<A>>(p.isa);
   p.project_epi = g.skip ? select_kernel<ProjectEpi<T, A, true>>(p.isa)
                          : select_kernel<ProjectEpi<T, A, false>>(p.isa);
@@ -818,6 +886,12 @@ PackLayout pack_layout(const Plan<T, A, In>& p) {
   l.shift_p = take(g.Cout, sizeof(A));
   l.wd = take(g.K * g.K * g.Cp, sizeof(A));
   l.shift_d = take(g.Cp, sizeof(A));
+  // k ranges: a flag (any panel narrower than K), then (lo, hi) per panel.
+  l.kr_e = take(g.has_expand ? 1 + 2 * p.npe : 0, sizeof(int64_t));
+  l.kr_p = take(1 + 2 * p.npp, sizeof(int64_t));
+  // Depthwise segments: a count, then (c0, c1, k, woff) per run of vectors; their weights.
+  l.segs = take(1 + 4 * (g.Cp / kLanes<A>), sizeof(int64_t));
+  l.wseg = take(g.K * g.K * g.Cp, sizeof(A));
   l.bytes = off;
   return l;
 }
@@ -836,6 +910,59 @@ void attach(Plan<T, A, In>& p, const PackLayout& l, const uint8_t* base) {
   p.shift_p = reinterpret_cast<const A*>(at(l.shift_p));
   p.wd = reinterpret_cast<const A*>(at(l.wd));
   p.shift_d = reinterpret_cast<const A*>(at(l.shift_d));
+  auto ranges = [&](int64_t off) {
+    const int64_t* r = reinterpret_cast<const int64_t*>(at(off));
+    return r[0] ? r + 1 : nullptr;
+  };
+  p.kr_e = p.g.has_expand ? ranges(l.kr_e) : nullptr;
+  p.kr_p = ranges(l.kr_p);
+  const int64_t* segs = reinterpret_cast<const int64_t*>(at(l.segs));
+  p.nseg = segs[0];
+  p.segs = reinterpret_cast<const DwSegment*>(segs + 1);
+  p.wseg = reinterpret_cast<const A*>(at(l.wseg));
+}
+
+// The depthwise segments of the folded weights wd ([K][K][Cp]): per vector of channels the
+// smallest odd k whose centred k x k holds all its nonzero taps, runs of equal k, and their
+// weights cut to k x k. segs[0] = 0 (none) unless some run has k < K.
+template <class A>
+void pack_segments(const Geometry& g, const A* wd, int64_t* segs, A* wseg) {
+  constexpr int L = kLanes<A>;
+  const int64_t K = g.K, nvec = g.Cp / L;
+  std::vector<int64_t> kv(nvec, K);
+  for (int64_t v = 0; v < nvec && K % 2 == 1; ++v) {
+    int64_t k = K;
+    while (k > 1) {  // can the ring of taps at distance (k - 1) / 2 from the centre go?
+      const int64_t d = (k - 1) / 2;
+      bool zero = true;
+      for (int64_t i = 0; i < K && zero; ++i)
+        for (int64_t j = 0; j < K && zero; ++j) {
+          if (std::max(std::abs(i - K / 2), std::abs(j - K / 2)) != d) continue;
+          for (int64_t c = v * L; c < (v + 1) * L && zero; ++c) zero = wd[(i * K + j) * g.Cp + c] == A(0);
+        }
+      if (!zero) break;
+      k -= 2;
+    }
+    kv[v] = k;
+  }
+  int64_t n = 0, woff = 0;
+  bool smaller = false;
+  DwSegment* out = reinterpret_cast<DwSegment*>(segs + 1);
+  for (int64_t v = 0; v < nvec;) {
+    int64_t e = v;
+    while (e < nvec && kv[e] == kv[v]) ++e;
+    const DwSegment sg{v * L, e * L, kv[v], woff};
+    const int64_t o = (K - sg.k) / 2, width = sg.c1 - sg.c0;
+    for (int64_t i = 0; i < sg.k; ++i)
+      for (int64_t j = 0; j < sg.k; ++j)
+        std::copy_n(wd + ((i + o) * K + (j + o)) * g.Cp + sg.c0, width,
+                    wseg + woff + (i * sg.k + j) * width);
+    woff += sg.k * sg.k * width;
+    smaller = smaller || sg.k < K;
+    out[n++] = sg;
+    v = e;
+  }
+  segs[0] = smaller ? n : 0;
 }
 
 // Writes the header and every part into base[0, l.bytes).
@@ -876,6 +1003,18 @@ void pack_block(const Plan<T, A, In>& p, const PackLayout& l, at::TensorList exp
     const int64_t j0 = std::max(b, npe) - npe, j1 = e - npe;
     if (j0 < j1) panels_p(j0, j1, pp + j0 * p.kpp * p.gp.NR);
   });
+  auto write_ranges = [&](const at::Tensor& weight, int64_t NR, int64_t off) {
+    const PanelK kr = panel_k_ranges<T>(weight, NR);
+    int64_t* r = reinterpret_cast<int64_t*>(part(off));
+    std::fill(r, r + 1 + 2 * ceil_div(weight.size(0), NR), int64_t(0));
+    r[0] = kr.empty() ? 0 : 1;
+    for (size_t j = 0; j < kr.lo.size(); ++j) {
+      r[1 + 2 * j] = kr.lo[j];
+      r[2 + 2 * j] = kr.hi[j];
+    }
+  };
+  if (g.has_expand) write_ranges(expand[0], p.ge.NR, l.kr_e);
+  write_ranges(project[0], p.gp.NR, l.kr_p);
   std::vector<A> scale(g.Cp, A(0)), shift_d(g.Cp, A(0));
   fold<A>(depthwise, eps, scale, shift_d);
   std::memcpy(part(l.shift_d), shift_d.data(), g.Cp * sizeof(A));
@@ -886,6 +1025,8 @@ void pack_block(const Plan<T, A, In>& p, const PackLayout& l, at::TensorList exp
   std::fill(wd, wd + KK * g.Cp, A(0));  // zero for the padding channels
   for (int64_t c = 0; c < g.C; ++c)
     for (int64_t t = 0; t < KK; ++t) wd[t * g.Cp + c] = wp[c * KK + t] * scale[c];
+  pack_segments(g, wd, reinterpret_cast<int64_t*>(part(l.segs)),
+                reinterpret_cast<A*>(part(l.wseg)));
 }
 
 // Refuses a packed buffer that was not made for this call.

@@ -212,53 +212,6 @@ Plan<A, In> plan_tiles(Isa isa, int64_t M, int64_t K, int64_t ncols, bool chunk_
   return best;
 }
 
-// Grouped (block-diagonal) weights: the input channels [lo, hi) outside of which a panel's
-// weights are all exactly zero (MixNet's split pointwise convs, effkernels.nn's block-diagonal
-// weight: half of such a GEMM's FMAs are with zeros). Per panel; empty when no panel has any.
-struct PanelK {
-  std::vector<int64_t> lo, hi;
-  bool empty() const { return lo.empty(); }
-};
-
-template <class T>
-PanelK panel_k_ranges(const at::Tensor& weight, int64_t NR) {
-  const int64_t Cout = weight.size(0), Cin = weight.size(1);
-  const auto w = weight.accessor<T, 4>();
-  const int64_t npanels = ceil_div(Cout, NR);
-  PanelK r{std::vector<int64_t>(npanels, Cin), std::vector<int64_t>(npanels, 0)};
-  bool narrower = false;
-  for (int64_t j = 0; j < npanels; ++j) {
-    for (int64_t c = j * NR; c < std::min(Cout, (j + 1) * NR); ++c) {
-      int64_t lo = 0, hi = Cin;  // stops at the first nonzero (NaN included) from either end
-      while (lo < Cin && static_cast<float>(w[c][lo][0][0]) == 0.0f) ++lo;
-      while (hi > lo && static_cast<float>(w[c][hi - 1][0][0]) == 0.0f) --hi;
-      if (lo < hi) {
-        r.lo[j] = std::min(r.lo[j], lo);
-        r.hi[j] = std::max(r.hi[j], hi);
-      }
-    }
-    if (r.lo[j] >= r.hi[j]) r.lo[j] = r.hi[j] = 0;
-    narrower = narrower || r.hi[j] - r.lo[j] < Cin;
-  }
-  return narrower ? r : PanelK{};
-}
-
-// Whether `rows` rows of K values (row stride lda) are all finite: skipping a zero weight is
-// exact only for a finite x (NaN * 0 = NaN), so a tile holding a NaN/Inf takes the full K.
-template <class A, class In>
-bool all_finite(const In* a, int64_t lda, int64_t rows, int64_t K) {
-  A acc = A(0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const In* row = a + r * lda;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < K; ++k) {
-      const A v = static_cast<A>(row[k]);
-      acc += v - v;  // NaN for an Inf or a NaN
-    }
-  }
-  return acc == A(0);
-}
-
 // Runs C = rows(src) @ B and hands every tile_rows x NR block to
 // consume(tile, row0, rows, panel, block) while it is still in L1/L2; prepare(row0, rows,
 // col0, ncols) runs before the block's GEMM (to prefetch what the epilogue will touch).
@@ -327,8 +280,7 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
       const bool skip = !kr.empty() && all_finite<A>(a, lda, rows, p.K);
       for (int64_t j = j0; j < j1; ++j) {
         prepare(row0, rows, j * p.NR, std::min<int64_t>(p.NR, p.ncols - j * p.NR));
-        const int64_t k0 = skip ? kr.lo[j] / kStep * kStep : 0;
-        const int64_t k1 = skip ? std::min(p.K, round_up(kr.hi[j], kStep)) : p.K;
+        const auto [k0, k1] = kr.span(j, skip, p.K, kStep);
         gemm.fn({k1 - k0, a + k0, lda, rows, panels + (j - j0) * Kp * p.NR + k0 * p.NR, block,
                  p.NR, col_scale ? col_scale + j * p.NR : nullptr});
         consume(t, row0, rows, j, block);

@@ -76,6 +76,22 @@ def pointwise_weight(conv: ConvLike) -> torch.Tensor:
     return block_diagonal([p.weight for p in parts])
 
 
+def depthwise_weight(conv: ConvLike) -> torch.Tensor:
+    """(C, 1, k, k). A split depthwise convolution (MixNet's MixConv: channel groups with their
+    own odd kernel sizes, each padded by d*(k_i-1)//2) is one k_max x k_max depthwise weight,
+    each group's kernel centred in zeros: the same convolution for finite inputs (a zero tap
+    adds +0; an Inf/NaN it reaches makes NaN, as any dense weight with zeros would)."""
+    parts = convs(conv)
+    if len(parts) == 1:
+        return parts[0].weight
+    kmax = max(p.kernel_size[0] for p in parts)
+    padded = []
+    for p in parts:
+        o = (kmax - p.kernel_size[0]) // 2
+        padded.append(F.pad(p.weight, (o, o, o, o)))
+    return torch.cat(padded, 0)
+
+
 def block_diagonal(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(weights) == 1:
         return weights[0]
@@ -224,12 +240,13 @@ _INPLACE_ACT = {"identity": lambda y: y, "relu": F.relu_,
 
 def _foldable(x: torch.Tensor, conv: nn.Conv2d, bnp: BNArgs, act: str) -> bool:
     """dense() in eval mode with no gradient recorded, fp32/fp64 (folding into bf16/fp16
-    weights would round them once more), an activation with an in-place form, and eager
-    (no compiler, dispatch mode or transform: the profiler and FlopCounterMode see the layer
-    as written, conv + BN + act)."""
+    weights would round them once more), an activation with an in-place form, and no dispatch
+    mode or transform (effkernels.profile and FlopCounterMode see the layer as written, conv +
+    BN + act). Under torch.compile too, so that a compiled model computes what the eager one
+    does."""
     if bnp.training or bnp.running_mean is None or act not in _INPLACE_ACT:
         return False
-    if not ops._plain_context():
+    if not (torch.compiler.is_compiling() or ops._plain_context()):
         return False
     if x.dtype not in (torch.float32, torch.float64) or conv.weight.dtype != x.dtype:
         return False

@@ -25,6 +25,34 @@ from .modules import (DropPath, Kernel, NotScriptable, SqueezeExcite, _check_act
 Path = Tuple[str, ...]
 
 
+def _pointwise_ok(conv: Optional[nn.Module]) -> bool:
+    """A plain, grouped or split 1x1 convolution without bias (or none)."""
+    if conv is None:
+        return True
+    parts = F_.convs(conv)
+    return bool(parts) and all(isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1)
+                               and c.stride == (1, 1) and c.bias is None for c in parts)
+
+
+def _depthwise_ok(conv: nn.Module) -> bool:
+    """A depthwise convolution the fused op computes: square kernel, padded by d*(k-1)//2,
+    one square stride. Split (MixConv): every group so, with one stride and dilation and odd
+    kernel sizes (the smaller kernels centred in the largest one, F_.depthwise_weight)."""
+    parts = F_.convs(conv)
+    if not parts or not all(isinstance(c, nn.Conv2d) for c in parts):
+        return False
+    first = parts[0]
+    for c in parts:
+        k, d = c.kernel_size[0], c.dilation[0]
+        if (c.kernel_size[1] != k or c.padding != (d * (k - 1) // 2,) * 2
+                or c.stride[0] != c.stride[1] or c.groups != c.in_channels
+                or c.out_channels != c.in_channels or c.bias is not None
+                or (c.stride, c.dilation) != (first.stride, first.dilation)
+                or (len(parts) > 1 and k % 2 == 0)):
+            return False
+    return True
+
+
 def _drop_active(module: Optional[nn.Module]) -> bool:
     if module is None or not module.training:
         return False
@@ -80,16 +108,17 @@ class _Block(NotScriptable, nn.Module):
             return False
         parts = self._parts() if parts is None else parts
         expand, dw, project = parts.get("expand_conv"), parts["dw_conv"], parts["project_conv"]
-        for conv in (expand, dw, project):
-            if conv is not None and not isinstance(conv, nn.Conv2d):
-                return False  # split (MixNet) convolutions
-        if expand is not None and expand.groups != 1 or project.groups != 1:
-            return False
-        k, d = dw.kernel_size[0], dw.dilation[0]
-        if dw.kernel_size[1] != k or dw.padding != (d * (k - 1) // 2,) * 2 \
-                or dw.stride[0] != dw.stride[1] or dw.groups != dw.in_channels:
-            return False
         first = parts["dw_bn"]
+        if any(not isinstance(conv, nn.Conv2d) or conv.groups != 1
+               for conv in (expand, project) if conv is not None) \
+                or not isinstance(dw, nn.Conv2d):
+            # MixNet's split / grouped convolutions, as one dense weight each (_dense_weight):
+            # in eval only; training composes the single ops (mixconv_bn_act's own kernel, no
+            # zero taps).
+            if first.training or not (_pointwise_ok(expand) and _pointwise_ok(project)):
+                return False
+        if not _depthwise_ok(dw):
+            return False
         for role in ("expand_bn", "dw_bn", "project_bn"):
             bn = parts.get(role)
             if bn is None:
@@ -142,8 +171,8 @@ class _Block(NotScriptable, nn.Module):
             # Training: bn_args counts the batch (num_batches_tracked). Eval with running
             # statistics (_fusable): bn_args would return the module's own tensors.
             a = F_.bn_args(bn) if bn.training else bn
-            return [F_.cast(conv.weight, dtype), a.weight, a.bias, a.running_mean,
-                    a.running_var]
+            return [F_.cast(self._dense_weight(conv_role, conv), dtype), a.weight, a.bias,
+                    a.running_mean, a.running_var]
 
         expand = stage("expand_conv", "expand_bn")
         depthwise = stage("dw_conv", "dw_bn")
@@ -152,7 +181,7 @@ class _Block(NotScriptable, nn.Module):
         if "se_reduce" in parts:
             r, e = parts["se_reduce"], parts["se_expand"]
             se = [F_.cast(t, dtype) for t in (r.weight, r.bias, e.weight, e.bias)]
-        dw, bn = parts["dw_conv"], parts["dw_bn"]
+        dw, bn = F_.convs(parts["dw_conv"])[0], parts["dw_bn"]
         if self._packed_cache is not None and not bn.training:
             args = (expand, depthwise, se, project, dw.stride[0], dw.dilation[0], self.act,
                     self.se_act, self.se_gate, self.skip, bn.eps)
@@ -170,6 +199,32 @@ class _Block(NotScriptable, nn.Module):
                                      stride=dw.stride[0], dilation=dw.dilation[0], act=self.act,
                                      se_act=self.se_act, se_gate=self.se_gate, skip=self.skip,
                                      training=bn.training, momentum=bn.momentum, eps=bn.eps)
+
+    def _dense_weight(self, role: str, conv: nn.Module) -> torch.Tensor:
+        """The weight the fused op takes for a conv role: the conv's own, or for a split or
+        grouped conv (MixNet) the block-diagonal 1x1 / zero-padded depthwise weight built from
+        its parts. Without a gradient to record, that is built once and kept while the parts'
+        weights are the same tensors at the same versions, so that a prepacked block
+        (prepack_for_inference) sees the same tensor on every call."""
+        if isinstance(conv, nn.Conv2d) and (conv.groups == 1 or role == "dw_conv"):
+            return conv.weight
+        build = F_.depthwise_weight if role == "dw_conv" else F_.pointwise_weight
+        sources = [c.weight for c in F_.convs(conv)]
+        if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+                or not ops._plain_context()):
+            return build(conv)
+        versions = [t._version for t in sources]
+        cache = self.__dict__.setdefault("_dense_weights", {})
+        hit = cache.get(role)
+        if (hit is not None and len(hit[0]) == len(sources)
+                and all(a is b for a, b in zip(hit[0], sources)) and hit[1] == versions):
+            return hit[2]
+        # A plain tensor even under inference_mode (an inference tensor has no version
+        # counter for the prepacked block's checks).
+        with torch.inference_mode(False), torch.no_grad():
+            weight = build(conv)
+        cache[role] = (sources, versions, weight)
+        return weight
 
     def extra_repr(self) -> str:
         parts = [f"act={self.act!r}", f"skip={self.skip}"]
@@ -197,11 +252,14 @@ class _PackedReplay:
     def __init__(self, block: "_Block", parts: Dict[str, nn.Module], dtype: torch.dtype,
                  args: tuple, packed: torch.Tensor):
         self.modules = [(path, parts[role]) for role, path in block._roles.items()]
+        # The children of split convolutions (MixNet), by the dict that holds them.
+        self.children = [(m._modules, name, child) for part in parts.values()
+                         for m in part.modules() for name, child in m._modules.items()]
         self.bns = [(m, m.eps) for role, m in parts.items() if role.endswith("_bn")]
         self.drop, self.dw = parts.get("drop_path"), parts["dw_conv"]
         self.settings = self._settings(block, self.dw)
         self.sources = []
-        for m in parts.values():
+        for m in (m for part in parts.values() for m in part.modules()):
             for owner in (m._parameters, m._buffers):
                 for name in self._TENSORS:
                     t = owner.get(name)
@@ -212,7 +270,7 @@ class _PackedReplay:
     @staticmethod
     def _settings(block: "_Block", dw: nn.Module) -> tuple:
         return (block.act, block.se_act, block.se_gate, block.project_act, block.skip,
-                block.same, dw.stride, dw.dilation, dw.padding)
+                block.same, tuple((c.stride, c.dilation, c.padding) for c in F_.convs(dw)))
 
     def __call__(self, block: "_Block", x: torch.Tensor) -> Optional[torch.Tensor]:
         try:
@@ -230,6 +288,9 @@ class _PackedReplay:
             for name in path:
                 m = m._modules.get(name)
             if m is not module:
+                return None
+        for owner, name, child in self.children:
+            if owner.get(name) is not child:
                 return None
         for bn, eps in self.bns:
             if bn.training or bn.eps != eps:
