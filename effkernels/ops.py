@@ -499,6 +499,21 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     return F.linear(x, weight, bias)
 
 
+def _inference_kernel_ran(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether an eval-mode inverted_residual call on this x (cast to dtype) just ran the CPU
+    inference kernel below Autograd (_eval_direct's conditions), so that _inference_call can
+    replay it."""
+    return (type(x) is torch.Tensor and x.dtype == dtype and x.device.type == "cpu"
+            and not x.requires_grad and _plain_context() and not torch.is_autocast_enabled("cpu")
+            and _resolve(x, "inverted_residual") == "cpu" and _backend.fused_inference("cpu"))
+
+
+def _inference_call(x, args):
+    """effkernels::inverted_residual_inference on the CPU kernel, below Autograd (callers have
+    checked what _direct checks); args: the op's arguments after x."""
+    return _kernel_call(_cpp().inverted_residual_inference, "cpu", x, *args)
+
+
 def _packed_call(x, packed, args):
     """effkernels::inverted_residual_packed on the CPU kernel, below Autograd (callers have
     checked what _direct checks); args: the op's arguments after `packed`."""

@@ -219,26 +219,34 @@ def test_prepacked_model_compiles():
     assert_close(compiled, eager, torch.float32, "compiled")
 
 
-def test_replay_follows_every_change():
-    """The replayed call (blocks._PackedReplay: the block's Python skipped) is dropped by any
-    change that the full forward would see; each result equals an unprepacked copy's."""
+@pytest.mark.parametrize("prepacked", [True, False])
+def test_replay_follows_every_change(prepacked):
+    """The replayed call (blocks._Replay: the block's Python skipped; from the packed weights,
+    or, not prepacked, the plain kernel on the modules' own tensors) is dropped by any change
+    that the full forward would see; each result equals that of a copy that never replays."""
     model = _model()
     block = model.blocks[4][1]  # MobileNetV3-Large 112 -> 672 -> 112: expand, SE, skip
     x = torch.randn(1, block.conv_pw.in_channels, 14, 14).contiguous(
         memory_format=torch.channels_last)
-    prepack_for_inference(block)
+    if prepacked:
+        prepack_for_inference(block)
     fresh = copy.deepcopy(block)
-    prepack_for_inference(fresh, enabled=False)
 
     def check(what):
         with torch.no_grad():
-            got, want = block(x), fresh(x)
+            got = block(x)
+            fresh.__dict__.pop("_replay", None)
+            want = fresh(x)
         assert torch.equal(got, want), what
 
     with torch.no_grad():
         block(x)
-    assert "replay" in block._packed_cache
+    assert "replay" in block._packed_cache if prepacked else "_replay" in block.__dict__
     check("replayed")
+    if not prepacked:  # the plain replay reads the weights live: .data writes are seen
+        block.conv_pwl.weight.data.mul_(0.5)
+        fresh.conv_pwl.weight.data.mul_(0.5)
+        check(".data write")
     new_bn = copy.deepcopy(block.bn3)
     new_bn.running_mean.normal_(0, 0.3)
     for i, change in enumerate((
@@ -286,6 +294,7 @@ def test_split_block_replay_follows_every_change():
         block(x)
     assert "replay" in block._packed_cache
     check("replayed")
+    assert "_replay" not in block.__dict__  # the plain replay needs the modules' own weights
     with torch.no_grad():
         dense = block._dense_weights["dw_conv"][2]
         assert dense.shape == (240, 1, 5, 5) and (dense[:120, :, 0] == 0).all()
@@ -304,3 +313,25 @@ def test_split_block_replay_follows_every_change():
         change(fresh)
         check(f"change {i}")
         check(f"change {i}, twice")
+
+
+def test_split_block_not_prepacked_builds_weights_per_call():
+    """Without prepack, a MixNet block builds its dense weights from the parts on every call
+    (no version-keyed cache, no replay), so writes through .data are seen."""
+    timm = pytest.importorskip("timm")
+    block = _model("mixnet_s").blocks[2][1]
+    theirs = timm.create_model("mixnet_s").blocks[2][1].eval()
+    x = torch.randn(1, 40, 14, 14)
+    with torch.no_grad():
+        block(x)
+        block.conv_pw[1].weight.data.mul_(0.5)
+        block.conv_dw[1].weight.data.mul_(2.0)
+        theirs.load_state_dict(block.state_dict())
+        assert_close(block(x), theirs(x), torch.float32, "after .data writes")
+    assert "_dense_weights" not in block.__dict__ and "_replay" not in block.__dict__
+    # A part replaced by one of another size. Against the composed ops (gradients recorded:
+    # the unfused path).
+    block.conv_dw[1] = torch.nn.Conv2d(120, 120, 7, padding=3, groups=120, bias=False)
+    expected = copy.deepcopy(block)(x).detach()
+    with torch.no_grad():
+        assert_close(block(x), expected, torch.float32, "a 7x7 part")

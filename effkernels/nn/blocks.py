@@ -53,6 +53,13 @@ def _depthwise_ok(conv: nn.Module) -> bool:
     return True
 
 
+def _own_weight(role: str, conv: Optional[nn.Module]) -> bool:
+    """Whether the fused op takes this conv role's own weight (or there is no such conv)
+    rather than one built from its parts (_Block._dense_weight)."""
+    return conv is None or isinstance(conv, nn.Conv2d) and (conv.groups == 1
+                                                            or role == "dw_conv")
+
+
 def _drop_active(module: Optional[nn.Module]) -> bool:
     if module is None or not module.training:
         return False
@@ -132,9 +139,9 @@ class _Block(NotScriptable, nn.Module):
         return first.momentum is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cache = self._packed_cache
-        if cache and not torch.is_grad_enabled():
-            replay = cache.get("replay")
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            cache = self._packed_cache
+            replay = self.__dict__.get("_replay") if cache is None else cache.get("replay")
             if replay is not None:
                 out = replay(self, x)
                 if out is not None:
@@ -191,27 +198,41 @@ class _Block(NotScriptable, nn.Module):
                 # tensors when their dtype differs): the replay passes these lists again.
                 cast = [stage[0] for stage in (expand, depthwise, project) if stage] + se
                 if x.dtype == dtype and all(t.dtype == dtype for t in cast):
-                    self._packed_cache["replay"] = _PackedReplay(
+                    self._packed_cache["replay"] = _Replay(
                         self, parts, dtype, args, self._packed_cache["entry"][3])
                 return out
         # _fusable: running statistics kept and momentum set, so bn_args would pass these.
-        return ops.inverted_residual(F_.cast(x, dtype), expand, depthwise, se, project,
-                                     stride=dw.stride[0], dilation=dw.dilation[0], act=self.act,
-                                     se_act=self.se_act, se_gate=self.se_gate, skip=self.skip,
-                                     training=bn.training, momentum=bn.momentum, eps=bn.eps)
+        out = ops.inverted_residual(F_.cast(x, dtype), expand, depthwise, se, project,
+                                    stride=dw.stride[0], dilation=dw.dilation[0], act=self.act,
+                                    se_act=self.se_act, se_gate=self.se_gate, skip=self.skip,
+                                    training=bn.training, momentum=bn.momentum, eps=bn.eps)
+        if (self._packed_cache is None and not bn.training and not torch.is_grad_enabled()
+                and ops._inference_kernel_ran(x, dtype)
+                and all(_own_weight(role, parts.get(role))
+                        for role in ("expand_conv", "dw_conv", "project_conv"))
+                and all(t.dtype == dtype for stage in (expand, depthwise, project)
+                        for t in stage[:1]) and all(t.dtype == dtype for t in se)):
+            # The next call with nothing changed replays this one (the conv weights are the
+            # modules' own tensors, read as they are then; MixNet's built ones are not kept).
+            self.__dict__["_replay"] = _Replay(
+                self, parts, dtype, (expand, depthwise, se, project, dw.stride[0],
+                                     dw.dilation[0], self.act, self.se_act, self.se_gate,
+                                     self.skip, bn.eps), None)
+        return out
 
     def _dense_weight(self, role: str, conv: nn.Module) -> torch.Tensor:
         """The weight the fused op takes for a conv role: the conv's own, or for a split or
         grouped conv (MixNet) the block-diagonal 1x1 / zero-padded depthwise weight built from
-        its parts. Without a gradient to record, that is built once and kept while the parts'
-        weights are the same tensors at the same versions, so that a prepacked block
-        (prepack_for_inference) sees the same tensor on every call."""
-        if isinstance(conv, nn.Conv2d) and (conv.groups == 1 or role == "dw_conv"):
+        its parts. In a prepacked block (prepack_for_inference) without a gradient to record,
+        that is built once and kept while the parts' weights are the same tensors at the same
+        versions, so that the packed weights are reused; with prepack's caveat: writes through
+        `.data` are not seen. Elsewhere it is built on every call."""
+        if _own_weight(role, conv):
             return conv.weight
         build = F_.depthwise_weight if role == "dw_conv" else F_.pointwise_weight
         sources = [c.weight for c in F_.convs(conv)]
-        if (torch.is_grad_enabled() and any(t.requires_grad for t in sources)
-                or not ops._plain_context()):
+        if (self._packed_cache is None or not ops._plain_context()
+                or torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
             return build(conv)
         versions = [t._version for t in sources]
         cache = self.__dict__.setdefault("_dense_weights", {})
@@ -237,8 +258,10 @@ class _Block(NotScriptable, nn.Module):
         return ", ".join(parts)
 
 
-class _PackedReplay:
-    """A prepacked block's last call, replayed while nothing it was built from has changed:
+class _Replay:
+    """A block's last fused eval-mode call on the CPU (prepacked: cache["replay"], from its
+    packed weights; else _Block._replay, whose conv weights are the modules' own tensors, read
+    live), replayed while nothing it was built from has changed:
     the Python of a block call (child lookups, the fusability checks, the argument lists:
     ~35 us, 15% of a 7x7 block at batch 1) reduced to identity and version checks. Replayed
     only with the same child modules under every role, the block and its BatchNorms in eval
@@ -300,6 +323,8 @@ class _PackedReplay:
         for owner, name, t, version in self.sources:
             if owner.get(name) is not t or t._version != version:
                 return None
+        if self.packed is None:
+            return ops._inference_call(x, self.args)
         return ops._packed_call(x, self.packed, self.args)
 
 
