@@ -499,12 +499,13 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     return F.linear(x, weight, bias)
 
 
-def _inference_kernel_ran(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether an eval-mode inverted_residual call on this x (cast to dtype) just ran the CPU
-    inference kernel below Autograd (_eval_direct's conditions), so that _inference_call can
-    replay it."""
+def _takes_inference_kernel(x: torch.Tensor, dtype: torch.dtype, args) -> bool:
+    """Whether an eval-mode inverted_residual call on this x (in dtype, no cast) with the
+    inference op's other arguments `args` takes the CPU inference kernel below Autograd
+    (_eval_direct's conditions: plain tensors, no transform, mode or compiler), so that
+    _inference_call can replay it."""
     return (type(x) is torch.Tensor and x.dtype == dtype and x.device.type == "cpu"
-            and not x.requires_grad and _plain_context() and not torch.is_autocast_enabled("cpu")
+            and not torch.is_autocast_enabled("cpu") and _direct((x, *args))
             and _resolve(x, "inverted_residual") == "cpu" and _backend.fused_inference("cpu"))
 
 

@@ -24,6 +24,13 @@
 // GEMM). The ring holds (G-1)*stride + dilation*(k-1) + 1 rows: 100 KB for the MobileNetV2
 // 56x56x144 block, a few hundred KB at most for the common blocks (L2).
 //
+// MixNet's split convolutions arrive as dense weights (effkernels.nn: the 1x1 groups as one
+// block-diagonal weight, the MixConv kernels zero-padded to the largest). Packing records each
+// GEMM panel's nonzero k range and, per run of channel vectors, the smallest centred kernel that
+// holds its nonzero depthwise taps (DwSegment); the GEMMs and the depthwise read only those for
+// rows that are all finite (all_finite; a zero weight times Inf/NaN is NaN, as the dense
+// reference computes it), so the block does the grouped convolutions' multiply-adds.
+//
 // Squeeze-excite needs the global mean of the depthwise output before any output pixel can be
 // projected. We keep the depthwise output of the images in flight (at most one image per thread
 // at a time) rather than recompute it: recomputing costs the expand GEMM and the depthwise conv

@@ -5,8 +5,9 @@ a block adopted by effkernels.convert) only decides where the parameters live, s
 state_dict keys are those of the model it replaces; `_roles` maps each role (expand_conv,
 expand_bn, dw_conv, dw_bn, se_reduce, se_expand, project_conv, project_bn, drop_path) to a path of
 child names. The forward runs the fused effkernels.ops.inverted_residual when the block is
-what that op computes, and otherwise composes the single ops (MixNet's split convolutions, TF
-'same' padding, stochastic depth in training, an activation after the projection, non-affine
+what that op computes (in eval also MixNet's split convolutions, as dense weights: _dense_weight),
+and otherwise composes the single ops (MixNet's split convolutions in training, TF 'same'
+padding, stochastic depth in training, an activation after the projection, non-affine
 BatchNorm).
 """
 from __future__ import annotations
@@ -207,17 +208,16 @@ class _Block(NotScriptable, nn.Module):
                                     se_act=self.se_act, se_gate=self.se_gate, skip=self.skip,
                                     training=bn.training, momentum=bn.momentum, eps=bn.eps)
         if (self._packed_cache is None and not bn.training and not torch.is_grad_enabled()
-                and ops._inference_kernel_ran(x, dtype)
                 and all(_own_weight(role, parts.get(role))
                         for role in ("expand_conv", "dw_conv", "project_conv"))
                 and all(t.dtype == dtype for stage in (expand, depthwise, project)
                         for t in stage[:1]) and all(t.dtype == dtype for t in se)):
             # The next call with nothing changed replays this one (the conv weights are the
             # modules' own tensors, read as they are then; MixNet's built ones are not kept).
-            self.__dict__["_replay"] = _Replay(
-                self, parts, dtype, (expand, depthwise, se, project, dw.stride[0],
-                                     dw.dilation[0], self.act, self.se_act, self.se_gate,
-                                     self.skip, bn.eps), None)
+            args = (expand, depthwise, se, project, dw.stride[0], dw.dilation[0], self.act,
+                    self.se_act, self.se_gate, self.skip, bn.eps)
+            if ops._takes_inference_kernel(x, dtype, args):
+                self.__dict__["_replay"] = _Replay(self, parts, dtype, args, None)
         return out
 
     def _dense_weight(self, role: str, conv: nn.Module) -> torch.Tensor:
@@ -343,6 +343,7 @@ def prepack_for_inference(model: nn.Module, enabled: bool = True) -> int:
     for module in model.modules():
         if isinstance(module, _Block):
             module._packed_cache = {} if enabled else None
+            module.__dict__.pop("_dense_weights", None)  # MixNet's kept built weights
             count += 1
     return count
 
