@@ -34,8 +34,9 @@ tests/test_profile.py):
   - fused: what effkernels' ops read and write: dwconv_bn_act / pwconv_bn_act / mixconv_bn_act
     read x (and the residual) once and write the output once; a block that runs as
     effkernels.ops.inverted_residual is counted as the fused block kernel (the Triton one): it
-    reads its input and writes its output only, the expanded tensors never reach memory (the
-    C++ CPU op still composes the single ops, so on CPU this is the target, not the measurement).
+    reads its input and writes its output only, the expanded tensors never reach memory (so do
+    the fused CPU and CUDA inference kernels; in training the C++ op composes the single ops, so
+    there this is the target, not the measurement).
     Ops effkernels does not fuse (the dense stem conv + BN + act, pooling, SE's multiply) count
     as they run.
   Weights are not counted. intensity = MACs / bytes (MACs per byte of activation traffic).
