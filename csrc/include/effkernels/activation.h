@@ -30,37 +30,36 @@ enum class Act : int {
 constexpr int kNumActs = 7;
 
 #if !defined(__CUDA_ARCH__)
-// expf for the CPU kernels that the compiler can vectorize: the activation loops (`omp simd`)
-// otherwise call the scalar libm expf once per element, and the SiLU/sigmoid epilogues cost
-// 3-5x the depthwise conv they follow (MixNet and EfficientNet use SiLU everywhere).
-// Evaluated in double: x = n ln2 + r (|r| <= ln2/2), exp(r) by its degree-11 Taylor polynomial
-// (relative error < 1e-12), 2^n put into the exponent bits of the round-to-integer constant
-// 1.5 * 2^52 that produced n; one rounding to float at the end. So the result is the correctly
-// rounded expf except within ~1e-4 ulp of a rounding tie: it differed from glibc's expf (0.502
-// ulp) on 0.008% of the floats in [-104, 89] (by 1 ulp), and the fp32 results of the kernels
-// stay those of the scalar code to the last bit almost everywhere. ~1.1 ns per element on one
-// Zen 4 core with AVX-512 (libm: ~4.7 ns). Outside [-104, 89] the bits above are meaningless
-// and are replaced, without branches (a select would be turned into control flow by GCC and
-// stop the vectorization), by inf (x > 89), 0 (x < -104) or x itself (NaN).
+// expf for the CPU kernels that the compiler can vectorize (used by sigmoid and SiLU): the
+// activation loops (`omp simd`) otherwise call the scalar libm expf once per element, and the
+// SiLU/sigmoid epilogues cost 3-5x the depthwise conv they follow (MixNet and EfficientNet use
+// SiLU everywhere). In float, 16 lanes per AVX-512 vector: x = n ln2 + r (n = round(x / ln2)
+// by the 1.5 * 2^23 rounding constant, ln2 in two parts so that n * ln2_hi is exact, |r| <=
+// ln2/2), exp(r) by Cephes' degree-6 polynomial (relative error ~1e-7, about 1 ulp), times
+// 2^n in two exponent-bit factors 2^h * 2^(n-h) so that results down to the denormals
+// (n >= -150) scale exactly. FMA contraction may move a result by an ulp between ISA builds
+// (the fp32 tolerance is ~1e-5). The previous version, in double with a degree-11 polynomial
+// (correctly rounded but ~3x slower), was 20-40% of MixNet's fused blocks (bench/NOTES.md).
+// Outside [-104, 89] the bits above are meaningless and are replaced, without branches (a
+// select would be turned into control flow by GCC and stop the vectorization), by inf (x > 89),
+// 0 (x < -104) or x itself (NaN).
 EFFK_INLINE float exp_f32(float x) {
-  const double xd = static_cast<double>(x);
-  const double nm = xd * 1.4426950408889634 + 6755399441055744.0;  // n in the low bits
-  const double n = nm - 6755399441055744.0;                        // round(x / ln2)
-  const double r = (xd - n * 0.6931471803691238) - n * 1.9082149292705877e-10;
-  double p = 1.0 / 39916800;
-  p = p * r + 1.0 / 3628800;
-  p = p * r + 1.0 / 362880;
-  p = p * r + 1.0 / 40320;
-  p = p * r + 1.0 / 5040;
-  p = p * r + 1.0 / 720;
-  p = p * r + 1.0 / 120;
-  p = p * r + 1.0 / 24;
-  p = p * r + 1.0 / 6;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const double s = std::bit_cast<double>((std::bit_cast<uint64_t>(nm) + 1023) << 52);
-  const uint32_t e = std::bit_cast<uint32_t>(static_cast<float>(p * s));
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: t's low mantissa bits hold n
+  const float t = x * 1.44269504088896341f + kRound;
+  const float n = t - kRound;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t ni = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);
+  const int32_t h = ni >> 1;
+  const float s1 = std::bit_cast<float>((h + 127) << 23);
+  const float s2 = std::bit_cast<float>((ni - h + 127) << 23);
+  const uint32_t e = std::bit_cast<uint32_t>(p * s1 * s2);
   const uint32_t over = 0u - static_cast<uint32_t>(x > 89.0f);
   const uint32_t under = 0u - static_cast<uint32_t>(x < -104.0f);
   const uint32_t nan = 0u - static_cast<uint32_t>(x != x);
