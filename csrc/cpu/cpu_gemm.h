@@ -595,9 +595,6 @@ struct Bf16PairPanels {
   }
 };
 
-// Grouped (block-diagonal) weights: the input channels [lo, hi) outside of which a panel's
-// weights are all exactly zero (MixNet's split pointwise convs, effkernels.nn's block-diagonal
-// weight: half of such a GEMM's FMAs are with zeros). Per panel; empty when no panel has any.
 // The k range [k0, k1) a panel's GEMM reads: its nonzero range [lo, hi) (k0 a multiple of
 // kStep, the pair kernel's) when `skip`, else all of [0, K).
 inline std::pair<int64_t, int64_t> k_span(int64_t lo, int64_t hi, bool skip, int64_t K,
@@ -606,6 +603,9 @@ inline std::pair<int64_t, int64_t> k_span(int64_t lo, int64_t hi, bool skip, int
   return {lo / kStep * kStep, std::min(K, round_up(hi, kStep))};
 }
 
+// Grouped (block-diagonal) weights: the input channels [lo, hi) outside of which a panel's
+// weights are all exactly zero (MixNet's split pointwise convs, effkernels.nn's block-diagonal
+// weight: half of such a GEMM's FMAs are with zeros). Per panel; empty when no panel has any.
 struct PanelK {
   std::vector<int64_t> lo, hi;
   bool empty() const { return lo.empty(); }

@@ -936,22 +936,19 @@ template <class A>
 void pack_segments(const Geometry& g, const A* wd, int64_t* segs, A* wseg) {
   constexpr int L = kLanes<A>;
   const int64_t K = g.K, nvec = g.Cp / L;
-  std::vector<int64_t> kv(nvec, K);
-  for (int64_t v = 0; v < nvec && K % 2 == 1; ++v) {
-    int64_t k = K;
-    while (k > 1) {  // can the ring of taps at distance (k - 1) / 2 from the centre go?
-      const int64_t d = (k - 1) / 2;
-      bool zero = true;
-      for (int64_t i = 0; i < K && zero; ++i)
-        for (int64_t j = 0; j < K && zero; ++j) {
-          if (std::max(std::abs(i - K / 2), std::abs(j - K / 2)) != d) continue;
-          for (int64_t c = v * L; c < (v + 1) * L && zero; ++c) zero = wd[(i * K + j) * g.Cp + c] == A(0);
-        }
-      if (!zero) break;
-      k -= 2;
-    }
-    kv[v] = k;
+  // Per vector, the largest distance from the centre (rings of taps) of a nonzero tap (NaN
+  // counts); one pass over the taps. Even K: no centre, no segments.
+  std::vector<int64_t> reach(nvec, K % 2 == 1 ? 0 : K / 2);
+  for (int64_t t = 0; t < K * K && K % 2 == 1; ++t) {
+    const int64_t d = std::max(std::abs(t / K - K / 2), std::abs(t % K - K / 2));
+    const A* tap = wd + t * g.Cp;
+    for (int64_t v = 0; v < nvec; ++v)
+      if (d > reach[v] && std::any_of(tap + v * L, tap + (v + 1) * L,
+                                      [](A w) { return w != A(0); }))
+        reach[v] = d;
   }
+  std::vector<int64_t> kv(nvec);
+  for (int64_t v = 0; v < nvec; ++v) kv[v] = K % 2 == 1 ? 2 * reach[v] + 1 : K;
   int64_t n = 0, woff = 0;
   bool smaller = false;
   DwSegment* out = reinterpret_cast<DwSegment*>(segs + 1);

@@ -190,15 +190,17 @@ class _Block(NotScriptable, nn.Module):
             r, e = parts["se_reduce"], parts["se_expand"]
             se = [F_.cast(t, dtype) for t in (r.weight, r.bias, e.weight, e.bias)]
         dw, bn = F_.convs(parts["dw_conv"])[0], parts["dw_bn"]
+        args = (expand, depthwise, se, project, dw.stride[0], dw.dilation[0], self.act,
+                self.se_act, self.se_gate, self.skip, bn.eps)
+        # A replay passes these lists again: only an eval call without per-call casts (F_.cast
+        # copies the conv weights and the SE tensors when their dtype differs) is replayable.
+        weights = [stage[0] for stage in (expand, depthwise, project) if stage] + se
+        replayable = (not bn.training and x.dtype == dtype
+                      and all(t.dtype == dtype for t in weights))
         if self._packed_cache is not None and not bn.training:
-            args = (expand, depthwise, se, project, dw.stride[0], dw.dilation[0], self.act,
-                    self.se_act, self.se_gate, self.skip, bn.eps)
             out = ops._prepacked_block(self._packed_cache, F_.cast(x, dtype), *args)
             if out is not None:
-                # Only without per-call casts (F_.cast copies the conv weights and the SE
-                # tensors when their dtype differs): the replay passes these lists again.
-                cast = [stage[0] for stage in (expand, depthwise, project) if stage] + se
-                if x.dtype == dtype and all(t.dtype == dtype for t in cast):
+                if replayable:
                     self._packed_cache["replay"] = _Replay(
                         self, parts, dtype, args, self._packed_cache["entry"][3])
                 return out
@@ -207,17 +209,13 @@ class _Block(NotScriptable, nn.Module):
                                     stride=dw.stride[0], dilation=dw.dilation[0], act=self.act,
                                     se_act=self.se_act, se_gate=self.se_gate, skip=self.skip,
                                     training=bn.training, momentum=bn.momentum, eps=bn.eps)
-        if (self._packed_cache is None and not bn.training and not torch.is_grad_enabled()
+        if (replayable and self._packed_cache is None and not torch.is_grad_enabled()
                 and all(_own_weight(role, parts.get(role))
                         for role in ("expand_conv", "dw_conv", "project_conv"))
-                and all(t.dtype == dtype for stage in (expand, depthwise, project)
-                        for t in stage[:1]) and all(t.dtype == dtype for t in se)):
+                and ops._takes_inference_kernel(x, dtype, args)):
             # The next call with nothing changed replays this one (the conv weights are the
             # modules' own tensors, read as they are then; MixNet's built ones are not kept).
-            args = (expand, depthwise, se, project, dw.stride[0], dw.dilation[0], self.act,
-                    self.se_act, self.se_gate, self.skip, bn.eps)
-            if ops._takes_inference_kernel(x, dtype, args):
-                self.__dict__["_replay"] = _Replay(self, parts, dtype, args, None)
+            self.__dict__["_replay"] = _Replay(self, parts, dtype, args, None)
         return out
 
     def _dense_weight(self, role: str, conv: nn.Module) -> torch.Tensor:
