@@ -54,12 +54,24 @@ def assert_train_matches(ours: nn.Module, theirs: nn.Module, x: torch.Tensor,
     """Train-mode parity in fp32, judged against both models in float64: our error against
     their fp64 result may be at most 2x theirs (plus a 1e-5 floor), per tensor; in float64 the
     two agree to 1e-9. Deep train-mode BN nets amplify fp32 rounding, so a fixed fp32 tolerance
-    would measure the network's conditioning, not the kernels."""
+    would measure the network's conditioning, not the kernels.
+
+    Their fp32 gradient error is taken per tensor as the larger of two runs of their model, on
+    1 and on 2 threads (two reduction orders, both correct): the worst tensor is typically a BN
+    bias whose exact gradient is 0 (a BN followed by a train-mode BN), i.e. pure rounding noise,
+    and one run's noise moved by up to 1.5x with the thread count alone (tf_mixnet_s, seeds
+    0-7, on an Intel Xeon where one run's 2x bound failed for a correct model)."""
     import copy
 
     ours64, theirs64 = copy.deepcopy(ours).double(), copy.deepcopy(theirs).double()
     loss64, g64, s64 = train_step(theirs64, x.double(), target)
     loss64o, g64o, s64o = train_step(ours64, x.double(), target)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        _, g32_other, _ = train_step(copy.deepcopy(theirs), x, target)
+    finally:
+        torch.set_num_threads(threads)
     loss32, g32, s32 = train_step(theirs, x, target)
     loss32o, g32o, s32o = train_step(ours, x, target)
     assert_rel(loss64o, loss64, 1e-9, "fp64 loss")
@@ -69,7 +81,8 @@ def assert_train_matches(ours: nn.Module, theirs: nn.Module, x: torch.Tensor,
     for name in g64:
         assert_rel(g64o[name], g64[name], 1e-9, f"fp64 grad {name}", floor)
         ours_err.append((rel_err(g32o[name], g64[name], floor), name))
-        their_err.append(rel_err(g32[name], g64[name], floor))
+        their_err.append(max(rel_err(g32[name], g64[name], floor),
+                             rel_err(g32_other[name], g64[name], floor)))
     # fp32 rounding noise per tensor is an extreme-value statistic (one tensor's ratio varies
     # ~5x between seeds): compare the error distributions, worst and median.
     worst, worst_name = max(ours_err)
