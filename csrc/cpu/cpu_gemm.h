@@ -189,7 +189,10 @@ struct Vec {
 // the NV loaded W vectors and one broadcast, and no more than 12 so that the 12 row offsets of
 // the in-place x rows stay in general registers (no spills in the k loop).
 constexpr int micro_rows(int regs, int nv) {
-  return nv == 1 ? 12 : nv == 2 ? (regs == 32 ? 12 : 6) : (regs == 32 ? 8 : 4);
+  return nv == 1   ? 12
+         : nv == 2 ? (regs == 32 ? 12 : 6)
+         : nv == 3 ? (regs == 32 ? 8 : 4)
+                   : (regs == 32 ? 6 : 3);
 }
 // Tile heights are multiples of 12: whole blocks for MR 12, 6 and 4 (MR 8 ends a tile with a
 // tail block), and finer than 24 so that the tiles of small problems stay even.
@@ -404,29 +407,33 @@ GemmPlan<float, c10::BFloat16> make_bf16_plan(double cost) {
 // per broadcast and ran ~30% slower per column; AVX-512 also offers 3 x 256-bit (NR 24 for
 // fp32, for channel counts like 24), ~12% slower per column than zmm. They are used when they
 // pad much less. Every shape gives the same bits: each output is one FMA chain over k.
-// Equal costs go to the earlier shape. On AVX-512 that is 3 vectors x 8 rows (8 broadcasts and
-// 3 loads per 24 FMAs) ahead of 2 x 12 (12 and 2): on an Ice Lake Xeon (two FMA ports) the
-// micro-kernel alone ran 81-93 against 68-80 GMAC/s per core at K = 64..384 (59 vs 88 at
-// K = 960), and MobileNetV2's batch-1 forward took 7% less (bench/NOTES.md, 2026-11-29).
+// Equal costs go to the earlier shape. On AVX-512: 3 vectors x 8 rows (8 broadcasts and 3
+// loads per 24 FMAs), then 4 x 6 (64 columns: 6 and 4), then 2 x 12 (12 and 2). On an Ice
+// Lake Xeon (two FMA ports) the micro-kernel alone ran 81-93 (3 x 8) and 85-88 (4 x 6) against
+// 68-80 GMAC/s per core (2 x 12) at K = 64..384, 88 against 59 at K = 960; MobileNetV2's
+// batch-1 forward took 7% less with 3 x 8 first, MobileNetV3-Large's 3% less with 4 x 6
+// (bench/NOTES.md, 2026-11-29).
+constexpr size_t kPanelShapes = 5;
+
 template <class A, Isa I>
-std::array<GemmPlan<A>, 4> shapes_for() {
+std::array<GemmPlan<A>, kPanelShapes> shapes_for() {
   constexpr int B = isa_bytes(I);
   if constexpr (I == Isa::Avx512)
-    return {make_plan<A, I, B, 3>(1.0), make_plan<A, I, B, 2>(1.0), make_plan<A, I, B, 1>(1.3),
-            make_plan<A, I, 32, 3>(1.12)};
-  else
+    return {make_plan<A, I, B, 3>(1.0), make_plan<A, I, B, 4>(1.0), make_plan<A, I, B, 2>(1.0),
+            make_plan<A, I, B, 1>(1.3), make_plan<A, I, 32, 3>(1.12)};
+  else  // (the last entry repeats the first: the arrays have one length)
     return {make_plan<A, I, B, 2>(1.0), make_plan<A, I, B, 3>(1.0), make_plan<A, I, B, 1>(1.3),
-            make_plan<A, I, B, 2>(1.0)};
+            make_plan<A, I, B, 2>(1.0), make_plan<A, I, B, 2>(1.0)};
 }
 
 // In == A: the FMA kernels of the CPU's ISA; In == bf16 (only where bf16_gemm): the pair kernel
-// at 16, 32 and 48 columns.
+// at 16, 32 and 48 columns (the last entry repeated).
 template <class A, class In = A>
-std::array<GemmPlan<A, In>, 4> panel_shapes(Isa isa) {
+std::array<GemmPlan<A, In>, kPanelShapes> panel_shapes(Isa isa) {
   if constexpr (!std::is_same_v<A, In>) {
     TORCH_INTERNAL_ASSERT(isa == Isa::Avx512Bf16);
     return {make_bf16_plan<2>(1.0), make_bf16_plan<3>(1.0), make_bf16_plan<1>(1.3),
-            make_bf16_plan<2>(1.0)};
+            make_bf16_plan<2>(1.0), make_bf16_plan<2>(1.0)};
   } else {
 #if EFFK_PW_X86
     if (isa >= Isa::Avx512) return shapes_for<A, Isa::Avx512>();
@@ -439,7 +446,7 @@ std::array<GemmPlan<A, In>, 4> panel_shapes(Isa isa) {
 // The fastest shape for `ncols` columns, ignoring thread balance.
 template <class A, class In = A>
 GemmPlan<A, In> plan_gemm(Isa isa, int64_t ncols) {
-  const std::array<GemmPlan<A, In>, 4> opts = panel_shapes<A, In>(isa);
+  const std::array<GemmPlan<A, In>, kPanelShapes> opts = panel_shapes<A, In>(isa);
   auto cost = [&](const GemmPlan<A, In>& o) {
     return static_cast<double>(round_up(ncols, o.NR)) * o.cost;
   };
