@@ -57,10 +57,11 @@ def assert_train_matches(ours: nn.Module, theirs: nn.Module, x: torch.Tensor,
     would measure the network's conditioning, not the kernels.
 
     Their fp32 gradient error is taken per tensor as the larger of two runs of their model, on
-    1 and on 2 threads (two reduction orders, both correct): the worst tensor is typically a BN
-    bias whose exact gradient is 0 (a BN followed by a train-mode BN), i.e. pure rounding noise,
-    and one run's noise moved by up to 1.5x with the thread count alone (tf_mixnet_s, seeds
-    0-7, on an Intel Xeon where one run's 2x bound failed for a correct model)."""
+    the test's thread count and on 1 thread (2 when the test runs on one): two reduction
+    orders, both correct. The worst tensor is typically a BN bias whose exact gradient is 0 (a
+    BN followed by a train-mode BN), i.e. pure rounding noise, and one run's noise moved by up
+    to 1.5x with the thread count alone (tf_mixnet_s, seeds 0-7, on an Intel Xeon where one
+    run's 2x bound failed for a correct model)."""
     import copy
 
     ours64, theirs64 = copy.deepcopy(ours).double(), copy.deepcopy(theirs).double()

@@ -505,7 +505,6 @@ def test_expanded_input_matches_its_dense_copy_bitwise():
         assert torch.equal(a, b)
 
 
-
 @pytest.mark.parametrize("act", ["silu", "sigmoid"])
 def test_exp_based_activations_over_the_float_range(act):
     """SiLU and sigmoid in the CPU kernels (activation.h's vectorised float exp) over z from

@@ -172,16 +172,16 @@ def test_pwconv_acts(backend, act):
                                            training), backend, torch.float32)
 
 
-
 # Output channel counts whose GEMM panels differ on AVX-512 (cpu_gemm.h shapes_for): 8 -> one
 # vector, 24 -> three 256-bit vectors, 32 -> 2 x 12 rows, 48 -> 3 x 8, 64 -> 4 x 6.
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("cout", [8, 24, 32, 48, 64])
 def test_pwconv_every_panel_shape(backend, cout):
-    for training in (True, False):
-        check_op("pwconv_bn_act", *pw_case((2, 40, cout, 7, 11, training), torch.float32,
+    for training, residual in ((True, False), (False, True)):
+        check_op("pwconv_bn_act", *pw_case((2, 40, cout, 7, 11, residual), torch.float32,
                                            "channels_last", "silu", training),
                  backend, torch.float32)
+
 
 def _block_diagonal_case(dtype, training, layout="channels_last", groups=((20, 60), (20, 60))):
     """A grouped 1x1 conv as effkernels.nn passes it: the block-diagonal dense weight (the CPU
