@@ -76,4 +76,14 @@ TORCH_LIBRARY(effkernels, m) {
   // csrc/cpu/linear_inference.cpp): F.linear's matrix-vector product at batch 1 runs on one
   // thread. The models call it from their heads when no gradient is recorded.
   m.def("linear_inference(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+
+  // ACT(BN(conv2d(x, weight, bias, stride, padding, dilation))) for a dense (groups=1) k x k
+  // convolution with few input channels, inference only (CPU, fp32;
+  // csrc/cpu/conv_bn_act_inference.cpp): the models' stems, which oneDNN plus a separate
+  // activation pass ran ~3x slower. The models call it from their stems when no gradient is
+  // recorded.
+  m.def(
+      "conv_bn_act_inference(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor running_mean, Tensor running_var, int[2] stride, int[2] padding, "
+      "int[2] dilation, float eps, str act) -> Tensor");
 }

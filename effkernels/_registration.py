@@ -102,6 +102,14 @@ def _linear_inference_fake(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+def _conv_inference_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                         stride, padding, dilation, eps, act):
+    k = weight.shape[2:]
+    size = [conv_out_size(x.shape[2 + i], k[i], stride[i], padding[i], dilation[i])
+            for i in range(2)]
+    return _like(x, (x.shape[0], weight.shape[0], *size))
+
+
 def _ir_pack_fake(x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate,
                   skip, eps):
     # The size depends on the panel widths the CPU's ISA selects: data-dependent here.
@@ -242,7 +250,8 @@ def register(namespace: str) -> None:
     inference_ops = {"inverted_residual_inference": _ir_inference_fake,  # C++ only
                      "inverted_residual_pack": _ir_pack_fake,
                      "inverted_residual_packed": _ir_packed_fake,
-                     "linear_inference": _linear_inference_fake}
+                     "linear_inference": _linear_inference_fake,
+                     "conv_bn_act_inference": _conv_inference_fake}
     for op, fake in inference_ops.items():
         if namespace == "effkernels" and hasattr(torch.ops.effkernels, op):
             name = f"{namespace}::{op}"

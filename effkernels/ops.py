@@ -499,6 +499,34 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     return F.linear(x, weight, bias)
 
 
+# Input channels up to which _conv_bn_act_inference takes effkernels::conv_bn_act_inference
+# (made for the stems' 3; oneDNN's blocked convolution is the better choice for wide inputs).
+_CONV_MAX_IN_CHANNELS = 8
+
+
+def _conv_bn_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           bn: tuple, stride, padding, dilation, eps: float,
+                           act: str) -> Optional[torch.Tensor]:
+    """ACT(BN(conv2d(x, weight, bias, ...))) in eval mode by effkernels::conv_bn_act_inference
+    for a plain fp32 CPU x with few channels, no gradient recorded and the cpu backend selected
+    (the models' stems); None otherwise (the caller runs F.conv2d). bn: (weight, bias,
+    running_mean, running_var), all tensors."""
+    if not (type(x) is torch.Tensor and x.device.type == "cpu" and x.dim() == 4
+            and x.dtype == torch.float32 and weight.dim() == 4
+            and weight.shape[1] == x.shape[1] <= _CONV_MAX_IN_CHANNELS
+            and all(type(t) in _PLAIN_TYPES and t.dtype == torch.float32
+                    for t in (weight, *bn, *(() if bias is None else (bias,))))
+            and _direct((x, weight, bias, *bn))):
+        return None
+    try:  # the backend that serves the pointwise op serves the stem
+        if _resolve(x, "pwconv_bn_act") == "cpu":
+            return _kernel_call(_cpp().conv_bn_act_inference, "cpu", x, weight, bias, *bn,
+                                list(stride), list(padding), list(dilation), eps, act)
+    except Exception:  # noqa: BLE001 - F.conv2d raises the usual errors
+        pass
+    return None
+
+
 def _takes_inference_kernel(x: torch.Tensor, dtype: torch.dtype, args) -> bool:
     """Whether an eval-mode inverted_residual call on this x (in dtype, no cast) with the
     inference op's other arguments `args` takes the CPU inference kernel below Autograd

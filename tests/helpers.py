@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -148,3 +151,14 @@ def per_thread_count(fn, counts=(1, 2, 3)):
         return results
     finally:
         torch.set_num_threads(before)
+
+
+def run_with_isa(isa: str, script: str) -> None:
+    """Runs `script` in a fresh Python with the CPU kernels capped at `isa` (EFFK_CPU_ISA:
+    avx2, base) and the repository on the path; it must print "ok"."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, EFFK_CPU_ISA=isa,
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr

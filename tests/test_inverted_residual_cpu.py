@@ -4,9 +4,6 @@ routing of effkernels.ops.inverted_residual to it (inference) or to the composit
 gradients)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,7 +13,7 @@ import effkernels
 from effkernels import ops, reference
 
 from .helpers import (RecordOps, assert_close, assert_lowp_close, bn_params, conv_weight,
-                      make_input, per_thread_count)
+                      make_input, per_thread_count, run_with_isa)
 
 pytestmark = pytest.mark.skipif(
     effkernels.available_backends("cpu")["cpu"] != "available",
@@ -392,9 +389,4 @@ _ISA_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("isa", ["avx2", "base"])
 def test_narrower_isa(isa):
     """The AVX2 and baseline (SSE2) builds of the kernels, forced with EFFK_CPU_ISA."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, EFFK_CPU_ISA=isa,
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    run_with_isa(isa, _ISA_SCRIPT)

@@ -13,7 +13,7 @@ from torch import nn
 
 import effkernels
 from effkernels import nn as enn
-from effkernels import reference
+from effkernels import ops, reference
 
 from .helpers import assert_close
 
@@ -269,15 +269,25 @@ def test_modules_follow_the_backend():
 
 @pytest.mark.parametrize("act", ["relu6", "relu", "hswish", "silu", "identity"])
 @pytest.mark.parametrize("conv_bias,affine", [(False, True), (True, False)])
-def test_dense_conv_eval_folds_bn(act, conv_bias, affine, monkeypatch):
-    """A dense conv (the stem) in inference folds BN into the convolution and applies the
-    activation in place: the conv + BN + act result (float64 reference), and the same as with
-    a gradient recorded (the unfolded path)."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_dense_conv_eval_folds_bn(act, conv_bias, affine, kernel, monkeypatch):
+    """A dense conv (the stem) in inference runs effkernels::conv_bn_act_inference (3 input
+    channels, affine BN: ops._conv_bn_act_inference) or else folds BN into torch's convolution
+    and applies the activation in place (kernel=False: no channel count takes the kernel):
+    the conv + BN + act result (float64 reference) either way, and the same as with a
+    gradient recorded (the unfolded path)."""
     from effkernels.nn import _functional
-    folds = []
+    folds, kernel_calls = [], []
     acts = dict(_functional._INPLACE_ACT)
     monkeypatch.setattr(_functional, "_INPLACE_ACT", {
         k: (lambda y, f=f: folds.append(1) or f(y)) for k, f in acts.items()})
+    direct = ops._conv_bn_act_inference
+    monkeypatch.setattr(ops, "_conv_bn_act_inference", lambda *a: (
+        lambda y: kernel_calls.append(y is not None) or y)(direct(*a)))
+    if not kernel:
+        monkeypatch.setattr(ops, "_CONV_MAX_IN_CHANNELS", 0)
+    takes_kernel = kernel and affine and effkernels.available_backends("cpu")["cpu"] == \
+        "available"
     torch.manual_seed(0)
     m = enn.ConvBNAct(3, 24, 3, stride=2, act=act).eval()
     if conv_bias:
@@ -293,8 +303,9 @@ def test_dense_conv_eval_folds_bn(act, conv_bias, affine, monkeypatch):
         expected = reference.activation(act, F.batch_norm(
             m64.conv(x.double()), m64.bn.running_mean, m64.bn.running_var, m64.bn.weight,
             m64.bn.bias, False, 0.0, m64.bn.eps))
-    assert folds == [1]
+    assert (folds, True in kernel_calls) == (([], True) if takes_kernel else ([1], False))
     unfolded = m(x)  # parameters require grad, grad mode on: conv, then BN, then act
-    assert unfolded.requires_grad and not folded.requires_grad and folds == [1]
+    assert unfolded.requires_grad and not folded.requires_grad
+    assert (len(folds), True in kernel_calls) == (0 if takes_kernel else 1, takes_kernel)
     assert_close(folded, expected, torch.float32, "folded")
     assert_close(unfolded.detach(), expected, torch.float32, "unfolded")

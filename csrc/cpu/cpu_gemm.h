@@ -198,6 +198,39 @@ constexpr int micro_rows(int regs, int nv) {
 // tail block), and finer than 24 so that the tiles of small problems stay even.
 constexpr int64_t kRowQuantum = 12;
 
+// The register block of the FMA micro-kernels (the GEMM's below, the dense convolution's in
+// conv_bn_act_inference.cpp): MR rows x NV vectors of VW accumulators.
+template <int MR, int NV, class V>
+EFFK_INLINE void acc_zero(V (&acc)[MR][NV]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = V{};
+}
+
+// One k: acc[r][:] += a[r * lda] * b[0, NV * VW) (NV vector loads, MR broadcasts, MR*NV FMAs).
+template <int VW, int MR, int NV, class V, class A>
+EFFK_INLINE void acc_step(V (&acc)[MR][NV], const A* __restrict a, int64_t lda,
+                          const A* __restrict b) {
+  V w[NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) std::memcpy(&w[j], b + j * VW, sizeof(V));
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const A s = a[r * lda];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] += s * w[j];  // contracted to FMA
+  }
+}
+
+template <int VW, int MR, int NV, class V, class A>
+EFFK_INLINE void acc_store(const V (&acc)[MR][NV], A* __restrict c, int64_t ldc) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) std::memcpy(c + r * ldc + j * VW, &acc[r][j], sizeof(V));
+}
+
 // c[MR][NR] (row stride ldc) = a[MR][K] (row stride lda) @ b[K][NR] (a packed W panel).
 // x rows are read in place and broadcast; each k costs NV vector loads and MR*NV FMAs.
 // Once per cache line of k it also prefetches that line of the next block's rows (`next`,
@@ -212,29 +245,15 @@ inline void micro_kernel(int64_t K, const A* __restrict a, int64_t lda, const A*
   constexpr int VW = Bytes / static_cast<int>(sizeof(A));
   constexpr int NR = NV * VW;
   V acc[MR][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[r][j] = V{};
+  acc_zero(acc);
   for (int64_t k = 0; k < K; ++k, b += NR) {
     if (k % kLine == 0) {
 #pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) __builtin_prefetch(next + r * lda + k, 0, 3);
     }
-    V w[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) std::memcpy(&w[j], b + j * VW, sizeof(V));
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const A s = a[r * lda + k];
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[r][j] += s * w[j];  // contracted to FMA
-    }
+    acc_step<VW>(acc, a + k, lda, b);
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) std::memcpy(c + r * ldc + j * VW, &acc[r][j], sizeof(V));
+  acc_store<VW>(acc, c, ldc);
 }
 
 // The operands of a GEMM micro-kernel: A, the accumulation type (fp32/fp64); In, the type of x

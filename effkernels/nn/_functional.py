@@ -192,12 +192,13 @@ def pointwise(x: torch.Tensor, conv: ConvLike, bn: nn.BatchNorm2d, act: str,
 
 def dense(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,
           same: bool = False) -> torch.Tensor:
-    """A k x k convolution that is neither depthwise nor 1x1 (stems): torch's conv, then BN and
-    act. The stem is ~2-3% of these models' time; effkernels has no dense-conv kernel."""
+    """A k x k convolution that is neither depthwise nor 1x1 (stems): in inference with few
+    input channels effkernels::conv_bn_act_inference (ops._conv_bn_act_inference), else torch's
+    conv, then BN and act."""
     padding = conv.padding
     if same:
         x = pad_same(x, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
-        padding = 0
+        padding = (0, 0)
     bnp = bn_args(bn)
     group = _sync.group_of(bn)
 
@@ -211,6 +212,13 @@ def dense(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,
 
         return _sync.conv_bn_act(conv_fn, op_eval, group, x, [conv.weight], *bnp[:4],
                                  bnp.momentum, bnp.eps)
+    if _foldable(x, conv, bnp, act) and conv.groups == 1 and conv.padding_mode == "zeros" \
+            and isinstance(padding, tuple) and bnp.weight is not None and bnp.bias is not None:
+        # Few input channels (the stems): effkernels' direct convolution, BN and act fused.
+        y = ops._conv_bn_act_inference(x, conv.weight, conv.bias, bnp[:4], conv.stride,
+                                       padding, conv.dilation, bnp.eps, act)
+        if y is not None:
+            return y
     if _foldable(x, conv, bnp, act):
         # Inference: BN folded into the convolution (scale into the weights, shift as its
         # bias) and the activation in place: one pass over the output instead of three (the
