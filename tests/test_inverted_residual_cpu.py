@@ -58,6 +58,9 @@ CASES = {
     "dil2_k5_s2_se": (1, 16, 17, 15, 48, 8, 5, 2, 2, True, "relu", "relu", "sigmoid"),
     "odd_7x11_c_odd": (1, 13, 7, 11, 37, 13, 3, 1, 1, False, "relu6", "relu", "sigmoid"),
     "odd_7x11_s2_se": (3, 13, 7, 11, 37, 19, 3, 2, 1, True, "hswish", "relu", "hsigmoid"),
+    # SE on a map with fewer pixels than output channels: the gates multiply the depthwise
+    # rows (the others above fold them into per-image project panels); 3 images: groups of 2.
+    "se_gate_rows_7x7": (3, 40, 7, 7, 120, 64, 5, 1, 1, True, "hswish", "relu", "hsigmoid"),
     "k9_generic": (1, 8, 12, 12, 24, 8, 9, 1, 1, False, "relu", "relu", "sigmoid"),
     "tiny_1x1": (2, 8, 1, 1, 16, 8, 3, 1, 1, True, "relu6", "relu", "sigmoid"),
     "wide_7x7_960": (1, 160, 7, 7, 960, 160, 3, 1, 1, False, "relu6", "relu", "sigmoid"),
