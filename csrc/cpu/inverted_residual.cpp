@@ -636,13 +636,62 @@ int64_t bands_per_image(int64_t images, int64_t rows) {
   return nb;
 }
 
+// out[r] = b[r] + sum_c w[r][c] * in[c] for rows [r0, r1), in double: kSeLanes partial sums
+// over the inputs (input c into partial c % kSeLanes: independent chains, two AVX-512 vectors
+// of doubles), then the bias plus the tail, plus the partials summed pairwise. One fixed order
+// of adds per output whatever the thread (the ISA builds may contract differently). Compiled
+// per ISA: the baseline build (2 doubles per SSE2 instruction, no FMA) and the partials added
+// in one dependent chain made MobileNetV3's 960-channel SE a quarter of its 7x7 blocks at
+// batch 8 (perf, ad-hoc).
+constexpr int kSeLanes = 16;
+
+template <class T>
+struct SeDenseArgs {
+  const T *w, *b;  // [rows][cols], [rows]
+  const double* in;
+  int64_t cols, r0, r1;
+  double* out;
+};
+
+template <class T>
+struct SeDense {
+  using Args = SeDenseArgs<T>;
+
+  // Rows [r, r + R): R rows at once, so that 2R vector chains are in flight.
+  template <int R>
+  EFFK_INLINE static void rows(const Args& a, int64_t r) {
+    const int64_t body = a.cols / kSeLanes * kSeLanes;
+    double part[R][kSeLanes] = {};
+    for (int64_t c = 0; c < body; c += kSeLanes)
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        const T* wr = a.w + (r + i) * a.cols + c;
+#pragma omp simd
+        for (int j = 0; j < kSeLanes; ++j) part[i][j] += static_cast<double>(wr[j]) * a.in[c + j];
+      }
+    for (int i = 0; i < R; ++i) {
+      const T* wr = a.w + (r + i) * a.cols;
+      double acc = static_cast<double>(a.b[r + i]);
+      for (int64_t c = body; c < a.cols; ++c) acc += static_cast<double>(wr[c]) * a.in[c];
+      // The partials pairwise (a fixed tree, vector adds), not one chain of dependent adds.
+      for (int h = kSeLanes / 2; h >= 1; h /= 2)
+#pragma omp simd
+        for (int j = 0; j < h; ++j) part[i][j] += part[i][j + h];
+      a.out[r + i] = acc + part[i][0];
+    }
+  }
+
+  template <Isa>
+  static void run(const Args& a) {
+    int64_t r = a.r0;
+    for (; r + 4 <= a.r1; r += 4) rows<4>(a, r);
+    for (; r < a.r1; ++r) rows<1>(a, r);
+  }
+};
+
 // Squeeze-excite's two small layers on one image's pooled means, in double:
-// gate = se_gate(W2 @ se_act(W1 @ pooled + b1) + b2). The weights are read in their own dtype
-// (no per-call converted copies). Each output is one fixed order of adds, whatever the ISA or
-// thread: kLanes partial sums over the inputs (input c into partial c % kLanes; independent
-// chains the compiler turns into vector adds), then the tail, the bias and the partials in
-// order. One chain of adds per output was bound by the add latency (~2M dependent adds per
-// MobileNetV3-Large image).
+// gate = se_gate(W2 @ se_act(W1 @ pooled + b1) + b2), by SeDense (rows over the threads). The
+// weights are read in their own dtype (no per-call converted copies).
 template <class T>
 struct SeLayer {
   at::Tensor reduce_w, reduce_b, expand_w, expand_b;  // contiguous: [Cr][C], [Cr], [C][Cr], [C]
@@ -659,23 +708,11 @@ struct SeLayer {
   }
 
  private:
-  static constexpr int kLanes = 8;
-
-  // out[r] = b[r] + sum_c w[r][c] * in[c]; rows over the threads.
   static void dense(const T* w, const T* b, const double* in, int64_t rows, int64_t cols,
                     double* out) {
-    const int64_t body = cols / kLanes * kLanes;
+    const KernelFn<SeDense<T>> kernel = select_kernel<SeDense<T>>(cpu_isa());
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrainMacs / cols), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* wr = w + r * cols;
-        double part[kLanes] = {};
-        for (int64_t c = 0; c < body; c += kLanes)
-          for (int j = 0; j < kLanes; ++j) part[j] += static_cast<double>(wr[c + j]) * in[c + j];
-        double acc = static_cast<double>(b[r]);
-        for (int64_t c = body; c < cols; ++c) acc += static_cast<double>(wr[c]) * in[c];
-        for (int j = 0; j < kLanes; ++j) acc += part[j];
-        out[r] = acc;
-      }
+      kernel({w, b, in, cols, r0, r1, out});
     });
   }
 };
@@ -765,7 +802,6 @@ void run_block(const Plan<T, A, In>& p, at::TensorList se) {
   In* panels = g.has_se && !kGatedRows && !gate_rows
                    ? thread_scratch<In>(kGatedPanels, group * panel_elems)
                    : nullptr;
-  std::vector<double> pooled(g.C);
   std::vector<A> gates(group * g.C);
   std::vector<char> gates_finite(group, 1);
   for (int64_t n0 = 0; n0 < g.N; n0 += group) {
@@ -783,10 +819,12 @@ void run_block(const Plan<T, A, In>& p, at::TensorList se) {
                   ns ? hidden_slice(p, item % slices, slices) : all);
       }
     });
-    // SE: each image's gates, folded into its project weights: panel row k (hidden channel k)
-    // times gate[k].
-    for (int64_t i = 0; g.has_se && i < m; ++i) {
+    // SE: each image's gates (then applied below). With an image per thread, one thread per
+    // image (SeLayer's row-parallel loops run inline inside a parallel region): fewer
+    // synchronisations than splitting each image's small layers over the threads.
+    auto image_gates = [&](int64_t i) {
       const A* si = sums + i * g.Ho * g.Cp;
+      std::vector<double> pooled(g.C);
       for (int64_t c = 0; c < g.C; ++c) {
         double acc = 0.0;
         for (int64_t r = 0; r < g.Ho; ++r) acc += si[r * g.Cp + c];
@@ -794,6 +832,13 @@ void run_block(const Plan<T, A, In>& p, at::TensorList se) {
       }
       layer->gates(pooled.data(), gates.data() + i * g.C);
       gates_finite[i] = all_finite<A>(gates.data() + i * g.C, g.C, 1, g.C);
+    };
+    if (g.has_se && m >= threads) {
+      at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) image_gates(i);
+      });
+    } else {
+      for (int64_t i = 0; g.has_se && i < m; ++i) image_gates(i);
     }
     if (gate_rows) {
       at::parallel_for(0, m * HW, std::max<int64_t>(1, kGrainMacs / g.C),
