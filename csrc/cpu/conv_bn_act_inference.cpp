@@ -1,9 +1,9 @@
 // CPU dense k x k convolution + BatchNorm + activation for inference, with few input channels
 // (effkernels::conv_bn_act_inference): the models' stems (3 -> 16..40 channels, 3x3, stride 2).
-// Through oneDNN and a separate activation pass the stem took ~8% of MobileNetV2's batch-1
-// forward (bench/NOTES.md). With Cin = 3 an im2col GEMM would spend about as long building its
-// rows (27 scattered 3-float pieces per pixel) as multiplying them; here each output row's k
-// input rows are copied once into a strip (zero-padded, channels innermost: a memcpy per row for
+// Through oneDNN and a separate activation pass the stem took ~9% of MobileNetV2's prepacked
+// batch-1 forward (torch.profiler, bench/NOTES.md). With Cin = 3 an im2col GEMM would gather 27
+// scattered 3-float pieces per pixel for 27 multiply-adds per output channel; here each output
+// row's k input rows are copied once into a strip (zero-padded, channels innermost: a memcpy per row for
 // NHWC x, a gather for other layouts), and a register-blocked micro-kernel reads the strip in
 // place. For kernel row kh the taps (kw, ci) of output pixel r are the k*Cin consecutive values
 // at kh's strip row + r*stride*Cin (with dilation: Cin values per (kh, kw)), so the taps come
