@@ -508,20 +508,27 @@ def _conv_bn_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: Optional
                            bn: tuple, stride, padding, dilation, eps: float,
                            act: str) -> Optional[torch.Tensor]:
     """ACT(BN(conv2d(x, weight, bias, ...))) in eval mode by effkernels::conv_bn_act_inference
-    for a plain fp32 CPU x with few channels, no gradient recorded and the cpu backend selected
-    (the models' stems); None otherwise (the caller runs F.conv2d). bn: (weight, bias,
+    for an fp32 CPU x with few channels, no gradient recorded and the cpu backend selected
+    (the models' stems), eager or compiled (a graph op then, so that a compiled model computes
+    what the eager one does); None otherwise (the caller runs F.conv2d). bn: (weight, bias,
     running_mean, running_var), all tensors."""
-    if not (type(x) is torch.Tensor and x.device.type == "cpu" and x.dim() == 4
-            and x.dtype == torch.float32 and weight.dim() == 4
-            and weight.shape[1] == x.shape[1] <= _CONV_MAX_IN_CHANNELS
-            and all(type(t) in _PLAIN_TYPES and t.dtype == torch.float32
-                    for t in (weight, *bn, *(() if bias is None else (bias,))))
-            and _direct((x, weight, bias, *bn))):
+    if not (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
+            and weight.dim() == 4 and weight.shape[1] == x.shape[1] <= _CONV_MAX_IN_CHANNELS
+            and all(t.dtype == torch.float32
+                    for t in (weight, *bn, *(() if bias is None else (bias,))))):
+        return None
+    args = (x, weight, bias, *bn, list(stride), list(padding), list(dilation), eps, act)
+    if torch.compiler.is_compiling():
+        if _resolve(x, "pwconv_bn_act") != "cpu":
+            return None
+        return _cpp().conv_bn_act_inference(*args)
+    if not (type(x) is torch.Tensor and all(type(t) in _PLAIN_TYPES for t in args[1:7]
+                                            if t is not None)
+            and _direct(args[:7])):
         return None
     try:  # the backend that serves the pointwise op serves the stem
         if _resolve(x, "pwconv_bn_act") == "cpu":
-            return _kernel_call(_cpp().conv_bn_act_inference, "cpu", x, weight, bias, *bn,
-                                list(stride), list(padding), list(dilation), eps, act)
+            return _kernel_call(_cpp().conv_bn_act_inference, "cpu", *args)
     except Exception:  # noqa: BLE001 - F.conv2d raises the usual errors
         pass
     return None
