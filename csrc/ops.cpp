@@ -80,8 +80,8 @@ TORCH_LIBRARY(effkernels, m) {
   // ACT(BN(conv2d(x, weight, bias, stride, padding, dilation))) for a dense (groups=1) k x k
   // convolution with few input channels, inference only (CPU, fp32;
   // csrc/cpu/conv_bn_act_inference.cpp): the models' stems, which oneDNN plus a separate
-  // activation pass ran ~3x slower. The models call it from their stems when no gradient is
-  // recorded.
+  // activation pass ran 1.1-1.6x slower (ad-hoc, bench/NOTES.md). The models call it from their
+  // stems in inference when no gradient is recorded, eager or compiled.
   m.def(
       "conv_bn_act_inference(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, "
       "Tensor bn_bias, Tensor running_mean, Tensor running_var, int[2] stride, int[2] padding, "

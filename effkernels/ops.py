@@ -522,9 +522,7 @@ def _conv_bn_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: Optional
         if _resolve(x, "pwconv_bn_act") != "cpu":
             return None
         return _cpp().conv_bn_act_inference(*args)
-    if not (type(x) is torch.Tensor and all(type(t) in _PLAIN_TYPES for t in args[1:7]
-                                            if t is not None)
-            and _direct(args[:7])):
+    if not (type(x) is torch.Tensor and _direct(args[:7])):
         return None
     try:  # the backend that serves the pointwise op serves the stem
         if _resolve(x, "pwconv_bn_act") == "cpu":

@@ -201,10 +201,12 @@ at::Tensor conv_bn_act_inference(const at::Tensor& x, const at::Tensor& weight,
   if (g.N == 0) return in_format(out, output_format(x));
 
   // BN folded: scale into the packed weights, shift (with the conv bias) into the epilogue.
-  auto vec = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
-  const at::Tensor gamma = vec(bn_weight), beta = vec(bn_bias), mean = vec(running_mean),
-                   var = vec(running_var);
-  const at::Tensor b = bias.has_value() && bias->defined() ? vec(*bias) : at::Tensor();
+  const at::Tensor gamma = acc_vector(bn_weight, at::kFloat),
+                   beta = acc_vector(bn_bias, at::kFloat),
+                   mean = acc_vector(running_mean, at::kFloat),
+                   var = acc_vector(running_var, at::kFloat);
+  const at::Tensor b =
+      bias.has_value() && bias->defined() ? acc_vector(*bias, at::kFloat) : at::Tensor();
   std::vector<float> scale(static_cast<size_t>(g.Cout)), shift(scale);
   for (int64_t c = 0; c < g.Cout; ++c) {
     const BnAffine<float> f =

@@ -212,14 +212,15 @@ def dense(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,
 
         return _sync.conv_bn_act(conv_fn, op_eval, group, x, [conv.weight], *bnp[:4],
                                  bnp.momentum, bnp.eps)
-    if _foldable(x, conv, bnp, act) and conv.groups == 1 and conv.padding_mode == "zeros" \
+    foldable = _foldable(x, conv, bnp, act)
+    if foldable and conv.groups == 1 and conv.padding_mode == "zeros" \
             and isinstance(padding, tuple) and bnp.weight is not None and bnp.bias is not None:
         # Few input channels (the stems): effkernels' direct convolution, BN and act fused.
         y = ops._conv_bn_act_inference(x, conv.weight, conv.bias, bnp[:4], conv.stride,
                                        padding, conv.dilation, bnp.eps, act)
         if y is not None:
             return y
-    if _foldable(x, conv, bnp, act):
+    if foldable:
         # Inference: BN folded into the convolution (scale into the weights, shift as its
         # bias) and the activation in place: one pass over the output instead of three (the
         # stem's output is the largest tensor of these models; ONNX Runtime fuses it so too).
