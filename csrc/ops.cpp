@@ -57,20 +57,21 @@ TORCH_LIBRARY(effkernels, m) {
       "float eps) -> Tensor");
 
   // The inference block with its weights packed once instead of on every call (CPU only):
-  // inverted_residual_pack folds the BatchNorms and packs the GEMM panels for this CPU and x's
-  // dtype into a uint8 tensor (x only gives the dtype and is checked like the block's input);
-  // inverted_residual_packed runs the block from it. The packed tensor is a snapshot: the
-  // call checks that it was made for these shapes, dtype, eps and CPU, not that the weights
-  // still hold the same values (effkernels.nn.prepack_for_inference packs again when they
-  // change in place).
+  // inverted_residual_pack folds the BatchNorms, packs the GEMM panels for this CPU and x's
+  // dtype and copies SE's weights into a uint8 tensor that describes the whole block (its
+  // settings too; x only gives the dtype and is checked like the block's input);
+  // inverted_residual_packed runs that block on x. Its int arguments are the block's, checked
+  // against the buffer, and give the fake kernel the output's shape; the call passes no weight
+  // lists (converting the ~20 tensors cost ~20 us per call). The packed tensor is a snapshot:
+  // later changes to the weights are not seen (effkernels.nn.prepack_for_inference packs again
+  // when they change in place).
   m.def(
       "inverted_residual_pack(Tensor x, Tensor[] expand, Tensor[] depthwise, Tensor[] se, "
       "Tensor[] project, int stride, int dilation, str act, str se_act, str se_gate, bool skip, "
       "float eps) -> Tensor");
   m.def(
-      "inverted_residual_packed(Tensor x, Tensor packed, Tensor[] expand, Tensor[] depthwise, "
-      "Tensor[] se, Tensor[] project, int stride, int dilation, str act, str se_act, "
-      "str se_gate, bool skip, float eps) -> Tensor");
+      "inverted_residual_packed(Tensor x, Tensor packed, int out_channels, int kernel_size, "
+      "int stride, int dilation) -> Tensor");
 
   // y = x weight^T + bias for the classifier heads at small batch, inference only (CPU, fp32;
   // csrc/cpu/linear_inference.cpp): F.linear's matrix-vector product at batch 1 runs on one

@@ -92,10 +92,11 @@ def _ir_inference_fake(x, expand, depthwise, se, project, stride, dilation, act,
                      conv_out_size(w, k, stride, pad, dilation)))
 
 
-def _ir_packed_fake(x, packed, expand, depthwise, se, project, stride, dilation, act, se_act,
-                    se_gate, skip, eps):
-    return _ir_inference_fake(x, expand, depthwise, se, project, stride, dilation, act, se_act,
-                              se_gate, skip, eps)
+def _ir_packed_fake(x, packed, out_channels, kernel_size, stride, dilation):
+    n, _, h, w = x.shape
+    pad = dilation * (kernel_size - 1) // 2
+    return _like(x, (n, out_channels, conv_out_size(h, kernel_size, stride, pad, dilation),
+                     conv_out_size(w, kernel_size, stride, pad, dilation)))
 
 
 def _linear_inference_fake(x, weight, bias):

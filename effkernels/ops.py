@@ -464,16 +464,18 @@ def _prepacked_block(cache: dict, x, expand, depthwise, se, project, stride, dil
                 or not _backend.fused_inference("cpu")):
             return None
         ops = _cpp()
-        tensors = [t for stage in (expand, depthwise, project) for t in stage]
+        # The pack holds the whole block: its settings and SE's weights too.
+        tensors = [t for stage in (expand, depthwise, se, project) for t in stage]
+        key = (x.dtype, eps, stride, dilation, act, se_act, se_gate, skip)
         entry = cache.get("entry")
-        if (entry is None or entry[0] != (x.dtype, eps) or len(entry[1]) != len(tensors)
+        if (entry is None or entry[0] != key or len(entry[1]) != len(tensors)
                 or any(a is not b or a._version != v
                        for a, b, v in zip(tensors, entry[1], entry[2]))):
             cache.clear()
             packed = _kernel_call(ops.inverted_residual_pack, "cpu", *args)
-            entry = cache["entry"] = ((x.dtype, eps), tensors, [t._version for t in tensors],
-                                      packed)
-        return _packed_call(x, entry[3], args[1:])
+            entry = cache["entry"] = (key, tensors, [t._version for t in tensors], packed,
+                                      _packed_args(depthwise, project, stride, dilation))
+        return _packed_call(x, entry[3], entry[4])
     except Exception:  # noqa: BLE001 - the checked path names the bad argument
         return None
 
@@ -548,9 +550,15 @@ def _inference_call(x, args):
     return _kernel_call(_cpp().inverted_residual_inference, "cpu", x, *args)
 
 
+def _packed_args(depthwise, project, stride, dilation) -> tuple:
+    """inverted_residual_packed's arguments after `packed`: the block's out_channels,
+    kernel_size, stride and dilation (checked against the packed buffer)."""
+    return (project[0].shape[0], depthwise[0].shape[-1], stride, dilation)
+
+
 def _packed_call(x, packed, args):
     """effkernels::inverted_residual_packed on the CPU kernel, below Autograd (callers have
-    checked what _direct checks); args: the op's arguments after `packed`."""
+    checked what _direct checks); args: _packed_args."""
     return _kernel_call(_cpp().inverted_residual_packed, "cpu", x, packed, *args)
 
 

@@ -1,7 +1,8 @@
 """Prepacked inference weights (effkernels::inverted_residual_pack / _packed, csrc/cpu/
 inverted_residual.cpp; effkernels.nn.prepack_for_inference): bit-for-bit the per-call packing
-for every fused-block case and dtype, refused when made for another call, repacked when a
-weight changes in place or is replaced, used only for CPU inference."""
+for every fused-block case and dtype, the packed buffer describing the whole block (settings and
+SE weights included), refused for another input or block, repacked when a weight changes in
+place or is replaced, used only for CPU inference."""
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,13 @@ def _pack(x, block, kw, eps=1e-5):
     return OP.inverted_residual_pack(x, *_call_args(block, kw, eps))
 
 
-def _packed(x, packed, block, kw, eps=1e-5):
-    return OP.inverted_residual_packed(x, packed, *_call_args(block, kw, eps))
+def _packed_args(block, kw):
+    e, d, s, p = block
+    return (p[0].shape[0], d[0].shape[-1], kw["stride"], kw["dilation"])
+
+
+def _packed(x, packed, block, kw):
+    return OP.inverted_residual_packed(x, packed, *_packed_args(block, kw))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -68,27 +74,53 @@ def test_packed_bitwise_grouped(case, dtype):
     assert torch.equal(out, _fused(x, block, kw)), f"{case} {dtype}"
 
 
+def test_packed_describes_the_block():
+    """The packed call takes no weights: the buffer holds the block's settings and SE's weights
+    (a snapshot: changing the tensors afterwards does not change what it computes)."""
+    x, block, kw = _args("k5_se_hsig", torch.float32, "channels_last")
+    x, block = x.float(), _cast(block, torch.float32)
+    packed = _pack(x, block, kw)
+    expected = _fused(x, block, kw)
+    e, d, s, p = block
+    saved = [t.clone() for t in s]
+    for t in s:
+        t.mul_(-2.0)
+    assert torch.equal(_packed(x, packed, block, kw), expected)
+    assert not torch.equal(_fused(x, block, kw), expected)
+    for t, v in zip(s, saved):
+        t.copy_(v)
+    # Another activation packs another block.
+    other = dict(kw, act="relu")
+    assert not torch.equal(_packed(x, _pack(x, block, other), block, other), expected)
+
+
 def test_packed_refused_for_another_call():
     x, block, kw = _args("k5_se_hsig", torch.float32, "channels_last")
     x, block = x.float(), _cast(block, torch.float32)
     packed = _pack(x, block, kw)
-    with pytest.raises(RuntimeError, match="inverted_residual_packed: packed was not made for "
-                                           "this call.*dtype Float.*dtype BFloat16"):
-        _packed(x.bfloat16(), packed, _cast(block, torch.bfloat16), kw)
-    with pytest.raises(RuntimeError, match="packed was not made for this call.*eps 0.001"):
-        _packed(x, packed, block, kw, eps=1e-3)
-    x_o, block_o, kw_o = _args("mbv2_s2", torch.float32, "channels_last")
-    with pytest.raises(RuntimeError, match="packed was not made for this call.*Cin 24"):
-        _packed(x_o.float(), packed, _cast(block_o, torch.float32), kw_o)
+    args = _packed_args(block, kw)
+    with pytest.raises(RuntimeError, match="inverted_residual_packed: x must be Float with 16 "
+                                           "channels.*got BFloat16"):
+        OP.inverted_residual_packed(x.bfloat16(), packed, *args)
+    with pytest.raises(RuntimeError, match="x must be Float with 16 channels.*got Float of "
+                                           r"shape \[2, 5, "):
+        OP.inverted_residual_packed(x[:, :5], packed, *args)
+    with pytest.raises(RuntimeError, match="x must be 4-D"):
+        OP.inverted_residual_packed(x[0], packed, *args)
+    for i, name in enumerate(("out_channels", "kernel_size", "stride", "dilation")):
+        bad = list(args)
+        bad[i] += 1
+        with pytest.raises(RuntimeError, match=f"packed holds a block with .*got .*{name} "
+                                               f"{bad[i]}"):
+            OP.inverted_residual_packed(x, packed, *bad)
     with pytest.raises(RuntimeError, match="packed must be the contiguous 1-d uint8 CPU tensor"):
-        _packed(x, packed.float(), block, kw)
-    with pytest.raises(RuntimeError, match="packed was not made for this call"):
-        _packed(x, packed[:-64].clone(), block, kw)
+        OP.inverted_residual_packed(x, packed.float(), *args)
+    with pytest.raises(RuntimeError, match="or is damaged"):
+        OP.inverted_residual_packed(x, packed[:-64].clone(), *args)
     with pytest.raises(RuntimeError, match="shorter than its header"):
-        _packed(x, packed[:8].clone(), block, kw)
-    # The block's own checks still run first, naming the argument.
-    with pytest.raises(RuntimeError, match="inverted_residual_packed: .*x"):
-        _packed(x[:, :5], packed, block, kw)
+        OP.inverted_residual_packed(x, packed[:8].clone(), *args)
+    with pytest.raises(RuntimeError, match="does not start with the header"):
+        OP.inverted_residual_packed(x, torch.zeros_like(packed), *args)
 
 
 def test_pack_checks_like_the_block():
@@ -103,7 +135,7 @@ def test_opcheck():
     x, block = x.float(), _cast(block, torch.float32)
     packed = _pack(x, block, kw)
     torch.library.opcheck(OP.inverted_residual_packed.default,
-                          (x, packed, *_call_args(block, kw)))
+                          (x, packed, *_packed_args(block, kw)))
     # The pack's size depends on this CPU's panel widths: its fake kernel has a data-dependent
     # size, which the dynamic-shape AOT test cannot trace; the other checks run.
     torch.library.opcheck(OP.inverted_residual_pack.default, (x, *_call_args(block, kw)),
@@ -157,7 +189,7 @@ def test_prepacked_weights_are_used_and_repacked():
         packed = block._packed_cache["entry"][3]
         # The packed buffer is what the call reads: zeroing its weights changes the result.
         saved = packed.clone()
-        packed[128:] = 0  # past the header (96 bytes, padded to 128)
+        packed[192:] = 0  # past the header (160 bytes, padded to 192)
         assert not torch.equal(block(x), expected)
         packed.copy_(saved)
         assert torch.equal(block(x), expected)
@@ -244,8 +276,9 @@ def test_replay_follows_every_change(prepacked):
     assert "replay" in block._packed_cache if prepacked else "_replay" in block.__dict__
     check("replayed")
     if not prepacked:  # the plain replay reads the weights live: .data writes are seen
-        block.conv_pwl.weight.data.mul_(0.5)
-        fresh.conv_pwl.weight.data.mul_(0.5)
+        for b in (block, fresh):
+            b.conv_pwl.weight.data.mul_(0.5)
+            b.se.conv_reduce.bias.data.add_(0.5)
         check(".data write")
     new_bn = copy.deepcopy(block.bn3)
     new_bn.running_mean.normal_(0, 0.3)
@@ -254,7 +287,9 @@ def test_replay_follows_every_change(prepacked):
             lambda b: setattr(b, "act", "relu"),                         # a setting
             lambda b: setattr(b.bn1, "eps", 1e-3),
             lambda b: setattr(b, "bn3", copy.deepcopy(new_bn)),          # a child replaced
-            lambda b: b.se.conv_reduce.bias.data.add_(0.5),              # SE (not packed): live
+            lambda b: torch.no_grad()(b.se.conv_reduce.bias.add_)(0.5),  # SE, in place
+            lambda b: setattr(b.se.conv_expand, "weight",                # SE, replaced
+                              torch.nn.Parameter(b.se.conv_expand.weight * 0.5)),
             lambda b: setattr(b.conv_pwl, "weight",
                               torch.nn.Parameter(b.conv_pwl.weight * 0.5)))):
         change(block)

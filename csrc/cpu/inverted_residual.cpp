@@ -349,6 +349,7 @@ struct RoundRows {
 
 // The checked problem (op_checks.h) plus this kernel's ring / step sizes.
 struct Geometry : IrProblem {
+  int64_t Cr;         // SE's reduced channels (0 without SE)
   int64_t Cp;         // hidden channels padded to whole vectors
   int64_t Wp;         // padded ring row width (pixels)
   int64_t G;          // output rows per step
@@ -439,18 +440,12 @@ class Worker {
       project_rows_ = thread_scratch<In>(kProjectRows, step_rows * ldq_);
     }
     if (!bands) return;
-    const int64_t ring_elems = (g_.ring_rows + 1) * g_.Wp * g_.Cp;
-    ring_ = thread_scratch<A>(kRing, ring_elems);
-    std::fill(ring_, ring_ + ring_elems, A(0));  // padding columns/channels, zero row
+    ring_ = thread_scratch<A>(kRing, (g_.ring_rows + 1) * g_.Wp * g_.Cp);
     zero_row_ = ring_ + g_.ring_rows * g_.Wp * g_.Cp;
+    clear_ring_borders();
     ring_finite_.assign(g_.ring_rows, 1);
     if (g_.has_expand) tile_ = thread_scratch<In>(kTileA, (kChunkPixels + 12) * p_.ldx);
-    if (!g_.has_se) {
-      // Rows past a step's pixels are read by the GEMM's last block: keep them finite.
-      // (Only the one-phase path uses them.)
-      dw_rows_ = thread_scratch<A>(kDwRows, step_rows * g_.Cp);
-      std::fill(dw_rows_, dw_rows_ + step_rows * g_.Cp, A(0));
-    }
+    if (!g_.has_se) dw_rows_ = thread_scratch<A>(kDwRows, step_rows * g_.Cp);
     ptrs_.resize(step_rows);
   }
 
@@ -501,7 +496,12 @@ class Worker {
           p_.dw(a);
         }
       }
-      if (!dw_image) project(n, oh * g_.Wo, rows * g_.Wo, dw_rows_, p_.pp, 0, p_.npp);
+      if (!dw_image) {
+        // The GEMM's last block reads rows past the step's pixels: keep them finite.
+        const int64_t M = rows * g_.Wo;
+        std::fill(dw_rows_ + M * g_.Cp, dw_rows_ + round_up(M, kRowQuantum) * g_.Cp, A(0));
+        project(n, oh * g_.Wo, M, dw_rows_, p_.pp, 0, p_.npp);
+      }
     }
   }
 
@@ -563,6 +563,21 @@ class Worker {
 
  private:
   A* ring_row(int64_t ih) const { return ring_ + (ih % g_.ring_rows) * g_.Wp * g_.Cp; }
+
+  // Zeroes what the depthwise reads and no hidden row writes: the padding columns, the
+  // channels past C and the zero row. (The whole ring, zeroed per call, was ~6% of a 7x7
+  // block's samples at batch 1 in perf: 350 KB per thread.)
+  void clear_ring_borders() {
+    const int64_t row = g_.Wp * g_.Cp, left = g_.pad * g_.Cp, right = (g_.pad + g_.W) * g_.Cp;
+    for (int64_t r = 0; r < g_.ring_rows; ++r) {
+      A* q = ring_ + r * row;
+      std::fill(q, q + left, A(0));
+      for (int64_t w = 0; g_.Cp > g_.C && w < g_.W; ++w)
+        std::fill(q + left + w * g_.Cp + g_.C, q + left + (w + 1) * g_.Cp, A(0));
+      std::fill(q + right, q + row, A(0));
+    }
+    std::fill(zero_row_, zero_row_ + row, A(0));
+  }
 
   // Hidden rows [r0, r1] of image n into the ring (the slice's channels; all of them without
   // an expand stage).
@@ -691,19 +706,20 @@ struct SeDense {
 
 // Squeeze-excite's two small layers on one image's pooled means, in double:
 // gate = se_gate(W2 @ se_act(W1 @ pooled + b1) + b2), by SeDense (rows over the threads). The
-// weights are read in their own dtype (no per-call converted copies).
+// weights are read in their own dtype (no per-call converted copies): the contiguous tensors
+// of the call, or their copies in a packed buffer.
 template <class T>
 struct SeLayer {
-  at::Tensor reduce_w, reduce_b, expand_w, expand_b;  // contiguous: [Cr][C], [Cr], [C][Cr], [C]
+  const T *reduce_w, *reduce_b, *expand_w, *expand_b;  // [Cr][C], [Cr], [C][Cr], [C]
   int64_t C, Cr;
   Act act, gate_act;
 
   template <class A>
   void gates(const double* pooled, A* gate) const {
     std::vector<double> s(static_cast<size_t>(Cr)), z(static_cast<size_t>(C));
-    dense(reduce_w.const_data_ptr<T>(), reduce_b.const_data_ptr<T>(), pooled, Cr, C, s.data());
+    dense(reduce_w, reduce_b, pooled, Cr, C, s.data());
     for (int64_t r = 0; r < Cr; ++r) s[r] = act_forward(act, s[r]);
-    dense(expand_w.const_data_ptr<T>(), expand_b.const_data_ptr<T>(), s.data(), C, Cr, z.data());
+    dense(expand_w, expand_b, s.data(), C, Cr, z.data());
     for (int64_t c = 0; c < C; ++c) gate[c] = static_cast<A>(act_forward(gate_act, z[c]));
   }
 
@@ -763,7 +779,7 @@ void scale_row(int64_t C, A* __restrict row, const A* __restrict gate) {
 }
 
 template <class T, class A, class In>
-void run_block(const Plan<T, A, In>& p, at::TensorList se) {
+void run_block(const Plan<T, A, In>& p, const SeLayer<T>* layer) {
   const Geometry& g = p.g;
   const HiddenSlice all{0, g.Cp, 0, p.npe};
   const int64_t threads = std::max(1, at::get_num_threads());
@@ -781,10 +797,6 @@ void run_block(const Plan<T, A, In>& p, at::TensorList se) {
   }
   // Two phases (SE, or channel slices): images in groups of (at most) one per thread; phase A
   // writes their depthwise output to image buffers, phase B projects the buffers.
-  std::optional<SeLayer<T>> layer;
-  if (g.has_se)
-    layer.emplace(SeLayer<T>{se[0].contiguous(), se[1].contiguous(), se[2].contiguous(),
-                             se[3].contiguous(), g.C, se[0].size(0), g.se_act, g.se_gate});
   const int64_t group = std::min(g.N, threads);
   const int64_t HW = g.Ho * g.Wo, img_stride = (round_up(HW, 12) + 12) * g.Cp;
   A* images = thread_scratch<A>(kImages, group * (img_stride + g.Ho * g.Cp));
@@ -866,8 +878,17 @@ void run_block(const Plan<T, A, In>& p, at::TensorList se) {
     // Phase B: the project GEMM over the image buffers, by (image, pixel chunk, panel group).
     // Chunks of equal size; the output panels are split too when the chunks alone would leave
     // a thread idle or uneven (a 7x7 map is one chunk).
-    const int64_t chunks = ceil_div(HW, kChunkPixels), chunk = ceil_div(HW, chunks);
-    const int64_t pg = (m * chunks) % threads == 0 ? 1 : std::min<int64_t>(p.npp, threads);
+    int64_t chunks = ceil_div(HW, kChunkPixels), pg = 1;
+    if ((m * chunks) % threads != 0) {
+      int64_t c = chunks;
+      while ((m * c) % threads != 0 && ceil_div(HW, c + 1) >= kRowQuantum) ++c;
+      const bool xx = std::getenv("EFFK_X") && std::getenv("EFFK_X")[0] == '1';
+      if (xx && p.npp < threads && (m * c) % threads == 0)
+        chunks = c;
+      else
+        pg = std::min<int64_t>(p.npp, threads);
+    }
+    const int64_t chunk = ceil_div(HW, chunks);
     at::parallel_for(0, m * chunks * pg, 1, [&](int64_t b, int64_t e) {
       Worker<T, A, In> wk(p, /*bands=*/false);
       for (int64_t item = b; item < e; ++item) {
@@ -893,22 +914,28 @@ void run_block(const Plan<T, A, In>& p, at::TensorList se) {
 // MobileNetV2 forward (its 14 MB of weights read and written each call).
 
 constexpr int64_t kPackMagic = 0x4b50524945464645;  // "EFFEIRPK"
-constexpr int64_t kPackVersion = 3;
+constexpr int64_t kPackVersion = 4;
 
-// What a packed buffer was made for: every field must match the call that reads it.
+// The block a packed buffer holds: with its parts it describes the whole block, so that a call
+// passes only x and the buffer (a call with the block's ~20 tensors in lists cost ~20 us of
+// argument conversion in torch.ops, more than a 14x14 block's kernel at batch 1).
 struct PackHeader {
   int64_t magic, version;
   int64_t dtype;     // x's c10::ScalarType
   int64_t pairs;     // the bf16 pair kernel's panels (cpu_gemm.h) rather than the FMA kernel's
   int64_t NRe, NRp;  // panel widths, chosen from the CPU's ISA
   int64_t Cin, C, Cout, K, has_expand;
+  int64_t stride, dil, skip, has_se, Cr;
+  int64_t act, se_act, se_gate;  // Act
   double eps;
   bool operator==(const PackHeader&) const = default;
 };
 
 // Byte offsets of the parts (64-byte aligned, after the header) and the total size.
 struct PackLayout {
-  int64_t pe, pp, col_e, col_p, shift_e, shift_p, wd, shift_d, kr_e, kr_p, segs, wseg, bytes;
+  int64_t pe, pp, col_e, col_p, shift_e, shift_p, wd, shift_d, kr_e, kr_p, segs, wseg;
+  int64_t se;  // SE's weights in x's dtype: reduce [Cr][C], [Cr], expand [C][Cr], [C]
+  int64_t bytes;
 };
 
 // The call's dimensions, GEMM shapes and kernels; x, its strides and out are set by the caller.
@@ -937,7 +964,9 @@ template <class T, class A, class In>
 PackHeader pack_header(const Plan<T, A, In>& p, double eps) {
   const Geometry& g = p.g;
   return {kPackMagic, kPackVersion, static_cast<int64_t>(c10::CppTypeToScalarType<T>::value),
-          Plan<T, A, In>::kPairs, p.ge.NR, p.gp.NR, g.Cin, g.C, g.Cout, g.K, g.has_expand, eps};
+          Plan<T, A, In>::kPairs, p.ge.NR, p.gp.NR, g.Cin, g.C, g.Cout, g.K, g.has_expand,
+          g.stride, g.dil, g.skip, g.has_se, g.Cr, static_cast<int64_t>(g.act),
+          static_cast<int64_t>(g.se_act), static_cast<int64_t>(g.se_gate), eps};
 }
 
 template <class T, class A, class In>
@@ -965,6 +994,7 @@ PackLayout pack_layout(const Plan<T, A, In>& p) {
   // Depthwise segments: a count, then (c0, c1, k, woff) per run of vectors; their weights.
   l.segs = take(1 + 4 * (g.Cp / kLanes<A>), sizeof(int64_t));
   l.wseg = take(g.K * g.K * g.Cp, sizeof(A));
+  l.se = take(g.has_se ? (2 * g.C + 1) * g.Cr + g.C : 0, sizeof(T));
   l.bytes = off;
   return l;
 }
@@ -1035,10 +1065,12 @@ void pack_segments(const Geometry& g, const A* wd, int64_t* segs, A* wseg) {
   segs[0] = smaller ? n : 0;
 }
 
-// Writes the header and every part into base[0, l.bytes).
+// Writes the header and every part into base[0, l.bytes); SE's weights only when `se` is given
+// (the stored pack: the per-call packing reads the call's tensors instead).
 template <class T, class A, class In>
 void pack_block(const Plan<T, A, In>& p, const PackLayout& l, at::TensorList expand,
-                at::TensorList depthwise, at::TensorList project, double eps, uint8_t* base) {
+                at::TensorList depthwise, at::TensorList se, at::TensorList project, double eps,
+                uint8_t* base) {
   const Geometry& g = p.g;
   const PackHeader h = pack_header(p, eps);
   std::memcpy(base, &h, sizeof(h));
@@ -1097,12 +1129,30 @@ void pack_block(const Plan<T, A, In>& p, const PackLayout& l, at::TensorList exp
     for (int64_t t = 0; t < KK; ++t) wd[t * g.Cp + c] = wp[c * KK + t] * scale[c];
   pack_segments(g, wd, reinterpret_cast<int64_t*>(part(l.segs)),
                 reinterpret_cast<A*>(part(l.wseg)));
+  T* se_out = reinterpret_cast<T*>(part(l.se));
+  for (const at::Tensor& t : se) {
+    const at::Tensor c = t.contiguous();
+    std::memcpy(se_out, c.const_data_ptr<T>(), c.numel() * sizeof(T));
+    se_out += c.numel();
+  }
 }
 
-// Refuses a packed buffer that was not made for this call.
-template <class T, class A, class In>
-void check_packed(const char* op, const at::Tensor& packed, const Plan<T, A, In>& p,
-                  const PackLayout& l, double eps) {
+// SE's layers: from the call's tensors (kept alive in `keep`), or from a packed buffer.
+template <class T>
+SeLayer<T> se_layer(const Geometry& g, at::TensorList se, std::vector<at::Tensor>& keep) {
+  for (const at::Tensor& t : se) keep.push_back(t.contiguous());
+  return {keep[0].const_data_ptr<T>(), keep[1].const_data_ptr<T>(), keep[2].const_data_ptr<T>(),
+          keep[3].const_data_ptr<T>(), g.C, g.Cr, g.se_act, g.se_gate};
+}
+template <class T>
+SeLayer<T> se_layer(const Geometry& g, const uint8_t* part) {
+  const T* w = reinterpret_cast<const T*>(part);
+  const int64_t n = g.Cr * g.C;
+  return {w, w + n, w + n + g.Cr, w + 2 * n + g.Cr, g.C, g.Cr, g.se_act, g.se_gate};
+}
+
+// The packed buffer's header, checked to be one (the layout's size is checked against the plan).
+PackHeader read_header(const char* op, const at::Tensor& packed) {
   EFFK_CHECK(op, packed.device().is_cpu() && packed.scalar_type() == at::kByte &&
                      packed.dim() == 1 && packed.is_contiguous(),
              "packed must be the contiguous 1-d uint8 CPU tensor that inverted_residual_pack "
@@ -1112,24 +1162,24 @@ void check_packed(const char* op, const at::Tensor& packed, const Plan<T, A, In>
   EFFK_CHECK(op, packed.numel() >= static_cast<int64_t>(sizeof(h)),
              "packed is ", packed.numel(), " bytes, shorter than its header");
   std::memcpy(&h, packed.const_data_ptr<uint8_t>(), sizeof(h));
-  const PackHeader want = pack_header(p, eps);
-  EFFK_CHECK(op, h == want && packed.numel() == l.bytes,
-             "packed was not made for this call (made for dtype ",
-             static_cast<c10::ScalarType>(h.dtype), ", Cin ", h.Cin, ", hidden ", h.C,
-             ", Cout ", h.Cout, ", k ", h.K, ", eps ", h.eps, ", panels ", h.NRe, "/", h.NRp,
-             h.pairs ? " (bf16 pairs)" : "", "; this call: dtype ",
-             static_cast<c10::ScalarType>(want.dtype), ", Cin ", want.Cin, ", hidden ", want.C,
-             ", Cout ", want.Cout, ", k ", want.K, ", eps ", want.eps, ", panels ", want.NRe,
-             "/", want.NRp, want.pairs ? " (bf16 pairs)" : "",
-             "): pack the block again with inverted_residual_pack");
+  EFFK_CHECK(op, h.magic == kPackMagic && h.version == kPackVersion,
+             "packed does not start with the header of inverted_residual_pack's version ",
+             kPackVersion, ": pack the block again");
+  return h;
 }
 
-// packed: from inverted_residual_pack (checked), or null: pack into the calling thread's
-// scratch (a fresh buffer per call costs page faults).
+// The block's weights: a packed buffer (checked header `packed_header`), or the call's tensors,
+// packed into the calling thread's scratch (a fresh buffer per call costs page faults).
+struct Weights {
+  at::TensorList expand, depthwise, se, project;
+  double eps = 0.0;
+  const at::Tensor* packed = nullptr;
+  const PackHeader* packed_header = nullptr;
+};
+
 template <class T, class In>
-void forward_with(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
-                  at::TensorList depthwise, at::TensorList se, at::TensorList project,
-                  double eps, const at::Tensor* packed, const char* op, at::Tensor& out) {
+void forward_with(const Geometry& g, const at::Tensor& xc, const Weights& w, const char* op,
+                  at::Tensor& out) {
   using A = acc_type<T>;
   Plan<T, A, In> p = make_plan<T, A, In>(g);
   p.x = xc.const_data_ptr<T>();
@@ -1138,28 +1188,52 @@ void forward_with(const Geometry& g, const at::Tensor& xc, at::TensorList expand
   p.sW = xc.stride(3);
   p.out = out.data_ptr<T>();
   const PackLayout l = pack_layout(p);
-  if (packed != nullptr) {
-    check_packed(op, *packed, p, l, eps);
-    attach(p, l, packed->const_data_ptr<uint8_t>());
+  std::optional<SeLayer<T>> layer;
+  std::vector<at::Tensor> keep;
+  if (w.packed != nullptr) {
+    // The header describes the block; the panel widths and kernel kind are this CPU's.
+    EFFK_CHECK(op, pack_header(p, w.packed_header->eps) == *w.packed_header &&
+                       w.packed->numel() == l.bytes,
+               "packed was made for other GEMM kernels (panels ", w.packed_header->NRe, "/",
+               w.packed_header->NRp, w.packed_header->pairs ? ", bf16 pairs" : "",
+               "; this CPU: ", p.ge.NR, "/", p.gp.NR, Plan<T, A, In>::kPairs ? ", bf16 pairs" : "",
+               ") or is damaged (", w.packed->numel(), " bytes, expected ", l.bytes,
+               "): pack the block again on this machine");
+    const uint8_t* base = w.packed->const_data_ptr<uint8_t>();
+    attach(p, l, base);
+    if (g.has_se) layer.emplace(se_layer<T>(g, base + l.se));
   } else {
     uint8_t* buf = thread_scratch<uint8_t>(kPacked, l.bytes);
-    pack_block(p, l, expand, depthwise, project, eps, buf);
+    pack_block(p, l, w.expand, w.depthwise, {}, w.project, w.eps, buf);
     attach(p, l, buf);
+    if (g.has_se) layer.emplace(se_layer<T>(g, w.se, keep));
   }
-  run_block(p, se);
+  run_block(p, layer ? &*layer : nullptr);
 }
 
-template <class T>
-void forward(const Geometry& g, const at::Tensor& xc, at::TensorList expand,
-             at::TensorList depthwise, at::TensorList se, at::TensorList project, double eps,
-             const at::Tensor* packed, const char* op, at::Tensor& out) {
-  with_gemm_operand<T, acc_type<T>>(cpu_isa(), [&](auto operand) {
-    forward_with<T, decltype(operand)>(g, xc, expand, depthwise, se, project, eps, packed, op,
-                                       out);
+// The ring / step sizes of the checked problem.
+void size_steps(Geometry& g, c10::ScalarType dtype) {
+  const int64_t lanes = dtype == at::kDouble ? 8 : 16;
+  g.Cp = round_up(g.C, lanes);
+  const int64_t reach = g.dil * (g.K - 1);
+  g.Wp = std::max(g.pad + g.W, (g.Wo - 1) * g.stride + reach + 1);
+  g.G = std::max<int64_t>(1, std::min(g.Ho, ceil_div(kStepPixels, g.Wo)));
+  g.ring_rows = (g.G - 1) * g.stride + reach + 1;
+}
+
+at::Tensor run(const char* op, const Geometry& g, const at::Tensor& x, const Weights& w) {
+  at::Tensor out = empty_nhwc({g.N, g.Cout, g.Ho, g.Wo}, x.options());
+  if (out.numel() == 0) return in_format(out, output_format(x));
+  const at::Tensor xc = channels_innermost(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
+    with_gemm_operand<scalar_t, acc_type<scalar_t>>(cpu_isa(), [&](auto operand) {
+      forward_with<scalar_t, decltype(operand)>(g, xc, w, op, out);
+    });
   });
+  return in_format(out, output_format(x));
 }
 
-// The checked problem plus the ring / step sizes.
+// The checked problem of a call with the block's tensors, plus the ring / step sizes.
 Geometry geometry(const char* op, const at::Tensor& x, at::TensorList expand,
                   at::TensorList depthwise, at::TensorList se, at::TensorList project,
                   int64_t stride, int64_t dilation, c10::string_view act,
@@ -1167,28 +1241,55 @@ Geometry geometry(const char* op, const at::Tensor& x, at::TensorList expand,
   Geometry g{};
   static_cast<IrProblem&>(g) = check_inverted_residual_inference(
       op, x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate, skip, eps);
-  const int64_t lanes = x.scalar_type() == at::kDouble ? 8 : 16;
-  g.Cp = round_up(g.C, lanes);
-  const int64_t reach = g.dil * (g.K - 1);
-  g.Wp = std::max(g.pad + g.W, (g.Wo - 1) * g.stride + reach + 1);
-  g.G = std::max<int64_t>(1, std::min(g.Ho, ceil_div(kStepPixels, g.Wo)));
-  g.ring_rows = (g.G - 1) * g.stride + reach + 1;
+  g.Cr = g.has_se ? se[0].size(0) : 0;
+  size_steps(g, x.scalar_type());
   return g;
 }
 
-at::Tensor run(const char* op, const at::Tensor& x, at::TensorList expand,
-               at::TensorList depthwise, at::TensorList se, at::TensorList project,
-               int64_t stride, int64_t dilation, c10::string_view act, c10::string_view se_act,
-               c10::string_view se_gate, bool skip, double eps, const at::Tensor* packed) {
-  const Geometry g = geometry(op, x, expand, depthwise, se, project, stride, dilation, act,
-                              se_act, se_gate, skip, eps);
-  at::Tensor out = empty_nhwc({g.N, g.Cout, g.Ho, g.Wo}, x.options());
-  if (out.numel() == 0) return in_format(out, output_format(x));
-  const at::Tensor xc = channels_innermost(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
-    forward<scalar_t>(g, xc, expand, depthwise, se, project, eps, packed, op, out);
-  });
-  return in_format(out, output_format(x));
+// The problem of x on the block a packed buffer describes, checked as the call with the
+// block's tensors checks x (the weights were checked when packing).
+Geometry packed_geometry(const char* op, const at::Tensor& x, const PackHeader& h,
+                         int64_t out_channels, int64_t kernel_size, int64_t stride,
+                         int64_t dilation) {
+  check_float_input(op, "x", x, 4);
+  EFFK_CHECK(op, x.scalar_type() == static_cast<c10::ScalarType>(h.dtype) && x.size(1) == h.Cin,
+             "x must be ", static_cast<c10::ScalarType>(h.dtype), " with ", h.Cin,
+             " channels, as the block was packed for; got ", x.scalar_type(), " of shape ",
+             x.sizes());
+  EFFK_CHECK(op, x.size(2) > 0 && x.size(3) > 0, "x must have non-empty H and W; got shape ",
+             x.sizes());
+  EFFK_CHECK(op, out_channels == h.Cout && kernel_size == h.K && stride == h.stride &&
+                     dilation == h.dil,
+             "packed holds a block with out_channels ", h.Cout, ", kernel_size ", h.K,
+             ", stride ", h.stride, ", dilation ", h.dil, "; got out_channels ", out_channels,
+             ", kernel_size ", kernel_size, ", stride ", stride, ", dilation ", dilation);
+  Geometry g{};
+  g.N = x.size(0);
+  g.Cin = h.Cin;
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.C = h.C;
+  g.Cout = h.Cout;
+  g.K = h.K;
+  g.stride = h.stride;
+  g.dil = h.dil;
+  g.pad = h.dil * (h.K - 1) / 2;
+  g.Ho = conv_out_size(g.H, g.K, g.stride, g.pad, g.dil);
+  g.Wo = conv_out_size(g.W, g.K, g.stride, g.pad, g.dil);
+  EFFK_CHECK(op, g.Ho > 0 && g.Wo > 0, "x (", g.H, "x", g.W, ") is smaller than the ", g.K,
+             "x", g.K, " depthwise kernel's dilated extent");
+  g.has_expand = h.has_expand != 0;
+  g.has_se = h.has_se != 0;
+  g.skip = h.skip != 0;
+  EFFK_CHECK(op, !g.skip || (g.Ho == g.H && g.Wo == g.W),
+             "the block's skip needs an output as large as x; got ", g.Ho, "x", g.Wo, " from ",
+             g.H, "x", g.W);
+  g.Cr = h.Cr;
+  g.act = static_cast<Act>(h.act);
+  g.se_act = static_cast<Act>(h.se_act);
+  g.se_gate = static_cast<Act>(h.se_gate);
+  size_steps(g, x.scalar_type());
+  return g;
 }
 
 }  // namespace
@@ -1198,18 +1299,21 @@ at::Tensor inverted_residual_inference(const at::Tensor& x, at::TensorList expan
                                        at::TensorList project, int64_t stride, int64_t dilation,
                                        c10::string_view act, c10::string_view se_act,
                                        c10::string_view se_gate, bool skip, double eps) {
-  return run(kOp, x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate,
-             skip, eps, nullptr);
+  const Geometry g = geometry(kOp, x, expand, depthwise, se, project, stride, dilation, act,
+                              se_act, se_gate, skip, eps);
+  return run(kOp, g, x, Weights{expand, depthwise, se, project, eps});
 }
 
 at::Tensor inverted_residual_packed(const at::Tensor& x, const at::Tensor& packed,
-                                    at::TensorList expand, at::TensorList depthwise,
-                                    at::TensorList se, at::TensorList project, int64_t stride,
-                                    int64_t dilation, c10::string_view act,
-                                    c10::string_view se_act, c10::string_view se_gate,
-                                    bool skip, double eps) {
-  return run("inverted_residual_packed", x, expand, depthwise, se, project, stride, dilation,
-             act, se_act, se_gate, skip, eps, &packed);
+                                    int64_t out_channels, int64_t kernel_size, int64_t stride,
+                                    int64_t dilation) {
+  constexpr const char* op = "inverted_residual_packed";
+  const PackHeader h = read_header(op, packed);
+  const Geometry g = packed_geometry(op, x, h, out_channels, kernel_size, stride, dilation);
+  Weights w;
+  w.packed = &packed;
+  w.packed_header = &h;
+  return run(op, g, x, w);
 }
 
 at::Tensor inverted_residual_pack(const at::Tensor& x, at::TensorList expand,
@@ -1229,7 +1333,7 @@ at::Tensor inverted_residual_pack(const at::Tensor& x, at::TensorList expand,
       const PackLayout l = pack_layout(p);
       packed = at::empty({l.bytes}, x.options().dtype(at::kByte).memory_format(
                                                   at::MemoryFormat::Contiguous));
-      pack_block(p, l, expand, depthwise, project, eps, packed.data_ptr<uint8_t>());
+      pack_block(p, l, expand, depthwise, se, project, eps, packed.data_ptr<uint8_t>());
     });
   });
   return packed;

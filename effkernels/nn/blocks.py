@@ -12,6 +12,7 @@ BatchNorm).
 """
 from __future__ import annotations
 
+import operator
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -59,6 +60,9 @@ def _own_weight(role: str, conv: Optional[nn.Module]) -> bool:
     rather than one built from its parts (_Block._dense_weight)."""
     return conv is None or isinstance(conv, nn.Conv2d) and (conv.groups == 1
                                                             or role == "dw_conv")
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 def _drop_active(module: Optional[nn.Module]) -> bool:
@@ -201,8 +205,9 @@ class _Block(NotScriptable, nn.Module):
             out = ops._prepacked_block(self._packed_cache, F_.cast(x, dtype), *args)
             if out is not None:
                 if replayable:
-                    self._packed_cache["replay"] = _Replay(
-                        self, parts, dtype, args, self._packed_cache["entry"][3])
+                    entry = self._packed_cache["entry"]
+                    self._packed_cache["replay"] = _Replay(self, parts, dtype, args,
+                                                           (entry[3], entry[4]))
                 return out
         # _fusable: running statistics kept and momentum set, so bn_args would pass these.
         out = ops.inverted_residual(F_.cast(x, dtype), expand, depthwise, se, project,
@@ -271,27 +276,44 @@ class _Replay:
     _TENSORS = ("weight", "bias", "running_mean", "running_var")
 
     def __init__(self, block: "_Block", parts: Dict[str, nn.Module], dtype: torch.dtype,
-                 args: tuple, packed: torch.Tensor):
-        self.modules = [(path, parts[role]) for role, path in block._roles.items()]
-        # The children of split convolutions (MixNet), by the dict that holds them.
-        self.children = [(m._modules, name, child) for part in parts.values()
-                         for m in part.modules() for name, child in m._modules.items()]
-        self.bns = [(m, m.eps) for role, m in parts.items() if role.endswith("_bn")]
-        self.drop, self.dw = parts.get("drop_path"), parts["dw_conv"]
-        self.settings = self._settings(block, self.dw)
-        self.sources = []
+                 args: tuple, packed: Optional[tuple]):
+        # What must still hold, as flat lists that _replay compares with C-level maps (a
+        # Python loop over them was ~14 us per call, half a small block's time at batch 1):
+        # (dict, key, object) entries that must be identical: each role's module along its
+        # path from the block, every child of the parts (MixNet's split convolutions), every
+        # tensor the call reads (conv weights and biases, BN affine and running statistics);
+        # (object, attribute, value) settings; and the tensors' version counters.
+        same = []
+        for role, path in block._roles.items():
+            m = block
+            for name in path:
+                same.append((m._modules, name, m._modules.get(name)))
+                m = m._modules.get(name)
+        same += [(m._modules, name, child) for part in parts.values()
+                 for m in part.modules() for name, child in m._modules.items()]
+        tensors = []
         for m in (m for part in parts.values() for m in part.modules()):
             for owner in (m._parameters, m._buffers):
                 for name in self._TENSORS:
                     t = owner.get(name)
                     if t is not None:
-                        self.sources.append((owner, name, t, t._version))
+                        same.append((owner, name, t))
+                        tensors.append(t)
+        settings = [(block, "training")] + [
+            (block, a) for a in ("act", "se_act", "se_gate", "project_act", "skip", "same")]
+        settings += [(m, a) for role, m in parts.items() if role.endswith("_bn")
+                     for a in ("training", "eps")]
+        settings += [(c, a) for c in F_.convs(parts["dw_conv"])
+                     for a in ("stride", "dilation", "padding")]
+        drop = parts.get("drop_path")
+        if drop is not None:
+            settings += [(drop, a) for a in ("training", "drop_prob", "p") if hasattr(drop, a)]
+        self.same_in, self.same_key, self.same_obj = (list(c) for c in zip(*same))
+        self.set_obj, self.set_attr = (list(c) for c in zip(*settings))
+        self.set_value = list(map(getattr, self.set_obj, self.set_attr))
+        self.tensors = tensors
+        self.versions = list(map(_VERSION, tensors))
         self.dtype, self.args, self.packed = dtype, args, packed
-
-    @staticmethod
-    def _settings(block: "_Block", dw: nn.Module) -> tuple:
-        return (block.act, block.se_act, block.se_gate, block.project_act, block.skip,
-                block.same, tuple((c.stride, c.dilation, c.padding) for c in F_.convs(dw)))
 
     def __call__(self, block: "_Block", x: torch.Tensor) -> Optional[torch.Tensor]:
         try:
@@ -301,29 +323,16 @@ class _Replay:
 
     def _replay(self, block: "_Block", x: torch.Tensor) -> Optional[torch.Tensor]:
         if (type(x) is not torch.Tensor or x.dtype is not self.dtype or x.device.type != "cpu"
-                or block.training or torch.is_autocast_enabled("cpu")
+                or torch.is_autocast_enabled("cpu")
                 or not ops._plain_context() or ops._resolve(x, "inverted_residual") != "cpu"):
             return None
-        for path, module in self.modules:
-            m = block
-            for name in path:
-                m = m._modules.get(name)
-            if m is not module:
-                return None
-        for owner, name, child in self.children:
-            if owner.get(name) is not child:
-                return None
-        for bn, eps in self.bns:
-            if bn.training or bn.eps != eps:
-                return None
-        if _drop_active(self.drop) or self._settings(block, self.dw) != self.settings:
+        if (not all(map(operator.is_, map(dict.get, self.same_in, self.same_key), self.same_obj))
+                or list(map(getattr, self.set_obj, self.set_attr)) != self.set_value
+                or list(map(_VERSION, self.tensors)) != self.versions):
             return None
-        for owner, name, t, version in self.sources:
-            if owner.get(name) is not t or t._version != version:
-                return None
         if self.packed is None:
             return ops._inference_call(x, self.args)
-        return ops._packed_call(x, self.packed, self.args)
+        return ops._packed_call(x, *self.packed)
 
 
 def prepack_for_inference(model: nn.Module, enabled: bool = True) -> int:
