@@ -64,6 +64,8 @@ CASES = {
     "k9_generic": (1, 8, 12, 12, 24, 8, 9, 1, 1, False, "relu", "relu", "sigmoid"),
     "tiny_1x1": (2, 8, 1, 1, 16, 8, 3, 1, 1, True, "relu6", "relu", "sigmoid"),
     "wide_7x7_960": (1, 160, 7, 7, 960, 160, 3, 1, 1, False, "relu6", "relu", "sigmoid"),
+    # One output panel, 196 pixels at N=1: the project phase splits the pixels in 4 chunks.
+    "one_panel_14x14": (1, 64, 14, 14, 96, 40, 3, 1, 1, False, "relu6", "relu", "sigmoid"),
     "sigmoid_act": (1, 8, 6, 6, 20, 8, 3, 1, 1, False, "hsigmoid", "relu", "sigmoid"),
 }
 
@@ -264,9 +266,11 @@ def test_fused_eps_and_forced_no_skip():
 
 
 # At N=1 with 2 or 3 threads the small maps take the channel-sliced two-phase path (hidden
-# channels split over the threads, project split by output panels); 1 thread never does.
+# channels split over the threads, project split by output panels or pixel chunks); 1 thread
+# never does.
 @pytest.mark.parametrize("case", ["mbv2_s1_skip", "k5_s1_se_skip", "odd_7x11_s2_se", "dil2",
-                                  "k7_s2", "k7_s1", "k9_generic", "wide_7x7_960"])
+                                  "k7_s2", "k7_s1", "k9_generic", "wide_7x7_960",
+                                  "one_panel_14x14"])
 @pytest.mark.parametrize("n", [1, 3])
 def test_threads_bitwise(case, n):
     x, block, kw = _args(case, torch.float32, "channels_last")

@@ -876,14 +876,15 @@ void run_block(const Plan<T, A, In>& p, const SeLayer<T>* layer) {
                        });
     }
     // Phase B: the project GEMM over the image buffers, by (image, pixel chunk, panel group).
-    // Chunks of equal size; the output panels are split too when the chunks alone would leave
-    // a thread idle or uneven (a 7x7 map is one chunk).
+    // Chunks of equal size. When the chunks alone would leave a thread idle or uneven, the
+    // output panels are split too (a 7x7 map is one chunk), or, with fewer panels than
+    // threads, the pixels in more chunks (a 14x14 map with 64 output channels at batch 1: four
+    // chunks of 49 rows, not three of 66 on two threads).
     int64_t chunks = ceil_div(HW, kChunkPixels), pg = 1;
     if ((m * chunks) % threads != 0) {
       int64_t c = chunks;
       while ((m * c) % threads != 0 && ceil_div(HW, c + 1) >= kRowQuantum) ++c;
-      const bool xx = std::getenv("EFFK_X") && std::getenv("EFFK_X")[0] == '1';
-      if (xx && p.npp < threads && (m * c) % threads == 0)
+      if (p.npp < threads && (m * c) % threads == 0)
         chunks = c;
       else
         pg = std::min<int64_t>(p.npp, threads);
