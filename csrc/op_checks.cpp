@@ -210,27 +210,18 @@ MixProblem check_mixconv_backward(const char* op, const at::Tensor& grad_out,
   return {g, parse_act(op, act)};
 }
 
-namespace {
-
-PwProblem check_pwconv_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& residual, c10::string_view act,
-                              bool training, double eps) {
+PwProblem check_pwconv_input(const char* op, const at::Tensor& x, int64_t Cout,
+                             const std::optional<at::Tensor>& residual, c10::string_view act,
+                             bool training, double eps) {
   check_float_input(op, "x", x, 4);
   check_nonempty(op, x);
-  check_float_input(op, "weight", weight, 4);
-  check_same(op, "weight", weight, x);
-  EFFK_CHECK(op, weight.size(0) >= 1,
-             "weight must have shape (Cout, Cin, 1, 1) with Cout >= 1; got ", weight.sizes());
   PwProblem pb{};
   pb.N = x.size(0);
   pb.Cin = x.size(1);
   pb.H = x.size(2);
   pb.W = x.size(3);
-  pb.Cout = weight.size(0);
+  pb.Cout = Cout;
   pb.M = pb.N * pb.H * pb.W;
-  EFFK_CHECK(op, weight.size(1) == pb.Cin && weight.size(2) == 1 && weight.size(3) == 1,
-             "weight must have shape (Cout, Cin, 1, 1) with Cin == x.size(1) == ", pb.Cin,
-             "; got ", weight.sizes());
   if (residual.has_value() && residual->defined()) {
     check_float_input(op, "residual", *residual, 4);
     check_same(op, "residual", *residual, x);
@@ -243,6 +234,23 @@ PwProblem check_pwconv_common(const char* op, const at::Tensor& x, const at::Ten
   pb.training = training;
   pb.eps = eps;
   return pb;
+}
+
+namespace {
+
+PwProblem check_pwconv_common(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& residual, c10::string_view act,
+                              bool training, double eps) {
+  check_float_input(op, "x", x, 4);
+  check_nonempty(op, x);
+  check_float_input(op, "weight", weight, 4);
+  check_same(op, "weight", weight, x);
+  EFFK_CHECK(op, weight.size(0) >= 1,
+             "weight must have shape (Cout, Cin, 1, 1) with Cout >= 1; got ", weight.sizes());
+  EFFK_CHECK(op, weight.size(1) == x.size(1) && weight.size(2) == 1 && weight.size(3) == 1,
+             "weight must have shape (Cout, Cin, 1, 1) with Cin == x.size(1) == ", x.size(1),
+             "; got ", weight.sizes());
+  return check_pwconv_input(op, x, weight.size(0), residual, act, training, eps);
 }
 
 void check_pw_stat(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,

@@ -73,6 +73,18 @@ TORCH_LIBRARY(effkernels, m) {
       "inverted_residual_packed(Tensor x, Tensor packed, int out_channels, int kernel_size, "
       "int stride, int dilation) -> Tensor");
 
+  // pwconv_bn_act in eval mode with its weights packed once (CPU only): pwconv_bn_act_pack
+  // folds the BatchNorm from the running statistics and packs the weight's GEMM panels for this
+  // CPU and x's dtype into a uint8 tensor (x only gives the dtype); pwconv_bn_act_packed runs
+  // act(bn(conv1x1(x)) + residual) from it (out_channels: checked against the buffer, and the
+  // fake kernel's output shape). A snapshot, as inverted_residual_pack's.
+  m.def(
+      "pwconv_bn_act_pack(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor running_mean, Tensor running_var, float eps) -> Tensor");
+  m.def(
+      "pwconv_bn_act_packed(Tensor x, Tensor packed, int out_channels, str act, "
+      "Tensor? residual=None) -> Tensor");
+
   // y = x weight^T + bias for the classifier heads at small batch, inference only (CPU, fp32;
   // csrc/cpu/linear_inference.cpp): F.linear's matrix-vector product at batch 1 runs on one
   // thread. The models call it from their heads when no gradient is recorded.

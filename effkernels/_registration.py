@@ -99,6 +99,16 @@ def _ir_packed_fake(x, packed, out_channels, kernel_size, stride, dilation):
                      conv_out_size(w, kernel_size, stride, pad, dilation)))
 
 
+def _pw_pack_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, eps):
+    # The size depends on the panel width the CPU's ISA selects: data-dependent here.
+    return x.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
+
+
+def _pw_packed_fake(x, packed, out_channels, act, residual=None):
+    n, _, h, w = x.shape
+    return _like(x, (n, out_channels, h, w))
+
+
 def _linear_inference_fake(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
@@ -251,6 +261,8 @@ def register(namespace: str) -> None:
     inference_ops = {"inverted_residual_inference": _ir_inference_fake,  # C++ only
                      "inverted_residual_pack": _ir_pack_fake,
                      "inverted_residual_packed": _ir_packed_fake,
+                     "pwconv_bn_act_pack": _pw_pack_fake,
+                     "pwconv_bn_act_packed": _pw_packed_fake,
                      "linear_inference": _linear_inference_fake,
                      "conv_bn_act_inference": _conv_inference_fake}
     for op, fake in inference_ops.items():

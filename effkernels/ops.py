@@ -550,6 +550,35 @@ def _inference_call(x, args):
     return _kernel_call(_cpp().inverted_residual_inference, "cpu", x, *args)
 
 
+def _prepacked_pointwise(cache: dict, x, weight, bn_weight, bn_bias, running_mean, running_var,
+                         act: str, residual, eps: float) -> Optional[torch.Tensor]:
+    """pwconv_bn_act in eval mode on the CPU from its weights packed once (effkernels::
+    pwconv_bn_act_pack: BatchNorm folded, GEMM panels), kept in `cache` (the caller's dict) while
+    the same tensor objects keep the same version counters, as _prepacked_block keeps a block's.
+    None where this does not apply (the conditions of _eval_direct, CPU kernel); the caller then
+    takes pwconv_bn_act."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu":
+        return None
+    tensors = [weight, bn_weight, bn_bias, running_mean, running_var]
+    try:
+        if (not _direct(tensors + [x, residual]) or _resolve(x, "pwconv_bn_act") != "cpu"
+                or not _backend.fused_inference("cpu")):
+            return None
+        ops = _cpp()
+        entry = cache.get("entry")
+        if (entry is None or entry[0] != (x.dtype, eps)
+                or any(a is not b or a._version != v
+                       for a, b, v in zip(tensors, entry[1], entry[2]))):
+            cache.clear()
+            packed = _kernel_call(ops.pwconv_bn_act_pack, "cpu", x, *tensors, eps)
+            entry = cache["entry"] = ((x.dtype, eps), tensors, [t._version for t in tensors],
+                                      packed)
+        return _kernel_call(ops.pwconv_bn_act_packed, "cpu", x, entry[3], weight.shape[0], act,
+                            residual)
+    except Exception:  # noqa: BLE001 - the checked path names the bad argument
+        return None
+
+
 def _packed_args(depthwise, project, stride, dilation) -> tuple:
     """inverted_residual_packed's arguments after `packed`: the block's out_channels,
     kernel_size, stride and dilation (checked against the packed buffer)."""

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import effkernels
-from effkernels import models
+from effkernels import models, reference
 from effkernels.nn import prepack_for_inference
 
 from .test_inverted_residual_cpu import CASES, GROUPED, OP, _args, _cast, _fused, _grouped_args, _ref
-from .helpers import assert_close
+from .helpers import assert_close, bn_params, conv_weight, make_input
 
 pytestmark = pytest.mark.skipif(
     effkernels.available_backends("cpu")["cpu"] != "available",
@@ -169,13 +169,16 @@ def test_prepacked_model_bitwise(name):
     with torch.no_grad():
         expected = model(x)
     packed_model = copy.deepcopy(model)
-    assert prepack_for_inference(packed_model) == sum(
-        isinstance(m, effkernels.nn.blocks._Block) for m in model.modules()) > 10
+    blocks = [m for m in packed_model.modules() if isinstance(m, effkernels.nn.blocks._Block)]
+    # The blocks, and the 1x1 conv + BN layers of ConvBnActBlocks and of the head.
+    assert prepack_for_inference(packed_model) == len(_entries(packed_model)) > len(blocks) > 10
     with torch.no_grad():
         first, second = packed_model(x), packed_model(x)
     assert torch.equal(first, expected) and torch.equal(second, expected)
-    entries = _entries(packed_model)
-    assert entries and all(e is not None and e[3].dtype == torch.uint8 for e in entries)
+    assert all(e is None or e[3].dtype == torch.uint8 for e in _entries(packed_model))
+    assert all(b._packed_cache.get("entry") is not None for b in blocks)
+    if hasattr(packed_model, "bn2"):  # the efficientnet-style head: conv_head + bn2 + act
+        assert packed_model._packed_cache["entry"] is not None
 
 
 def test_prepacked_weights_are_used_and_repacked():
@@ -370,3 +373,130 @@ def test_split_block_not_prepacked_builds_weights_per_call():
     expected = copy.deepcopy(block)(x).detach()
     with torch.no_grad():
         assert_close(block(x), expected, torch.float32, "a 7x7 part")
+
+
+# ---- the 1x1 conv + BN layers: effkernels::pwconv_bn_act_pack / _packed --------------------
+
+def _pw_args(n, cin, h, w, cout, dtype, layout, zero_cols=False):
+    x = make_input((n, cin, h, w), torch.float64, layout).to(dtype)
+    weight = conv_weight((cout, cin, 1, 1), torch.float64)
+    if zero_cols:  # block-diagonal, as MixNet's split 1x1 convs: per-panel k ranges
+        weight[: cout // 2, cin // 2:] = 0
+        weight[cout // 2:, : cin // 2] = 0
+    bn = [t.double() for t in bn_params(cout)]
+    return x, weight.to(dtype), [t.to(dtype) for t in bn]
+
+
+def _pw_eval(x, weight, bn, act, residual=None, eps=1e-5):
+    return OP.pwconv_bn_act(x, weight, *bn, residual, act, False, eps)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided"])
+@pytest.mark.parametrize("act, res", [("relu6", False), ("hswish", False), ("identity", True)])
+def test_pw_packed_bitwise(dtype, layout, act, res):
+    """The packed call computes exactly what pwconv_bn_act's eval pass computes (the same panels,
+    tiles of the same shapes), and that is the layer (against the float64 reference); odd
+    shapes, channels not a multiple of 8, an empty batch, another batch from the same pack."""
+    x, weight, bn = _pw_args(2, 13, 7, 11, 37, dtype, layout)
+    residual = make_input((2, 37, 7, 11), torch.float64, layout).to(dtype) if res else None
+    packed = OP.pwconv_bn_act_pack(x, weight, *bn, 1e-5)
+    assert packed.dtype == torch.uint8 and packed.dim() == 1
+    out = OP.pwconv_bn_act_packed(x, packed, 37, act, residual)
+    expected = _pw_eval(x, weight, bn, act, residual)
+    assert out.shape == expected.shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last) == \
+        expected.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, expected), f"{dtype} {layout} {act}"
+    if dtype in (torch.float32, torch.float64):
+        ref = reference.pwconv_bn_act(x.double(), weight.double(), *[t.double() for t in bn],
+                                      act=act, residual=None if residual is None
+                                      else residual.double())
+        assert_close(out, ref, dtype, "out")
+    x1 = x[:1].clone()
+    assert torch.equal(OP.pwconv_bn_act_packed(x1, packed, 37, act, None if residual is None
+                                               else residual[:1].clone()),
+                       _pw_eval(x1, weight, bn, act, None if residual is None
+                                else residual[:1].clone()))
+    empty = OP.pwconv_bn_act_packed(x[:0], packed, 37, act, None)
+    assert empty.shape == (0, 37, 7, 11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pw_packed_bitwise_grouped(dtype):
+    """A block-diagonal weight: the packed k ranges skip its zeros, as the per-call path does
+    (and a NaN in x takes the full K there too)."""
+    x, weight, bn = _pw_args(1, 48, 9, 9, 96, dtype, "channels_last", zero_cols=True)
+    packed = OP.pwconv_bn_act_pack(x, weight, *bn, 1e-5)
+    assert torch.equal(OP.pwconv_bn_act_packed(x, packed, 96, "relu", None),
+                       _pw_eval(x, weight, bn, "relu"))
+    x[0, 0, 0, 0] = float("nan")
+    got, want = OP.pwconv_bn_act_packed(x, packed, 96, "relu", None), _pw_eval(x, weight, bn,
+                                                                                "relu")
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_pw_packed_refused():
+    x, weight, bn = _pw_args(2, 16, 5, 5, 24, torch.float32, "channels_last")
+    packed = OP.pwconv_bn_act_pack(x, weight, *bn, 1e-5)
+    with pytest.raises(RuntimeError, match="pwconv_bn_act_packed: x must be Float with 16 "
+                                           "channels.*got BFloat16"):
+        OP.pwconv_bn_act_packed(x.bfloat16(), packed, 24, "relu", None)
+    with pytest.raises(RuntimeError, match="x must be Float with 16 channels.*got Float of "
+                                           r"shape \[2, 8, "):
+        OP.pwconv_bn_act_packed(x[:, :8], packed, 24, "relu", None)
+    with pytest.raises(RuntimeError, match="packed holds 24 output channels; got out_channels "
+                                           "25"):
+        OP.pwconv_bn_act_packed(x, packed, 25, "relu", None)
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        OP.pwconv_bn_act_packed(x, packed, 24, "identity", torch.randn(2, 23, 5, 5))
+    with pytest.raises(RuntimeError, match="residual must have dtype Float like x"):
+        OP.pwconv_bn_act_packed(x, packed, 24, "identity", torch.randn(2, 24, 5, 5).double())
+    with pytest.raises(ValueError, match="act must be one of"):
+        OP.pwconv_bn_act_packed(x, packed, 24, "gelu", None)
+    with pytest.raises(RuntimeError, match="packed must be the contiguous 1-d uint8"):
+        OP.pwconv_bn_act_packed(x, packed.float(), 24, "relu", None)
+    with pytest.raises(RuntimeError, match="or is damaged"):
+        OP.pwconv_bn_act_packed(x, packed[:-64].clone(), 24, "relu", None)
+    with pytest.raises(RuntimeError, match="shorter than its header"):
+        OP.pwconv_bn_act_packed(x, packed[:8].clone(), 24, "relu", None)
+    with pytest.raises(RuntimeError, match="does not start with the header"):
+        OP.pwconv_bn_act_packed(x, torch.zeros_like(packed), 24, "relu", None)
+    # The pack checks its arguments as pwconv_bn_act does.
+    with pytest.raises(RuntimeError, match="pwconv_bn_act_pack: weight must have shape"):
+        OP.pwconv_bn_act_pack(x, weight[:, :8], *bn, 1e-5)
+
+
+def test_pw_opcheck():
+    x, weight, bn = _pw_args(2, 16, 5, 5, 24, torch.float32, "channels_last")
+    packed = OP.pwconv_bn_act_pack(x, weight, *bn, 1e-5)
+    torch.library.opcheck(OP.pwconv_bn_act_packed.default, (x, packed, 24, "relu6", None))
+    torch.library.opcheck(OP.pwconv_bn_act_packed.default,
+                          (x, packed, 24, "identity", torch.randn(2, 24, 5, 5)))
+    torch.library.opcheck(OP.pwconv_bn_act_pack.default, (x, weight, *bn, 1e-5),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+def test_prepacked_head_repacked():
+    """The head's (and a ConvBnActBlock's) packed 1x1 conv + BN follows in-place changes and
+    replaced tensors, as the blocks do; results equal an unprepacked copy's."""
+    for name in ("mobilenetv2_100", "mobilenetv3_large_100"):
+        model = _model(name)
+        fresh = copy.deepcopy(model)
+        prepack_for_inference(model)
+        x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+        layer = model if name == "mobilenetv2_100" else model.blocks[6][0]
+        bn = model.bn2 if name == "mobilenetv2_100" else model.blocks[6][0].bn1
+        fresh_bn = fresh.bn2 if name == "mobilenetv2_100" else fresh.blocks[6][0].bn1
+        with torch.no_grad():
+            assert torch.equal(model(x), fresh(x))
+            packed = layer._packed_cache["entry"][3]
+            for b in (bn, fresh_bn):
+                b.running_var.mul_(1.5)
+            assert torch.equal(model(x), fresh(x))
+            assert layer._packed_cache["entry"][3] is not packed
+            for b in (bn, fresh_bn):
+                b.weight = torch.nn.Parameter(b.weight * 0.5)
+            assert torch.equal(model(x), fresh(x))

@@ -17,6 +17,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 
+#include "effkernels/checks.h"
 #include "effkernels/conv_geometry.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -28,6 +29,28 @@
 #endif
 
 namespace effkernels::cpu {
+
+// ---- packed weights buffers ------------------------------------------------------------------
+
+// The header of a packed weights buffer (inverted_residual_pack, pwconv_bn_act_pack: a header H
+// whose first fields are int64 magic and version, then its parts): `packed` checked to be the
+// 1-d uint8 CPU tensor `packer` returns, at least a header long, of that magic and version.
+template <class H>
+H read_packed_header(const char* op, const char* packer, const at::Tensor& packed,
+                     int64_t magic, int64_t version) {
+  EFFK_CHECK(op, packed.device().is_cpu() && packed.scalar_type() == at::kByte &&
+                     packed.dim() == 1 && packed.is_contiguous(),
+             "packed must be the contiguous 1-d uint8 CPU tensor that ", packer, " returns; got ",
+             packed.scalar_type(), " ", packed.sizes(), " on ", packed.device());
+  H h{};
+  EFFK_CHECK(op, packed.numel() >= static_cast<int64_t>(sizeof(h)), "packed is ",
+             packed.numel(), " bytes, shorter than its header");
+  std::memcpy(&h, packed.const_data_ptr<uint8_t>(), sizeof(h));
+  EFFK_CHECK(op, h.magic == magic && h.version == version,
+             "packed does not start with the header of ", packer, "'s version ", version,
+             ": pack again");
+  return h;
+}
 
 // ---- non-temporal (streaming) result stores ---------------------------------------------------
 

@@ -1152,23 +1152,6 @@ SeLayer<T> se_layer(const Geometry& g, const uint8_t* part) {
   return {w, w + n, w + n + g.Cr, w + 2 * n + g.Cr, g.C, g.Cr, g.se_act, g.se_gate};
 }
 
-// The packed buffer's header, checked to be one (the layout's size is checked against the plan).
-PackHeader read_header(const char* op, const at::Tensor& packed) {
-  EFFK_CHECK(op, packed.device().is_cpu() && packed.scalar_type() == at::kByte &&
-                     packed.dim() == 1 && packed.is_contiguous(),
-             "packed must be the contiguous 1-d uint8 CPU tensor that inverted_residual_pack "
-             "returns; got ", packed.scalar_type(), " ", packed.sizes(), " on ",
-             packed.device());
-  PackHeader h{};
-  EFFK_CHECK(op, packed.numel() >= static_cast<int64_t>(sizeof(h)),
-             "packed is ", packed.numel(), " bytes, shorter than its header");
-  std::memcpy(&h, packed.const_data_ptr<uint8_t>(), sizeof(h));
-  EFFK_CHECK(op, h.magic == kPackMagic && h.version == kPackVersion,
-             "packed does not start with the header of inverted_residual_pack's version ",
-             kPackVersion, ": pack the block again");
-  return h;
-}
-
 // The block's weights: a packed buffer (checked header `packed_header`), or the call's tensors,
 // packed into the calling thread's scratch (a fresh buffer per call costs page faults).
 struct Weights {
@@ -1309,7 +1292,8 @@ at::Tensor inverted_residual_packed(const at::Tensor& x, const at::Tensor& packe
                                     int64_t out_channels, int64_t kernel_size, int64_t stride,
                                     int64_t dilation) {
   constexpr const char* op = "inverted_residual_packed";
-  const PackHeader h = read_header(op, packed);
+  const PackHeader h = read_packed_header<PackHeader>(op, "inverted_residual_pack", packed,
+                                                      kPackMagic, kPackVersion);
   const Geometry g = packed_geometry(op, x, h, out_channels, kernel_size, stride, dilation);
   Weights w;
   w.packed = &packed;

@@ -172,8 +172,10 @@ double max_share(const TilePlan& t, int64_t threads) {
   return worst;
 }
 
+// The tile plan of the least estimated time (only panels `nr` wide when nr > 0: packed weights).
 template <class A, class In = A>
-Plan<A, In> plan_tiles(Isa isa, int64_t M, int64_t K, int64_t ncols, bool chunk_tiles) {
+Plan<A, In> plan_tiles(Isa isa, int64_t M, int64_t K, int64_t ncols, bool chunk_tiles,
+                       int nr = 0) {
   const int64_t threads = std::max(1, at::get_num_threads());
   // Chunk tiles: even, a multiple of 12 rows, at most kMaxTileRows. Free tiles may also split
   // a small M evenly over the threads.
@@ -184,6 +186,7 @@ Plan<A, In> plan_tiles(Isa isa, int64_t M, int64_t K, int64_t ncols, bool chunk_
   Plan<A, In> best{};
   double best_cost = 0.0;
   for (const GemmPlan<A, In>& g : panel_shapes<A, In>(isa)) {
+    if (nr > 0 && g.NR != nr) continue;
     for (const int64_t h : heights) {
       TilePlan t;
       t.M = M;
@@ -235,8 +238,11 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
   if constexpr (requires { pack.col_scale(); }) col_scale = pack.col_scale();
   // Padded copy stride: K*sizeof(In) a multiple of 4 KiB would put all rows in one cache set.
   const int64_t ldp = p.K % 64 == 0 ? p.K + 16 : p.K;
+  // A pack with panels() holds all panels packed already (pwconv_bn_act_packed).
+  constexpr bool kPrepacked = requires { pack.panels(); };
   at::parallel_for(0, p.items, 1, [&](int64_t begin, int64_t end) {
-    In* panels = thread_scratch<In>(0, p.panels_per_item * Kp * p.NR);
+    In* scratch = kPrepacked ? nullptr : thread_scratch<In>(0, p.panels_per_item * Kp * p.NR);
+    const In* panels = scratch;
     // A tile's GEMM writes (and a copied tile holds) whole blocks: round_up(rows, MR) rows.
     const int64_t rows_alloc = round_up(p.tile_rows, p.MR);
     A* block = thread_scratch<A>(1, rows_alloc * p.NR);
@@ -247,7 +253,11 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
       const int64_t j0 = ci * p.panels_per_item;
       const int64_t j1 = std::min(p.npanels, j0 + p.panels_per_item);
       if (ci != packed) {
-        pack(j0, j1, panels);
+        if constexpr (kPrepacked) {
+          panels = pack.panels() + j0 * Kp * p.NR;
+        } else {
+          pack(j0, j1, scratch);
+        }
         packed = ci;
       }
       const int64_t row0 = t * p.tile_rows, rows = std::min(p.tile_rows, p.M - row0);
@@ -500,6 +510,53 @@ void batch_stats(const Problem& pb, const Rows<const T>& xr, const at::Tensor& w
   });
 }
 
+// BN folded: scale (into the packed weights; the bf16 pair kernel applies it to its fp32 results)
+// and shift (the epilogue's), from the statistics mean / var.
+template <class A>
+void fold_pw(const Problem& pb, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+             const A* mean, const A* var, std::vector<A>& scale, std::vector<A>& shift) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
+  const at::Tensor gamma = acc_vector(bn_weight, acc), beta = acc_vector(bn_bias, acc);
+  const A* gd = gamma.const_data_ptr<A>();
+  const A* bd = beta.const_data_ptr<A>();
+  scale.assign(static_cast<size_t>(pb.Cout), A(0));
+  shift.assign(static_cast<size_t>(pb.Cout), A(0));
+  for (int64_t c = 0; c < pb.Cout; ++c) {
+    const BnAffine<A> f = fold_bn<A>(gd[c], bd[c], mean[c], var[c], static_cast<A>(pb.eps));
+    scale[c] = f.scale;
+    shift[c] = f.shift;
+  }
+}
+
+// The eval pass: out = act(x @ W' + shift (+ residual)), W' (the BN scale folded in) packed by
+// `pack` in panels plan.gemm.NR wide (packed per call, or prepacked: pwconv_bn_act_packed).
+template <class T, class A, class In, class Pack>
+void eval_pass(const Problem& pb, const Rows<const T>& xr, const at::Tensor& out, const A* shift,
+               const std::optional<at::Tensor>& residual, Isa isa, const Plan<A, In>& plan,
+               const Pack& pack, const PanelK& kr) {
+  const bool has_res = residual.has_value() && residual->defined();
+  FwdEpilogueArgs<T, A> base{};
+  base.shift = shift;
+  base.out = dense_rows<T>(out.data_ptr<T>(), pb.Cout);
+  at::Tensor res_i;
+  if (has_res) {
+    res_i = channels_innermost(*residual);
+    base.res = rows_of<const T>(res_i);
+  }
+  const FwdEpilogueFn<T> epilogue = select_fwd_epilogue<T>(isa, pb.act, has_res);
+  auto prefetch = [&](int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+    prefetch_block(base.out, row0, rows, col0, ncols, /*write=*/true);
+    if (has_res) prefetch_block(base.res, row0, rows, col0, ncols, /*write=*/false);
+  };
+  const int NR = plan.gemm.NR;
+  tiled_gemm(
+      plan.tiles, xr, pack, plan.gemm, prefetch,
+      [&](int64_t, int64_t row0, int64_t rows, int64_t j, const A* block) {
+        epilogue(for_block(base, block, NR, row0, rows, j, pb.Cout));
+      },
+      kr);
+}
+
 template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const Problem& pb, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
@@ -507,7 +564,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual) {
   using A = acc_type<T>;
   const at::ScalarType acc = stat_dtype(x);
-  const bool has_res = residual.has_value() && residual->defined();
   at::Tensor out = empty_nhwc({pb.N, pb.Cout, pb.H, pb.W}, x.options());
   const at::Tensor xi = channels_innermost(x);
   const Rows<const T> xr = rows_of<const T>(xi);
@@ -527,40 +583,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   }
   if (pb.M == 0 || pb.Cout == 0) return {in_format(out, output_format(x)), mean_t, var_t};
 
-  // Fold BN: scale goes into the packed weights (the bf16 pair kernel: applied to its fp32
-  // results), shift into the epilogue.
-  const at::Tensor gamma = acc_vector(bn_weight, acc), beta = acc_vector(bn_bias, acc);
-  const A* gd = gamma.const_data_ptr<A>();
-  const A* bd = beta.const_data_ptr<A>();
-  std::vector<A> scale(static_cast<size_t>(pb.Cout)), shift(scale);
-  for (int64_t c = 0; c < pb.Cout; ++c) {
-    const BnAffine<A> f = fold_bn<A>(gd[c], bd[c], mean[c], var[c], static_cast<A>(pb.eps));
-    scale[c] = f.scale;
-    shift[c] = f.shift;
-  }
-  FwdEpilogueArgs<T, A> base{};
-  base.shift = shift.data();
-  base.out = dense_rows<T>(out.data_ptr<T>(), pb.Cout);
-  at::Tensor res_i;
-  if (has_res) {
-    res_i = channels_innermost(*residual);
-    base.res = rows_of<const T>(res_i);
-  }
-  const FwdEpilogueFn<T> epilogue = select_fwd_epilogue<T>(isa, pb.act, has_res);
-  auto prefetch = [&](int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
-    prefetch_block(base.out, row0, rows, col0, ncols, /*write=*/true);
-    if (has_res) prefetch_block(base.res, row0, rows, col0, ncols, /*write=*/false);
-  };
+  std::vector<A> scale, shift;
+  fold_pw<A>(pb, bn_weight, bn_bias, mean.data(), var.data(), scale, shift);
   with_gemm_operand<T, A>(isa, [&](auto operand) {
     using In = decltype(operand);
-    const auto [gemm, tp] = plan_tiles<A, In>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/false);
-    const ConvPanels<T, A, In> wp(weight, isa, gemm.NR, scale.data());
-    tiled_gemm(
-        tp, xr, wp, gemm, prefetch,
-        [&](int64_t, int64_t row0, int64_t rows, int64_t j, const A* block) {
-          epilogue(for_block(base, block, gemm.NR, row0, rows, j, pb.Cout));
-        },
-        panel_k_ranges<T>(weight, gemm.NR));
+    const Plan<A, In> plan = plan_tiles<A, In>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/false);
+    const ConvPanels<T, A, In> wp(weight, isa, plan.gemm.NR, scale.data());
+    eval_pass<T, A, In>(pb, xr, out, shift.data(), residual, isa, plan, wp,
+                        panel_k_ranges<T>(weight, plan.gemm.NR));
   });
   return {in_format(out, output_format(x)), mean_t, var_t};
 }
@@ -749,7 +779,166 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   return finish();
 }
 
+// ---- packed weights (inference) ----------------------------------------------------------------
+//
+// pwconv_bn_act_pack folds the BatchNorm from the running statistics and packs the weight's
+// panels once (the width the per-call path would choose for these channels on this CPU);
+// pwconv_bn_act_packed runs the eval pass from the buffer. The per-call path packs on every
+// call: ~1/3 of MobileNetV2's 320 -> 1280 head at batch 1 (its 1.6 MB of weights transposed
+// per call). Same bits as the per-call path: the same panels, tiles of the same shapes.
+
+constexpr int64_t kPwPackMagic = 0x4b50575046464645;  // "EFFPWPK"
+constexpr int64_t kPwPackVersion = 1;
+
+struct PwPackHeader {
+  int64_t magic, version;
+  int64_t dtype;  // x's c10::ScalarType
+  int64_t pairs;  // the bf16 pair kernel's panels rather than the FMA kernel's
+  int64_t NR, Cin, Cout;
+  double eps;
+};
+
+// Byte offsets (64-byte aligned, after the header): the shift [Cout], the pair kernel's column
+// scales [npanels * NR], the panels' k ranges (a flag, then lo/hi per panel), the panels.
+struct PwPackLayout {
+  int64_t shift, col_scale, kr, panels, bytes;
+};
+
+template <class A, class In>
+PwPackLayout pw_pack_layout(const PwPackHeader& h) {
+  const int64_t npanels = ceil_div(h.Cout, h.NR), Kp = round_up(h.Cin, kPackedStep<A, In>);
+  PwPackLayout l{};
+  int64_t off = round_up(sizeof(PwPackHeader), 64);
+  auto take = [&](int64_t bytes) {
+    const int64_t at = off;
+    off = round_up(off + bytes, 64);
+    return at;
+  };
+  l.shift = take(h.Cout * sizeof(A));
+  l.col_scale = take(npanels * h.NR * sizeof(A));
+  l.kr = take((1 + 2 * npanels) * sizeof(int64_t));
+  l.panels = take(npanels * Kp * h.NR * sizeof(In));
+  l.bytes = off;
+  return l;
+}
+
+// The prepacked panels, as tiled_gemm takes them.
+template <class A, class In>
+struct PackedPanels {
+  const In* all;
+  const A* scale;  // the pair kernel's column factors, or null
+  const In* panels() const { return all; }
+  const A* col_scale() const { return scale; }
+};
+
+template <class T>
+at::Tensor pack_impl(const Problem& pb, const at::Tensor& x, const at::Tensor& weight,
+                     const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                     const at::Tensor& running_mean, const at::Tensor& running_var) {
+  using A = acc_type<T>;
+  const Isa isa = cpu_isa();
+  const at::ScalarType acc = stat_dtype(x);
+  const at::Tensor mean = running_mean.to(acc).contiguous(), var = running_var.to(acc).contiguous();
+  std::vector<A> scale, shift;
+  fold_pw<A>(pb, bn_weight, bn_bias, mean.const_data_ptr<A>(), var.const_data_ptr<A>(), scale,
+             shift);
+  at::Tensor packed;
+  with_gemm_operand<T, A>(isa, [&](auto operand) {
+    using In = decltype(operand);
+    const GemmPlan<A, In> gemm = plan_gemm<A, In>(isa, pb.Cout);
+    const PwPackHeader h{kPwPackMagic, kPwPackVersion,
+                         static_cast<int64_t>(c10::CppTypeToScalarType<T>::value),
+                         std::is_same_v<In, A> ? 0 : 1, gemm.NR, pb.Cin, pb.Cout, pb.eps};
+    const PwPackLayout l = pw_pack_layout<A, In>(h);
+    packed = at::zeros({l.bytes}, x.options().dtype(at::kByte).memory_format(
+                                      at::MemoryFormat::Contiguous));
+    uint8_t* base = packed.data_ptr<uint8_t>();
+    std::memcpy(base, &h, sizeof(h));
+    std::memcpy(base + l.shift, shift.data(), pb.Cout * sizeof(A));
+    const int64_t npanels = ceil_div(pb.Cout, gemm.NR);
+    const ConvPanels<T, A, In> wp(weight, isa, gemm.NR, scale.data());
+    if (const A* cs = wp.col_scale())
+      std::memcpy(base + l.col_scale, cs, npanels * gemm.NR * sizeof(A));
+    const PanelK kr = panel_k_ranges<T>(weight, gemm.NR);
+    int64_t* r = reinterpret_cast<int64_t*>(base + l.kr);
+    r[0] = kr.empty() ? 0 : 1;
+    for (size_t j = 0; j < kr.lo.size(); ++j) {
+      r[1 + 2 * j] = kr.lo[j];
+      r[2 + 2 * j] = kr.hi[j];
+    }
+    wp(0, npanels, reinterpret_cast<In*>(base + l.panels));
+  });
+  return packed;
+}
+
+template <class T>
+at::Tensor packed_impl(const char* op, const Problem& pb, const PwPackHeader& h,
+                       const at::Tensor& x, const at::Tensor& packed,
+                       const std::optional<at::Tensor>& residual) {
+  using A = acc_type<T>;
+  const Isa isa = cpu_isa();
+  at::Tensor out = empty_nhwc({pb.N, pb.Cout, pb.H, pb.W}, x.options());
+  with_gemm_operand<T, A>(isa, [&](auto operand) {
+    using In = decltype(operand);
+    constexpr int64_t kPairs = std::is_same_v<In, A> ? 0 : 1;
+    const PwPackLayout l = pw_pack_layout<A, In>(h);
+    const Plan<A, In> plan = plan_tiles<A, In>(isa, std::max<int64_t>(pb.M, 1), pb.Cin,
+                                               pb.Cout, /*chunk_tiles=*/false, h.NR);
+    EFFK_CHECK(op, h.pairs == kPairs && plan.gemm.NR == h.NR && packed.numel() == l.bytes,
+               "packed was made for other GEMM kernels (panels ", h.NR,
+               h.pairs ? ", bf16 pairs" : "", ") or is damaged (", packed.numel(),
+               " bytes, expected ", l.bytes, "): pack the weights again on this machine");
+    if (pb.M == 0) return;
+    const uint8_t* base = packed.const_data_ptr<uint8_t>();
+    const int64_t npanels = ceil_div(h.Cout, h.NR);
+    PanelK kr;
+    const int64_t* r = reinterpret_cast<const int64_t*>(base + l.kr);
+    if (r[0] != 0)
+      for (int64_t j = 0; j < npanels; ++j) {
+        kr.lo.push_back(r[1 + 2 * j]);
+        kr.hi.push_back(r[2 + 2 * j]);
+      }
+    const PackedPanels<A, In> pp{reinterpret_cast<const In*>(base + l.panels),
+                                 h.pairs ? reinterpret_cast<const A*>(base + l.col_scale)
+                                         : nullptr};
+    const at::Tensor xi = channels_innermost(x);
+    eval_pass<T, A, In>(pb, rows_of<const T>(xi), out,
+                        reinterpret_cast<const A*>(base + l.shift), residual, isa, plan, pp, kr);
+  });
+  return in_format(out, output_format(x));
+}
+
 }  // namespace
+
+at::Tensor pwconv_bn_act_pack(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                              const at::Tensor& running_mean, const at::Tensor& running_var,
+                              double eps) {
+  constexpr const char* op = "pwconv_bn_act_pack";
+  const Problem pb = check_pwconv_forward(op, x, weight, bn_weight, bn_bias, running_mean,
+                                          running_var, std::nullopt, "identity", false, eps);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    return pack_impl<scalar_t>(pb, x, weight, bn_weight, bn_bias, running_mean, running_var);
+  });
+}
+
+at::Tensor pwconv_bn_act_packed(const at::Tensor& x, const at::Tensor& packed,
+                                int64_t out_channels, c10::string_view act,
+                                const std::optional<at::Tensor>& residual) {
+  constexpr const char* op = "pwconv_bn_act_packed";
+  const PwPackHeader h = read_packed_header<PwPackHeader>(op, "pwconv_bn_act_pack", packed,
+                                                          kPwPackMagic, kPwPackVersion);
+  EFFK_CHECK(op, out_channels == h.Cout, "packed holds ", h.Cout,
+             " output channels; got out_channels ", out_channels);
+  const Problem pb = check_pwconv_input(op, x, h.Cout, residual, act, false, h.eps);
+  EFFK_CHECK(op, x.scalar_type() == static_cast<c10::ScalarType>(h.dtype) && pb.Cin == h.Cin,
+             "x must be ", static_cast<c10::ScalarType>(h.dtype), " with ", h.Cin,
+             " channels, as the weights were packed for; got ", x.scalar_type(), " of shape ",
+             x.sizes());
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    return packed_impl<scalar_t>(op, pb, h, x, packed, residual);
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
@@ -782,4 +971,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn
 TORCH_LIBRARY_IMPL(effkernels, CPU, m) {
   m.impl("pwconv_bn_act", &effkernels::cpu::pwconv_bn_act);
   m.impl("pwconv_bn_act_backward", &effkernels::cpu::pwconv_bn_act_backward);
+  m.impl("pwconv_bn_act_pack", &effkernels::cpu::pwconv_bn_act_pack);
+  m.impl("pwconv_bn_act_packed", &effkernels::cpu::pwconv_bn_act_packed);
 }

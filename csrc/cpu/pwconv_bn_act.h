@@ -25,4 +25,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn
     const at::Tensor& var, const std::optional<at::Tensor>& residual, c10::string_view act,
     bool training, double eps);
 
+// Inference with the weights packed once (BN folded from the running statistics): the packed
+// uint8 buffer, and the eval forward act(bn(conv1x1(x)) + residual) from it.
+at::Tensor pwconv_bn_act_pack(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                              const at::Tensor& running_mean, const at::Tensor& running_var,
+                              double eps);
+at::Tensor pwconv_bn_act_packed(const at::Tensor& x, const at::Tensor& packed,
+                                int64_t out_channels, c10::string_view act,
+                                const std::optional<at::Tensor>& residual);
+
 }  // namespace effkernels::cpu

@@ -4,7 +4,7 @@ state_dict of the same model loads with strict=True."""
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,10 @@ class EfficientNet(NotScriptable, nn.Module):
     average pool -> classifier. head='mobilenetv3': blocks -> global average pool -> 1x1
     conv_head with bias -> act -> classifier (MobileNetV3's efficient last stage).
     """
+
+    # effkernels.nn.prepack_for_inference: the head's 1x1 conv + BN packed once (ops.
+    # _prepacked_pointwise's cache); None: packed per call.
+    _packed_cache: Optional[dict] = None
 
     def __init__(self, stages: List[List[BlockArgs]], cfg: BuildConfig, *, stem_chs: int,
                  num_features: int, num_classes: int = 1000, in_chans: int = 3,
@@ -61,7 +65,8 @@ class EfficientNet(NotScriptable, nn.Module):
         x = F_.conv_bn_act(x, self.conv_stem, self.bn1, self.act, self.same)
         x = self.blocks(x)
         if self.head == "efficientnet" and self.conv_head is not None:
-            x = F_.pointwise(x, self.conv_head, self.bn2, self.act)
+            x = F_.pointwise(x, self.conv_head, self.bn2, self.act,
+                             packed_cache=self._packed_cache)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -168,11 +168,22 @@ def depthwise(x: torch.Tensor, conv: ConvLike, bn: nn.BatchNorm2d, act: str,
 
 
 def pointwise(x: torch.Tensor, conv: ConvLike, bn: nn.BatchNorm2d, act: str,
-              residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """1x1 conv (plain or split into groups) + BN [+ residual] + act."""
+              residual: Optional[torch.Tensor] = None,
+              packed_cache: Optional[dict] = None) -> torch.Tensor:
+    """1x1 conv (plain or split into groups) + BN [+ residual] + act. packed_cache: the caller's
+    dict for weights packed once (effkernels.nn.prepack_for_inference), used in CPU inference
+    of a plain conv without casts."""
     dtype = compute_dtype(x)
     bnp = bn_args(bn)
     group = _sync.group_of(bn)
+    if (packed_cache is not None and not bnp.training and group is None
+            and type(conv) is nn.Conv2d and x.dtype == dtype == conv.weight.dtype
+            and (residual is None or residual.dtype == dtype)):
+        out = ops._prepacked_pointwise(packed_cache, x, conv.weight, bnp.weight, bnp.bias,
+                                       bnp.running_mean, bnp.running_var, act, residual,
+                                       bnp.eps)
+        if out is not None:
+            return out
     if group is not None:
         parts = convs(conv)
         weights = [cast(w, dtype) for w in (parts[0].weight.chunk(parts[0].groups, 0)
@@ -267,16 +278,17 @@ def _foldable(x: torch.Tensor, conv: nn.Conv2d, bnp: BNArgs, act: str) -> bool:
 
 
 def conv_bn_act(x: torch.Tensor, conv: ConvLike, bn: nn.BatchNorm2d, act: str,
-                same: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                same: bool = False, residual: Optional[torch.Tensor] = None,
+                packed_cache: Optional[dict] = None) -> torch.Tensor:
     """ACT(BN(conv(x))) [+ residual], through the matching effkernels op: 1x1 ->
-    pwconv_bn_act (which fuses the residual when act is identity), depthwise ->
-    dwconv/mixconv_bn_act, anything else -> dense()."""
+    pwconv_bn_act (which fuses the residual when act is identity; packed_cache: see
+    pointwise), depthwise -> dwconv/mixconv_bn_act, anything else -> dense()."""
     first = convs(conv)[0]
     k, stride = first.kernel_size, first.stride
     if k == (1, 1) and stride == (1, 1) and first.padding == (0, 0) and first.bias is None:
         if act == "identity":
-            return pointwise(x, conv, bn, act, residual)
-        out = pointwise(x, conv, bn, act)
+            return pointwise(x, conv, bn, act, residual, packed_cache)
+        out = pointwise(x, conv, bn, act, packed_cache=packed_cache)
     elif first.groups == first.in_channels == first.out_channels and k[0] == k[1] \
             and first.bias is None:
         out = depthwise(x, conv, bn, act, same)

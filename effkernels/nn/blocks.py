@@ -340,15 +340,17 @@ def prepack_for_inference(model: nn.Module, enabled: bool = True) -> int:
     DepthwiseSeparable, also those effkernels.convert swapped in) keep their eval-mode weights
     packed for the CPU kernel (BatchNorm folded, GEMM panels for this CPU and the input's dtype)
     instead of packing them on every call, as ONNX Runtime and oneDNN prepack at session
-    creation. Only CPU inference uses them (eval mode, no gradient recorded, no compiler);
-    results are bit-for-bit those of the unpacked call. A block packs again at its next call
-    when one of its weights or BatchNorm statistics is replaced or changed in place through
-    PyTorch (version counter); writes that bypass it (`.data`, numpy views) are not seen: call
-    this again after those. The packed copies cost about the weights' size in memory;
-    enabled=False drops them. Returns the number of blocks set."""
+    creation; so do the 1x1 conv + BN layers of ConvBnActBlock and of the models' heads
+    (effkernels::pwconv_bn_act_pack). Only CPU inference uses them (eval mode, no gradient
+    recorded, no compiler); results are bit-for-bit those of the unpacked call. A module packs
+    again at its next call when one of its weights or BatchNorm statistics is replaced or
+    changed in place through PyTorch (version counter); writes that bypass it (`.data`, numpy
+    views) are not seen: call this again after those. The packed copies cost about the
+    weights' size in memory; enabled=False drops them. Returns the number of modules set
+    (blocks, ConvBnActBlocks, heads)."""
     count = 0
     for module in model.modules():
-        if isinstance(module, _Block):
+        if isinstance(module, _Block) or "_packed_cache" in type(module).__dict__:
             module._packed_cache = {} if enabled else None
             module.__dict__.pop("_dense_weights", None)  # MixNet's kept built weights
             count += 1
@@ -472,6 +474,10 @@ class DepthwiseSeparable(_Block):
 class ConvBnActBlock(NotScriptable, nn.Module):
     """timm's ConvBnAct block layout (conv, bn1): conv + BN + act [+ x]."""
 
+    # prepack_for_inference: the packed eval-mode weights of a 1x1 conv (ops.
+    # _prepacked_pointwise's cache); None: packed per call.
+    _packed_cache: Optional[dict] = None
+
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
                  dilation: int = 1, act: str = "relu6", *, skip: bool = False,
                  same: bool = False, eps: float = 1e-5, momentum: float = 0.1,
@@ -486,7 +492,8 @@ class ConvBnActBlock(NotScriptable, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F_.conv_bn_act(x, self.conv, self.bn1, self.act, self.same,
-                              residual=x if self.has_skip else None)
+                              residual=x if self.has_skip else None,
+                              packed_cache=self._packed_cache)
 
     def extra_repr(self) -> str:
         return f"act={self.act!r}, skip={self.has_skip}"

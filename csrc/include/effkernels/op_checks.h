@@ -81,6 +81,12 @@ struct PwProblem {
   double eps;
 };
 
+// x, residual (shape (N, Cout, H, W)), act and eps of a pointwise conv with Cout outputs whose
+// weight the caller has checked or packed (pwconv_bn_act_packed).
+PwProblem check_pwconv_input(const char* op, const at::Tensor& x, int64_t Cout,
+                             const std::optional<at::Tensor>& residual, c10::string_view act,
+                             bool training, double eps);
+
 // Every argument of pwconv_bn_act / pwconv_bn_act_backward (one sequence for every backend).
 PwProblem check_pwconv_forward(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& bn_weight, const at::Tensor& bn_bias,
