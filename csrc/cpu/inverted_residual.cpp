@@ -911,8 +911,9 @@ void run_block(const Plan<T, A, In>& p, const SeLayer<T>* layer) {
 // GEMM panels packed, the depthwise weights scaled and padded), in one buffer: packed per call
 // into the calling thread's scratch, or once by inverted_residual_pack into a uint8 tensor that
 // the caller keeps and passes to inverted_residual_packed (effkernels.nn.prepack_for_inference),
-// which then only checks the header against the call. At batch 1 the packing was ~9% of a
-// MobileNetV2 forward (its 14 MB of weights read and written each call).
+// which checks x against the header and runs the block the buffer describes (the stored pack
+// also holds SE's weights). At batch 1 the packing was ~9% of a MobileNetV2 forward (its 14 MB
+// of weights read and written each call).
 
 constexpr int64_t kPackMagic = 0x4b50524945464645;  // "EFFEIRPK"
 constexpr int64_t kPackVersion = 4;
