@@ -446,6 +446,17 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
     return out
 
 
+def _cached_pack(cache: dict, key, tensors, pack, *extra) -> tuple:
+    """cache["entry"] = (key, tensors, their versions, packed, *extra), kept while the key and
+    the same tensor objects at the same version counters hold; else packed again by pack()."""
+    entry = cache.get("entry")
+    if (entry is None or entry[0] != key or len(entry[1]) != len(tensors)
+            or any(a is not b or a._version != v for a, b, v in zip(tensors, entry[1], entry[2]))):
+        cache.clear()
+        entry = cache["entry"] = (key, tensors, [t._version for t in tensors], pack(), *extra)
+    return entry
+
+
 def _prepacked_block(cache: dict, x, expand, depthwise, se, project, stride, dilation, act,
                      se_act, se_gate, skip, eps) -> Optional[torch.Tensor]:
     """The eval-mode block on the CPU from weights packed once (effkernels::
@@ -467,14 +478,9 @@ def _prepacked_block(cache: dict, x, expand, depthwise, se, project, stride, dil
         # The pack holds the whole block: its settings and SE's weights too.
         tensors = [t for stage in (expand, depthwise, se, project) for t in stage]
         key = (x.dtype, eps, stride, dilation, act, se_act, se_gate, skip)
-        entry = cache.get("entry")
-        if (entry is None or entry[0] != key or len(entry[1]) != len(tensors)
-                or any(a is not b or a._version != v
-                       for a, b, v in zip(tensors, entry[1], entry[2]))):
-            cache.clear()
-            packed = _kernel_call(ops.inverted_residual_pack, "cpu", *args)
-            entry = cache["entry"] = (key, tensors, [t._version for t in tensors], packed,
-                                      _packed_args(depthwise, project, stride, dilation))
+        entry = _cached_pack(cache, key, tensors,
+                             lambda: _kernel_call(ops.inverted_residual_pack, "cpu", *args),
+                             _packed_args(depthwise, project, stride, dilation))
         return _packed_call(x, entry[3], entry[4])
     except Exception:  # noqa: BLE001 - the checked path names the bad argument
         return None
@@ -565,14 +571,8 @@ def _prepacked_pointwise(cache: dict, x, weight, bn_weight, bn_bias, running_mea
                 or not _backend.fused_inference("cpu")):
             return None
         ops = _cpp()
-        entry = cache.get("entry")
-        if (entry is None or entry[0] != (x.dtype, eps)
-                or any(a is not b or a._version != v
-                       for a, b, v in zip(tensors, entry[1], entry[2]))):
-            cache.clear()
-            packed = _kernel_call(ops.pwconv_bn_act_pack, "cpu", x, *tensors, eps)
-            entry = cache["entry"] = ((x.dtype, eps), tensors, [t._version for t in tensors],
-                                      packed)
+        entry = _cached_pack(cache, (x.dtype, eps), tensors,
+                             lambda: _kernel_call(ops.pwconv_bn_act_pack, "cpu", x, *tensors, eps))
         return _kernel_call(ops.pwconv_bn_act_packed, "cpu", x, entry[3], weight.shape[0], act,
                             residual)
     except Exception:  # noqa: BLE001 - the checked path names the bad argument
