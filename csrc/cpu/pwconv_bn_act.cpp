@@ -118,13 +118,15 @@ void prefetch_block(const Rows<S>& t, int64_t row0, int64_t rows, int64_t col0, 
   constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(S));
   for (int64_t r = 0; r < rows; ++r) {
     const S* p = t.row(row0 + r) + col0;
-    for (int64_t l = 0; l < ncols; l += kLine) {
-      if (write)
-        __builtin_prefetch(p + l, 1);
-      else
-        __builtin_prefetch(p + l, 0);
+    // The last element too: a block may straddle one more line. (__builtin_prefetch wants a
+    // constant read/write argument, also at -O0: two spelled-out branches.)
+    if (write) {
+      for (int64_t l = 0; l < ncols; l += kLine) __builtin_prefetch(p + l, 1);
+      __builtin_prefetch(p + ncols - 1, 1);
+    } else {
+      for (int64_t l = 0; l < ncols; l += kLine) __builtin_prefetch(p + l, 0);
+      __builtin_prefetch(p + ncols - 1, 0);
     }
-    __builtin_prefetch(p + ncols - 1, write ? 1 : 0);  // a block may straddle one more line
   }
 }
 
