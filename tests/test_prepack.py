@@ -500,3 +500,132 @@ def test_prepacked_head_repacked():
             for b in (bn, fresh_bn):
                 b.weight = torch.nn.Parameter(b.weight * 0.5)
             assert torch.equal(model(x), fresh(x))
+
+
+def _chain_used(model, x, monkeypatch):
+    """Whether model(x) ran its blocks through the chained replay (no block forward called)."""
+    calls = []
+    for cls in (effkernels.nn.blocks._Block, effkernels.nn.blocks.ConvBnActBlock):
+        real = cls.forward
+        monkeypatch.setattr(cls, "forward",
+                            lambda self, x_, real=real: calls.append(self) or real(self, x_))
+    with torch.no_grad():
+        out = model(x)
+    monkeypatch.undo()
+    return not calls, out
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_large_100", "mixnet_s"])
+def test_chain_replay_follows_every_change(name, monkeypatch):
+    """A prepacked model's blocks run as one chained replay (blocks._ChainReplay: the packed
+    kernels one after the other, without module calls), bit for bit the blocks' results, and
+    fall back to calling the blocks on any change those calls would see; each result equals
+    that of an unprepacked copy that never replays."""
+    model = _model(name)
+    fresh = copy.deepcopy(model)
+    prepack_for_inference(model)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+
+    def check(what, chained=True):
+        used, got = _chain_used(model, x, monkeypatch)
+        with torch.no_grad():
+            want = fresh(x)
+        assert torch.equal(got, want), what
+        assert used == chained, f"{what}: chained replay {'not ' if chained else ''}used"
+
+    with torch.no_grad():
+        model(x)
+        model(x)
+    assert model._packed_cache.get("chain") is not None
+    check("chained")
+    stage, skip_block = model.blocks[2], model.blocks[2][1]  # a block with a skip
+    calls = []
+
+    def hook(*args):
+        calls.append(args)
+
+    changes = [
+        ("in-place weight", lambda m: torch.no_grad()(
+            effkernels.nn._functional.convs(m.blocks[3][1].conv_pwl)[0].weight.mul_)(0.5)),
+        ("BN statistics", lambda m: torch.no_grad()(m.blocks[1][0].bn2.running_var.add_)(0.5)),
+        ("block setting", lambda m: setattr(m.blocks[4][0], "act", "relu")),
+        ("BN eps", lambda m: [setattr(getattr(m.blocks[5][0], bn), "eps", 1e-2)
+                              for bn in ("bn1", "bn2", "bn3")]),
+        ("block replaced", lambda m: m.blocks[2].__setitem__(1, copy.deepcopy(m.blocks[2][1]))),
+        ("block appended", lambda m: m.blocks[2].append(copy.deepcopy(m.blocks[2][1]))),
+        ("stage replaced", lambda m: m.blocks.__setitem__(
+            1, copy.deepcopy(m.blocks[1]).requires_grad_(False))),
+    ]
+    if name == "mobilenetv3_large_100":  # the ConvBnActBlock 160 -> 960 in the chain
+        last = lambda m: m.blocks[6][0]  # noqa: E731
+        changes += [
+            ("ConvBnAct weight", lambda m: torch.no_grad()(last(m).conv.weight.mul_)(0.5)),
+            ("ConvBnAct act", lambda m: setattr(last(m), "act", "relu")),
+            ("ConvBnAct BN replaced", lambda m: setattr(last(m), "bn1",
+                                                        copy.deepcopy(last(m).bn1))),
+        ]
+    for what, change in changes:
+        change(model)
+        change(fresh)
+        check(what, chained=False)  # the layers run (and pack or replay) again
+        check(what + ", again")     # chained again
+    # A block in training mode (batch statistics) is called every time.
+    for m in (model, fresh):
+        m.blocks[3][0].train()
+    check("block in training", chained=False)
+    check("block in training, again", chained=False)
+    for m in (model, fresh):
+        m.blocks[3][0].eval()
+    check("block in eval again", chained=False)
+    check("block in eval again, twice")
+    # Hooks (on a block, a stage, every module) run: the layers are called.
+    for register in (lambda: skip_block.register_forward_hook(hook),
+                     lambda: stage.register_forward_pre_hook(hook),
+                     lambda: torch.nn.modules.module.register_module_forward_hook(hook)):
+        if stage is not model.blocks[2] or skip_block is not model.blocks[2][1]:
+            stage, skip_block = model.blocks[2], model.blocks[2][1]
+            continue
+        handle = register()
+        calls.clear()
+        check("hook", chained=False)
+        assert calls
+        handle.remove()
+        check("hook removed")
+    # An instance's own forward is called.
+    block = model.blocks[3][1]
+    block.forward = lambda x_: type(block).forward(block, x_)
+    check("own forward", chained=False)
+    del block.forward
+    check("own forward removed")
+    # Autocast, the reference backend, a gradient: the layers are called.
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(x), fresh(x))
+        with effkernels.backend("reference"):
+            assert torch.equal(model(x), fresh(x))
+    assert_close(model(x).detach(), fresh(x).detach(), torch.float32, "grad")
+    check("after the others", chained=False)  # autocast packed bf16 weights: packs again
+    check("after the others, again")
+    # While the profiler records, the layers are called, so that the profile shows them.
+    with torch.profiler.profile() as prof:
+        used, _ = _chain_used(model, x, monkeypatch)
+    assert not used
+    assert any("inverted_residual_packed" in e.name for e in prof.events())
+    # Another dtype: the blocks' result (they cast their weights); wrong channels: the blocks'
+    # checked error.
+    channels = model.blocks[0][0].conv_dw.in_channels
+    other = torch.randn(1, channels, 16, 16).double().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = effkernels.nn.blocks.run_sequential(model.blocks, other, model._packed_cache)
+        assert got.dtype == torch.float64 and torch.equal(got, fresh.blocks(other))
+    bad = torch.randn(1, channels + 1, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), pytest.raises(RuntimeError) as got:
+        effkernels.nn.blocks.run_sequential(model.blocks, bad, model._packed_cache)
+    with torch.no_grad(), pytest.raises(RuntimeError) as want:
+        fresh.blocks(bad)
+    assert str(got.value) == str(want.value)
+    # Unprepacked: no chain.
+    prepack_for_inference(model, enabled=False)
+    used, out = _chain_used(model, x, monkeypatch)
+    with torch.no_grad():
+        assert not used and torch.equal(out, fresh(x))

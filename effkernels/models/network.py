@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import ops, reference
 from ..nn import _functional as F_
+from ..nn.blocks import run_sequential
 from ..nn.modules import NotScriptable, _check_act
 from ._builder import BlockArgs, BuildConfig, build_stages
 
@@ -25,7 +26,8 @@ class EfficientNet(NotScriptable, nn.Module):
     """
 
     # effkernels.nn.prepack_for_inference: the head's 1x1 conv + BN packed once (ops.
-    # _prepacked_pointwise's cache); None: packed per call.
+    # _prepacked_pointwise's cache) and the blocks' chained replay (run_sequential); None:
+    # packed per call.
     _packed_cache: Optional[dict] = None
 
     def __init__(self, stages: List[List[BlockArgs]], cfg: BuildConfig, *, stem_chs: int,
@@ -63,7 +65,7 @@ class EfficientNet(NotScriptable, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F_.conv_bn_act(x, self.conv_stem, self.bn1, self.act, self.same)
-        x = self.blocks(x)
+        x = run_sequential(self.blocks, x, self._packed_cache)
         if self.head == "efficientnet" and self.conv_head is not None:
             x = F_.pointwise(x, self.conv_head, self.bn2, self.act,
                              packed_cache=self._packed_cache)

@@ -12,6 +12,7 @@ BatchNorm).
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -261,7 +262,44 @@ class _Block(NotScriptable, nn.Module):
         return ", ".join(parts)
 
 
-class _Replay:
+class _State:
+    """What a replayed call was built from, as flat lists compared with C-level maps (a Python
+    loop over them was ~14 us per call, half a small block's time at batch 1): (dict, key,
+    object) entries that must be identical, (object, attribute, value) settings, and tensors
+    at their version counters."""
+
+    def _keep(self, same: list, settings: list, tensors: list) -> None:
+        self.same_in, self.same_key, self.same_obj = (list(c) for c in zip(*same))
+        self.set_obj, self.set_attr = (list(c) for c in zip(*settings))
+        self.set_value = list(map(getattr, self.set_obj, self.set_attr))
+        self.tensors = tensors
+        self.versions = list(map(_VERSION, tensors))
+
+    def unchanged(self) -> bool:
+        """Nothing this replay was built from has changed (modules, settings, tensors)."""
+        return (all(map(operator.is_, map(dict.get, self.same_in, self.same_key), self.same_obj))
+                and list(map(getattr, self.set_obj, self.set_attr)) == self.set_value
+                and list(map(_VERSION, self.tensors)) == self.versions)
+
+
+_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _tensor_entries(modules) -> Tuple[list, list]:
+    """(owner dict, name, tensor) of the weights, biases and BN statistics of `modules`, and
+    those tensors."""
+    same, tensors = [], []
+    for m in modules:
+        for owner in (m._parameters, m._buffers):
+            for name in _TENSORS:
+                t = owner.get(name)
+                if t is not None:
+                    same.append((owner, name, t))
+                    tensors.append(t)
+    return same, tensors
+
+
+class _Replay(_State):
     """A block's last fused eval-mode call on the CPU (prepacked: cache["replay"], from its
     packed weights; else _Block._replay, whose conv weights are the modules' own tensors, read
     live), replayed while nothing it was built from has changed:
@@ -273,16 +311,12 @@ class _Replay:
     and a plain CPU tensor x of the same dtype with no gradient, autocast, compiler, dispatch
     mode or other backend active; None otherwise (the full forward runs and rebuilds it)."""
 
-    _TENSORS = ("weight", "bias", "running_mean", "running_var")
-
     def __init__(self, block: "_Block", parts: Dict[str, nn.Module], dtype: torch.dtype,
                  args: tuple, packed: Optional[tuple]):
-        # What must still hold, as flat lists that _replay compares with C-level maps (a
-        # Python loop over them was ~14 us per call, half a small block's time at batch 1):
-        # (dict, key, object) entries that must be identical: each role's module along its
-        # path from the block, every child of the parts (MixNet's split convolutions), every
-        # tensor the call reads (conv weights and biases, BN affine and running statistics);
-        # (object, attribute, value) settings; and the tensors' version counters.
+        # Identical: each role's module along its path from the block, every child of the
+        # parts (MixNet's split convolutions), every tensor the call reads (conv weights and
+        # biases, BN affine and running statistics); settings: the block's, its BNs' and the
+        # depthwise conv's.
         same = []
         for role, path in block._roles.items():
             m = block
@@ -291,14 +325,8 @@ class _Replay:
                 m = m._modules.get(name)
         same += [(m._modules, name, child) for part in parts.values()
                  for m in part.modules() for name, child in m._modules.items()]
-        tensors = []
-        for m in (m for part in parts.values() for m in part.modules()):
-            for owner in (m._parameters, m._buffers):
-                for name in self._TENSORS:
-                    t = owner.get(name)
-                    if t is not None:
-                        same.append((owner, name, t))
-                        tensors.append(t)
+        tensor_same, tensors = _tensor_entries(m for part in parts.values()
+                                               for m in part.modules())
         settings = [(block, "training")] + [
             (block, a) for a in ("act", "se_act", "se_gate", "project_act", "skip", "same")]
         settings += [(m, a) for role, m in parts.items() if role.endswith("_bn")
@@ -308,11 +336,7 @@ class _Replay:
         drop = parts.get("drop_path")
         if drop is not None:
             settings += [(drop, a) for a in ("training", "drop_prob", "p") if hasattr(drop, a)]
-        self.same_in, self.same_key, self.same_obj = (list(c) for c in zip(*same))
-        self.set_obj, self.set_attr = (list(c) for c in zip(*settings))
-        self.set_value = list(map(getattr, self.set_obj, self.set_attr))
-        self.tensors = tensors
-        self.versions = list(map(_VERSION, tensors))
+        self._keep(same + tensor_same, settings, tensors)
         self.dtype, self.args, self.packed = dtype, args, packed
 
     def __call__(self, block: "_Block", x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -322,17 +346,162 @@ class _Replay:
             return None
 
     def _replay(self, block: "_Block", x: torch.Tensor) -> Optional[torch.Tensor]:
-        if (type(x) is not torch.Tensor or x.dtype is not self.dtype or x.device.type != "cpu"
-                or torch.is_autocast_enabled("cpu")
-                or not ops._plain_context() or ops._resolve(x, "inverted_residual") != "cpu"):
-            return None
-        if (not all(map(operator.is_, map(dict.get, self.same_in, self.same_key), self.same_obj))
-                or list(map(getattr, self.set_obj, self.set_attr)) != self.set_value
-                or list(map(_VERSION, self.tensors)) != self.versions):
+        if not _replayable_input(x, self.dtype) or not self.unchanged():
             return None
         if self.packed is None:
             return ops._inference_call(x, self.args)
         return ops._packed_call(x, *self.packed)
+
+    def chain_step(self) -> Optional[tuple]:
+        """(op, packed, args) for _ChainReplay: the packed call; None when not prepacked."""
+        if self.packed is None:
+            return None
+        return ops._cpp().inverted_residual_packed.default, self.packed[0], self.packed[1]
+
+
+class _PointwiseReplay(_State):
+    """A prepacked ConvBnActBlock's 1x1 conv + BN + act (no skip) in a _ChainReplay: its packed
+    call (ops._prepacked_pointwise's cache entry) while the conv and BN are the same modules
+    with the same settings, tensors and versions as when that entry was packed."""
+
+    @classmethod
+    def of(cls, block: "ConvBnActBlock") -> Optional["_PointwiseReplay"]:
+        conv, bn = block._modules.get("conv"), block._modules.get("bn1")
+        entry = block._packed_cache.get("entry")
+        if (entry is None or block.has_skip or type(conv) is not nn.Conv2d
+                or type(bn) is not nn.BatchNorm2d or bn.training
+                or conv.kernel_size != (1, 1) or conv.stride != (1, 1)
+                or conv.padding != (0, 0) or conv.bias is not None):
+            return None
+        tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        if (entry[0] != (conv.weight.dtype, bn.eps) or len(entry[1]) != len(tensors)
+                or any(a is not b or a._version != v
+                       for a, b, v in zip(tensors, entry[1], entry[2]))):
+            return None
+        step = cls()
+        tensor_same, tensors = _tensor_entries((conv, bn))
+        settings = [(block, a) for a in ("training", "act", "has_skip", "same")]
+        settings += [(bn, a) for a in ("training", "eps", "track_running_stats")]
+        settings += [(conv, a) for a in ("kernel_size", "stride", "padding", "dilation",
+                                         "groups", "padding_mode")]
+        step._keep([(block._modules, "conv", conv), (block._modules, "bn1", bn)] + tensor_same
+                   + [(conv._parameters, "bias", None)], settings, tensors)
+        step.dtype = conv.weight.dtype
+        step.step = (ops._cpp().pwconv_bn_act_packed.default, entry[3],
+                     (conv.out_channels, block.act, None))
+        return step
+
+    def chain_step(self) -> tuple:
+        return self.step
+
+
+def _replayable_input(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """x is a plain CPU tensor of `dtype` that the CPU kernels serve below Autograd (no
+    autocast, compiler, dispatch mode or transform, the cpu backend selected)."""
+    return (type(x) is torch.Tensor and x.dtype is dtype and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")
+            and ops._plain_context() and ops._resolve(x, "inverted_residual") == "cpu")
+
+
+_FORWARD = itertools.repeat("forward")  # an own `forward` in a module's __dict__
+_HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                             "_backward_pre_hooks")
+
+
+def _global_hooks() -> bool:
+    g = nn.modules.module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks
+                or g._global_backward_hooks or g._global_backward_pre_hooks)
+
+
+class _ChainReplay:
+    """The prepacked layers of a (nested) nn.Sequential replayed as one call: their packed
+    kernels one after the other (blocks: _Replay; ConvBnActBlocks: _PointwiseReplay), with all
+    their checks done once over lists of all of them, and that none of the containers or layers
+    has a hook, another type, an own `forward` or other children; no module calls. At batch 1
+    the module calls and per-block checks cost ~20 us per block, and the gaps between kernels
+    let the OpenMP threads fall asleep. Built after a call of the Sequential in which every
+    layer took its packed path (run_sequential); None when any layer differs."""
+
+    def __init__(self, containers: list, layers: list, replays: list):
+        modules = containers + layers
+        self.modules = modules
+        self.types = list(map(type, modules))
+        self.module_dicts = [m.__dict__ for m in modules]
+        self.child_dicts = [m._modules for m in containers]
+        self.child_counts = list(map(len, self.child_dicts))
+        self.dtype = replays[0].dtype
+        same = [(c._modules, name, child) for c in containers
+                for name, child in c._modules.items()]
+        self.same_in = [d for d, _, _ in same] + [d for r in replays for d in r.same_in]
+        self.same_key = [k for _, k, _ in same] + [k for r in replays for k in r.same_key]
+        self.same_obj = [o for _, _, o in same] + [o for r in replays for o in r.same_obj]
+        for name in ("set_obj", "set_attr", "set_value", "tensors", "versions"):
+            setattr(self, name, [v for r in replays for v in getattr(r, name)])
+        self.steps = [(op.redispatch, packed, args)
+                      for op, packed, args in (r.chain_step() for r in replays)]
+
+    @classmethod
+    def build(cls, seq: nn.Sequential) -> Optional["_ChainReplay"]:
+        containers, layers, replays = [], [], []
+        pending = [seq]
+        while pending:
+            m = pending.pop()
+            if type(m) is nn.Sequential:
+                containers.append(m)
+                pending.extend(reversed(list(m._modules.values())))
+                continue
+            cache = getattr(m, "_packed_cache", None)
+            if cache is None:
+                return None
+            if isinstance(m, _Block):
+                replay = cache.get("replay")
+            elif type(m) is ConvBnActBlock:
+                replay = _PointwiseReplay.of(m)
+            else:
+                return None
+            if (replay is None or replay.chain_step() is None
+                    or replay.dtype is not (replays[0] if replays else replay).dtype
+                    or not replay.unchanged()):
+                return None
+            layers.append(m)
+            replays.append(replay)
+        return cls(containers, layers, replays) if replays else None
+
+    def __call__(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        try:
+            if (not _replayable_input(x, self.dtype) or _global_hooks()
+                    or torch._C._autograd._profiler_enabled()
+                    or any(map(any, map(_HOOKS, self.modules)))
+                    or list(map(type, self.modules)) != self.types
+                    or any(map(operator.contains, self.module_dicts, _FORWARD))
+                    or list(map(len, self.child_dicts)) != self.child_counts
+                    or not all(map(operator.is_, map(dict.get, self.same_in, self.same_key),
+                                   self.same_obj))
+                    or list(map(getattr, self.set_obj, self.set_attr)) != self.set_value
+                    or list(map(_VERSION, self.tensors)) != self.versions):
+                return None
+            key = ops._kernel_key("cpu")
+            for call, packed, args in self.steps:
+                x = call(key, x, packed, *args)
+            return x
+        except Exception:  # noqa: BLE001 - the Sequential's call raises the checked error
+            return None
+
+
+def run_sequential(seq: nn.Sequential, x: torch.Tensor, cache: Optional[dict]) -> torch.Tensor:
+    """seq(x); with `cache` (a prepacked model's dict) and no gradient, through the chained
+    replay of its blocks (_ChainReplay, kept in cache["chain"]) where it applies."""
+    if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return seq(x)
+    chain = cache.get("chain")
+    if chain is not None:
+        out = chain(x)
+        if out is not None:
+            return out
+    out = seq(x)
+    cache["chain"] = _ChainReplay.build(seq)
+    return out
 
 
 def prepack_for_inference(model: nn.Module, enabled: bool = True) -> int:
