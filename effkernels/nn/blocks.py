@@ -514,9 +514,11 @@ def prepack_for_inference(model: nn.Module, enabled: bool = True) -> int:
     recorded, no compiler); results are bit-for-bit those of the unpacked call. A module packs
     again at its next call when one of its weights or BatchNorm statistics is replaced or
     changed in place through PyTorch (version counter); writes that bypass it (`.data`, numpy
-    views) are not seen: call this again after those. The packed copies cost about the
-    weights' size in memory; enabled=False drops them. Returns the number of modules set
-    (blocks, ConvBnActBlocks, heads)."""
+    views) are not seen: call this again after those. In effkernels.models, the model's blocks
+    then run as one chained replay (_ChainReplay: their packed kernels back to back, no module
+    calls) while nothing they were built from changes and no hook is registered. The packed
+    copies cost about the weights' size in memory; enabled=False drops them. Returns the number
+    of modules set (blocks, ConvBnActBlocks, heads)."""
     count = 0
     for module in model.modules():
         if isinstance(module, _Block) or "_packed_cache" in type(module).__dict__:
