@@ -446,12 +446,17 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
     return out
 
 
+def _pack_current(entry, key, tensors) -> bool:
+    """A _cached_pack entry still holds: same key, same tensor objects at the same versions."""
+    return (entry is not None and entry[0] == key and len(entry[1]) == len(tensors)
+            and all(a is b and a._version == v for a, b, v in zip(tensors, entry[1], entry[2])))
+
+
 def _cached_pack(cache: dict, key, tensors, pack, *extra) -> tuple:
     """cache["entry"] = (key, tensors, their versions, packed, *extra), kept while the key and
     the same tensor objects at the same version counters hold; else packed again by pack()."""
     entry = cache.get("entry")
-    if (entry is None or entry[0] != key or len(entry[1]) != len(tensors)
-            or any(a is not b or a._version != v for a, b, v in zip(tensors, entry[1], entry[2]))):
+    if not _pack_current(entry, key, tensors):
         cache.clear()
         entry = cache["entry"] = (key, tensors, [t._version for t in tensors], pack(), *extra)
     return entry

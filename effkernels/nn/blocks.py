@@ -368,15 +368,13 @@ class _PointwiseReplay(_State):
     def of(cls, block: "ConvBnActBlock") -> Optional["_PointwiseReplay"]:
         conv, bn = block._modules.get("conv"), block._modules.get("bn1")
         entry = block._packed_cache.get("entry")
-        if (entry is None or block.has_skip or type(conv) is not nn.Conv2d
+        if (block.has_skip or type(conv) is not nn.Conv2d
                 or type(bn) is not nn.BatchNorm2d or bn.training
                 or conv.kernel_size != (1, 1) or conv.stride != (1, 1)
                 or conv.padding != (0, 0) or conv.bias is not None):
             return None
         tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-        if (entry[0] != (conv.weight.dtype, bn.eps) or len(entry[1]) != len(tensors)
-                or any(a is not b or a._version != v
-                       for a, b, v in zip(tensors, entry[1], entry[2]))):
+        if not ops._pack_current(entry, (conv.weight.dtype, bn.eps), tensors):
             return None
         step = cls()
         tensor_same, tensors = _tensor_entries((conv, bn))
@@ -414,7 +412,7 @@ def _global_hooks() -> bool:
                 or g._global_backward_hooks or g._global_backward_pre_hooks)
 
 
-class _ChainReplay:
+class _ChainReplay(_State):
     """The prepacked layers of a (nested) nn.Sequential replayed as one call: their packed
     kernels one after the other (blocks: _Replay; ConvBnActBlocks: _PointwiseReplay), with all
     their checks done once over lists of all of them, and that none of the containers or layers
@@ -431,13 +429,12 @@ class _ChainReplay:
         self.child_dicts = [m._modules for m in containers]
         self.child_counts = list(map(len, self.child_dicts))
         self.dtype = replays[0].dtype
+        # The replays' lists (build checked them unchanged) after the containers' children.
         same = [(c._modules, name, child) for c in containers
                 for name, child in c._modules.items()]
-        self.same_in = [d for d, _, _ in same] + [d for r in replays for d in r.same_in]
-        self.same_key = [k for _, k, _ in same] + [k for r in replays for k in r.same_key]
-        self.same_obj = [o for _, _, o in same] + [o for r in replays for o in r.same_obj]
-        for name in ("set_obj", "set_attr", "set_value", "tensors", "versions"):
-            setattr(self, name, [v for r in replays for v in getattr(r, name)])
+        same += [e for r in replays for e in zip(r.same_in, r.same_key, r.same_obj)]
+        self._keep(same, [s for r in replays for s in zip(r.set_obj, r.set_attr)],
+                   [t for r in replays for t in r.tensors])
         self.steps = [(op.redispatch, packed, args)
                       for op, packed, args in (r.chain_step() for r in replays)]
 
@@ -476,10 +473,7 @@ class _ChainReplay:
                     or list(map(type, self.modules)) != self.types
                     or any(map(operator.contains, self.module_dicts, _FORWARD))
                     or list(map(len, self.child_dicts)) != self.child_counts
-                    or not all(map(operator.is_, map(dict.get, self.same_in, self.same_key),
-                                   self.same_obj))
-                    or list(map(getattr, self.set_obj, self.set_attr)) != self.set_value
-                    or list(map(_VERSION, self.tensors)) != self.versions):
+                    or not self.unchanged()):
                 return None
             key = ops._kernel_key("cpu")
             for call, packed, args in self.steps:
