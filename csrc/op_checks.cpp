@@ -34,14 +34,15 @@ void check_same(const char* op, const char* name, const at::Tensor& t, const at:
 void check_bn_args(const char* op, const at::Tensor& x, int64_t channels,
                    const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                    const std::optional<at::Tensor>& running_mean,
-                   const std::optional<at::Tensor>& running_var, bool training) {
+                   const std::optional<at::Tensor>& running_var, bool training,
+                   const char* prefix) {
   auto check_vec = [&](const char* name, const at::Tensor& t) {
-    TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor");
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must have shape (",
-                channels, ",); got ", t.sizes());
-    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
+    TORCH_CHECK(t.defined(), op, ": ", prefix, name, " must be a tensor");
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", prefix, name,
+                " must have shape (", channels, ",); got ", t.sizes());
+    TORCH_CHECK(t.device() == x.device(), op, ": ", prefix, name, " must be on ", x.device(),
                 " like x; got ", t.device());
-    TORCH_CHECK(t.is_floating_point(), op, ": ", name, " must be floating point; got ",
+    TORCH_CHECK(t.is_floating_point(), op, ": ", prefix, name, " must be floating point; got ",
                 t.scalar_type());
   };
   check_vec("bn_weight", bn_weight);

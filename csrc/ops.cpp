@@ -99,4 +99,16 @@ TORCH_LIBRARY(effkernels, m) {
       "conv_bn_act_inference(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, "
       "Tensor bn_bias, Tensor running_mean, Tensor running_var, int[2] stride, int[2] padding, "
       "int[2] dilation, float eps, str act) -> Tensor");
+
+  // conv_bn_act_inference (the stem: x, stem_*; no dilation) followed by
+  // inverted_residual_packed (packed .. dilation: a float32 block without an expand stage; not
+  // both skip and SE), in one pass (CPU only;
+  // csrc/cpu/inverted_residual.cpp): the stem's output rows are computed into the block's ring
+  // and never stored. The models' prepacked batch-1 forwards call it for their first block.
+  m.def(
+      "stem_inverted_residual_packed(Tensor x, Tensor packed, int out_channels, "
+      "int kernel_size, int stride, int dilation, Tensor stem_weight, Tensor? stem_bias, "
+      "Tensor stem_bn_weight, Tensor stem_bn_bias, Tensor stem_running_mean, "
+      "Tensor stem_running_var, int[2] stem_stride, int[2] stem_padding, float stem_eps, "
+      "str stem_act) -> Tensor");
 }

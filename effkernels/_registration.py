@@ -99,6 +99,16 @@ def _ir_packed_fake(x, packed, out_channels, kernel_size, stride, dilation):
                      conv_out_size(w, kernel_size, stride, pad, dilation)))
 
 
+def _stem_ir_packed_fake(x, packed, out_channels, kernel_size, stride, dilation, stem_weight,
+                         stem_bias, stem_bn_weight, stem_bn_bias, stem_running_mean,
+                         stem_running_var, stem_stride, stem_padding, stem_eps, stem_act):
+    k = stem_weight.shape[2:]
+    stem = _like(x, (x.shape[0], stem_weight.shape[0],
+                     *(conv_out_size(x.shape[2 + i], k[i], stem_stride[i], stem_padding[i], 1)
+                       for i in range(2))))  # in x's memory format, as the output
+    return _ir_packed_fake(stem, packed, out_channels, kernel_size, stride, dilation)
+
+
 def _pw_pack_fake(x, weight, bn_weight, bn_bias, running_mean, running_var, eps):
     # The size depends on the panel width the CPU's ISA selects: data-dependent here.
     return x.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
@@ -261,6 +271,7 @@ def register(namespace: str) -> None:
     inference_ops = {"inverted_residual_inference": _ir_inference_fake,  # C++ only
                      "inverted_residual_pack": _ir_pack_fake,
                      "inverted_residual_packed": _ir_packed_fake,
+                     "stem_inverted_residual_packed": _stem_ir_packed_fake,
                      "pwconv_bn_act_pack": _pw_pack_fake,
                      "pwconv_bn_act_packed": _pw_packed_fake,
                      "linear_inference": _linear_inference_fake,

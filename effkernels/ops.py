@@ -517,6 +517,23 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
 _CONV_MAX_IN_CHANNELS = 8
 
 
+def _conv_inference_operands(x: torch.Tensor, weight: torch.Tensor,
+                             bias: Optional[torch.Tensor], bn: tuple) -> bool:
+    """The operands effkernels::conv_bn_act_inference serves: fp32 CPU x with few channels."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
+            and weight.dim() == 4 and weight.shape[1] == x.shape[1] <= _CONV_MAX_IN_CHANNELS
+            and all(t.dtype == torch.float32
+                    for t in (weight, *bn, *(() if bias is None else (bias,)))))
+
+
+def _takes_conv_inference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          bn: tuple) -> bool:
+    """Whether an eager _conv_bn_act_inference call with these operands takes the kernel (the
+    models' fused stem, blocks._StemReplay, is built only where the stem's own call would)."""
+    return (_conv_inference_operands(x, weight, bias, bn) and type(x) is torch.Tensor
+            and _direct((x, weight, bias, *bn)) and _resolve(x, "pwconv_bn_act") == "cpu")
+
+
 def _conv_bn_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            bn: tuple, stride, padding, dilation, eps: float,
                            act: str) -> Optional[torch.Tensor]:
@@ -525,10 +542,7 @@ def _conv_bn_act_inference(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     (the models' stems), eager or compiled (a graph op then, so that a compiled model computes
     what the eager one does); None otherwise (the caller runs F.conv2d). bn: (weight, bias,
     running_mean, running_var), all tensors."""
-    if not (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
-            and weight.dim() == 4 and weight.shape[1] == x.shape[1] <= _CONV_MAX_IN_CHANNELS
-            and all(t.dtype == torch.float32
-                    for t in (weight, *bn, *(() if bias is None else (bias,))))):
+    if not _conv_inference_operands(x, weight, bias, bn):
         return None
     args = (x, weight, bias, *bn, list(stride), list(padding), list(dilation), eps, act)
     if torch.compiler.is_compiling():

@@ -526,12 +526,15 @@ def test_chain_replay_follows_every_change(name, monkeypatch):
     prepack_for_inference(model)
     x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
 
-    def check(what, chained=True):
+    def check(what, chained=True, stem_fused=True):
         used, got = _chain_used(model, x, monkeypatch)
         with torch.no_grad():
             want = fresh(x)
         assert torch.equal(got, want), what
         assert used == chained, f"{what}: chained replay {'not ' if chained else ''}used"
+        if chained:  # the stem fused with the first block (_StemReplay) where it can be
+            chain = model._packed_cache["chain"]
+            assert chain.stem_owner is model and chain.stem_fused == stem_fused, what
 
     with torch.no_grad():
         model(x)
@@ -549,6 +552,14 @@ def test_chain_replay_follows_every_change(name, monkeypatch):
         ("block appended", lambda m: m.blocks[2].append(copy.deepcopy(m.blocks[2][1]))),
         ("stage replaced", lambda m: m.blocks.__setitem__(
             1, copy.deepcopy(m.blocks[1]).requires_grad_(False))),
+        ("stem weight", lambda m: torch.no_grad()(m.conv_stem.weight.mul_)(0.5)),
+        ("stem BN statistics", lambda m: torch.no_grad()(m.bn1.running_mean.add_)(0.5)),
+        ("stem BN eps", lambda m: setattr(m.bn1, "eps", 1e-2)),
+        ("stem act", lambda m: setattr(m, "act", "relu6")),
+        ("stem BN replaced", lambda m: setattr(m, "bn1", copy.deepcopy(m.bn1))),
+        ("stem conv replaced", lambda m: setattr(m, "conv_stem", copy.deepcopy(m.conv_stem))),
+        ("first block replaced", lambda m: m.blocks[0].__setitem__(
+            0, copy.deepcopy(m.blocks[0][0]))),
     ]
     if name == "mobilenetv3_large_100":  # the ConvBnActBlock 160 -> 960 in the chain
         last = lambda m: m.blocks[6][0]  # noqa: E731
@@ -572,6 +583,15 @@ def test_chain_replay_follows_every_change(name, monkeypatch):
         m.blocks[3][0].eval()
     check("block in eval again", chained=False)
     check("block in eval again, twice")
+    # The stem's BN in training mode: the blocks still chained, the stem run on its own.
+    for m in (model, fresh):
+        m.bn1.train()
+    check("stem in training", chained=False)
+    check("stem in training, again", stem_fused=False)
+    for m in (model, fresh):
+        m.bn1.eval()
+    check("stem in eval again", chained=False)
+    check("stem in eval again, twice")
     # Hooks (on a block, a stage, every module) run: the layers are called.
     calls = []
 

@@ -74,6 +74,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "conv_bn_act_inference.h"
 #include "cpu_common.h"
 #include "cpu_gemm.h"
 #include "effkernels/activation.h"
@@ -96,11 +97,11 @@ constexpr int64_t kStepPixels = 48;   // output pixels per depthwise + project s
 constexpr int64_t kPackGrainElems = 16384;  // weight elements per packing task, at least
 constexpr int64_t kGrainMacs = 16384;       // SE multiply-adds / gated panel elements per task
 
-// Per-thread scratch slots (cpu_gemm.h's thread_scratch; pwconv uses 0-2): 3-6 in the tasks,
-// 7-10 on the calling thread.
+// Per-thread scratch slots (cpu_gemm.h's thread_scratch; pwconv uses 0-2): 3-6, 9 and 11 in
+// the tasks, 7, 8 and 10 on the calling thread.
 enum Slot : int {
   kRing = 3, kTileA = 4, kBlock = 5, kDwRows = 6,
-  kImages = 7, kPacked = 8, kGatedPanels = 10, kProjectRows = 11
+  kImages = 7, kPacked = 8, kStemStrip = 9, kGatedPanels = 10, kProjectRows = 11
 };
 
 // ---- vectors of channels ---------------------------------------------------------------------
@@ -373,6 +374,9 @@ struct Plan {
   Isa isa;
   const T* x;  // channels innermost: x(n, c, h, w) = x[n*sN + h*sH + w*sW + c]
   int64_t sN, sH, sW;
+  // Or (fp32, no expand stage): x is the output of this stem convolution, whose rows are
+  // computed into the ring (stem_inverted_residual_packed); the skip reads them there.
+  const DenseConv* stem = nullptr;
   T* out;      // NHWC, dense
   GemmPlan<A, In> ge, gp;  // expand / project GEMM shapes
   int64_t npe = 0, npp = 0, ldx = 0;
@@ -445,6 +449,7 @@ class Worker {
     clear_ring_borders();
     ring_finite_.assign(g_.ring_rows, 1);
     if (g_.has_expand) tile_ = thread_scratch<In>(kTileA, (kChunkPixels + 12) * p_.ldx);
+    if (p_.stem) stem_strip_ = thread_scratch<float>(kStemStrip, p_.stem->strip_size());
     if (!g_.has_se) dw_rows_ = thread_scratch<A>(kDwRows, step_rows * g_.Cp);
     ptrs_.resize(step_rows);
   }
@@ -547,6 +552,13 @@ class Worker {
     if (g_.skip) {
       for (int64_t r = 0; r < M; ++r) {
         const int64_t h = (p0 + r) / g_.Wo, w = (p0 + r) % g_.Wo;
+        if constexpr (std::is_same_v<T, A>) {
+          // A stem's output rows: in the ring (one phase: this step's rows are still there).
+          if (p_.stem) {
+            res_[r] = ring_row(h) + (g_.pad + w) * g_.Cp;
+            continue;
+          }
+        }
         res_[r] = p_.x + n * p_.sN + h * p_.sH + w * p_.sW;
       }
     }
@@ -582,6 +594,14 @@ class Worker {
   // Hidden rows [r0, r1] of image n into the ring (the slice's channels; all of them without
   // an expand stage).
   void hidden_rows(int64_t n, int64_t r0, int64_t r1, const HiddenSlice& slice) {
+    if constexpr (std::is_same_v<A, float>) {
+      if (p_.stem) {  // no expand: the stem's rows are the hidden rows
+        for (int64_t ih = r0; ih <= r1; ++ih)
+          p_.stem->row(n, ih, stem_strip_, ring_row(ih) + g_.pad * g_.Cp, g_.Cp);
+        mark_finite(r0, r1, slice);
+        return;
+      }
+    }
     const int64_t total = (r1 - r0 + 1) * g_.W;
     const T* xn = p_.x + n * p_.sN;
     for (int64_t p0 = 0; p0 < total; p0 += kChunkPixels) {
@@ -608,6 +628,11 @@ class Worker {
                        p_.shift_e, ptrs_.data(), g_.act});
       }
     }
+    mark_finite(r0, r1, slice);
+  }
+
+  // With MixConv segments: whether the slice's values of ring rows [r0, r1] are all finite.
+  void mark_finite(int64_t r0, int64_t r1, const HiddenSlice& slice) {
     for (int64_t ih = r0; p_.nseg && ih <= r1; ++ih)
       ring_finite_[ih % g_.ring_rows] = all_finite<A>(
           ring_row(ih) + g_.pad * g_.Cp + slice.c0, g_.Cp, g_.W, slice.c1 - slice.c0);
@@ -634,6 +659,7 @@ class Worker {
   A* zero_row_ = nullptr;
   std::vector<char> ring_finite_;  // per ring row, with segments: its slice's values all finite
   In* tile_ = nullptr;
+  float* stem_strip_ = nullptr;
   In* project_rows_ = nullptr;  // pairs: the rounded (gated) hidden rows of one project call
   int64_t ldq_ = 0;
   A* block_ = nullptr;
@@ -765,7 +791,9 @@ template <class T, class A, class In>
 int64_t channel_slices(const Plan<T, A, In>& p, int64_t images) {
   const Geometry& g = p.g;
   const int64_t threads = std::max(1, at::get_num_threads());
-  if (images >= threads) return 0;
+  // A stem's rows would be computed once per slice, and its skip read from the ring needs
+  // the one-phase path.
+  if (images >= threads || p.stem) return 0;
   const int64_t recomputed = (bands_per_image(images, g.Ho) - 1) * g.dil * (g.K - 1);
   if (recomputed * 8 <= g.H) return 0;
   const int64_t slices = std::min(threads, ceil_div(g.Cp, slice_unit(p)));
@@ -1162,15 +1190,20 @@ struct Weights {
   const PackHeader* packed_header = nullptr;
 };
 
+// x: the block's input (channels innermost), or the stem's input when `stem` is given.
 template <class T, class In>
 void forward_with(const Geometry& g, const at::Tensor& xc, const Weights& w, const char* op,
-                  at::Tensor& out) {
+                  at::Tensor& out, const DenseConv* stem = nullptr) {
   using A = acc_type<T>;
   Plan<T, A, In> p = make_plan<T, A, In>(g);
-  p.x = xc.const_data_ptr<T>();
-  p.sN = xc.stride(0);
-  p.sH = xc.stride(2);
-  p.sW = xc.stride(3);
+  if (stem) {
+    p.stem = stem;
+  } else {
+    p.x = xc.const_data_ptr<T>();
+    p.sN = xc.stride(0);
+    p.sH = xc.stride(2);
+    p.sW = xc.stride(3);
+  }
   p.out = out.data_ptr<T>();
   const PackLayout l = pack_layout(p);
   std::optional<SeLayer<T>> layer;
@@ -1231,28 +1264,21 @@ Geometry geometry(const char* op, const at::Tensor& x, at::TensorList expand,
   return g;
 }
 
-// The problem of x on the block a packed buffer describes, checked as the call with the
-// block's tensors checks x (the weights were checked when packing).
-Geometry packed_geometry(const char* op, const at::Tensor& x, const PackHeader& h,
+// The problem of an input of N x (the block's Cin) x H x W on the block a packed buffer
+// describes (the weights were checked when packing; the caller checked the input).
+Geometry packed_geometry(const char* op, int64_t N, int64_t H, int64_t W, const PackHeader& h,
                          int64_t out_channels, int64_t kernel_size, int64_t stride,
                          int64_t dilation) {
-  check_float_input(op, "x", x, 4);
-  EFFK_CHECK(op, x.scalar_type() == static_cast<c10::ScalarType>(h.dtype) && x.size(1) == h.Cin,
-             "x must be ", static_cast<c10::ScalarType>(h.dtype), " with ", h.Cin,
-             " channels, as the block was packed for; got ", x.scalar_type(), " of shape ",
-             x.sizes());
-  EFFK_CHECK(op, x.size(2) > 0 && x.size(3) > 0, "x must have non-empty H and W; got shape ",
-             x.sizes());
   EFFK_CHECK(op, out_channels == h.Cout && kernel_size == h.K && stride == h.stride &&
                      dilation == h.dil,
              "packed holds a block with out_channels ", h.Cout, ", kernel_size ", h.K,
              ", stride ", h.stride, ", dilation ", h.dil, "; got out_channels ", out_channels,
              ", kernel_size ", kernel_size, ", stride ", stride, ", dilation ", dilation);
   Geometry g{};
-  g.N = x.size(0);
+  g.N = N;
   g.Cin = h.Cin;
-  g.H = x.size(2);
-  g.W = x.size(3);
+  g.H = H;
+  g.W = W;
   g.C = h.C;
   g.Cout = h.Cout;
   g.K = h.K;
@@ -1273,8 +1299,23 @@ Geometry packed_geometry(const char* op, const at::Tensor& x, const PackHeader& 
   g.act = static_cast<Act>(h.act);
   g.se_act = static_cast<Act>(h.se_act);
   g.se_gate = static_cast<Act>(h.se_gate);
-  size_steps(g, x.scalar_type());
+  size_steps(g, static_cast<c10::ScalarType>(h.dtype));
   return g;
+}
+
+// packed_geometry for x, checked as the call with the block's tensors checks it.
+Geometry packed_geometry(const char* op, const at::Tensor& x, const PackHeader& h,
+                         int64_t out_channels, int64_t kernel_size, int64_t stride,
+                         int64_t dilation) {
+  check_float_input(op, "x", x, 4);
+  EFFK_CHECK(op, x.scalar_type() == static_cast<c10::ScalarType>(h.dtype) && x.size(1) == h.Cin,
+             "x must be ", static_cast<c10::ScalarType>(h.dtype), " with ", h.Cin,
+             " channels, as the block was packed for; got ", x.scalar_type(), " of shape ",
+             x.sizes());
+  EFFK_CHECK(op, x.size(2) > 0 && x.size(3) > 0, "x must have non-empty H and W; got shape ",
+             x.sizes());
+  return packed_geometry(op, x.size(0), x.size(2), x.size(3), h, out_channels, kernel_size,
+                         stride, dilation);
 }
 
 }  // namespace
@@ -1300,6 +1341,47 @@ at::Tensor inverted_residual_packed(const at::Tensor& x, const at::Tensor& packe
   w.packed = &packed;
   w.packed_header = &h;
   return run(op, g, x, w);
+}
+
+// The stem (conv_bn_act_inference's convolution) and the first block (inverted_residual_packed)
+// in one pass: the stem's output rows are computed into the block's ring as its hidden rows
+// (the block has no expand stage) and never stored. At batch 1 the stem's output is the
+// largest tensor of the MobileNets (112x112x32 fp32, 1.6 MB), written and read back from
+// L3/DRAM between the two layers.
+at::Tensor stem_inverted_residual_packed(
+    const at::Tensor& x, const at::Tensor& packed, int64_t out_channels, int64_t kernel_size,
+    int64_t stride, int64_t dilation, const at::Tensor& stem_weight,
+    const std::optional<at::Tensor>& stem_bias, const at::Tensor& stem_bn_weight,
+    const at::Tensor& stem_bn_bias, const at::Tensor& stem_running_mean,
+    const at::Tensor& stem_running_var, at::IntArrayRef stem_stride,
+    at::IntArrayRef stem_padding, double stem_eps, c10::string_view stem_act) {
+  constexpr const char* op = "stem_inverted_residual_packed";
+  const int64_t no_dilation[2] = {1, 1};
+  const DenseConv stem(op, "stem_", x, stem_weight, stem_bias, stem_bn_weight, stem_bn_bias,
+                       stem_running_mean, stem_running_var, stem_stride, stem_padding,
+                       no_dilation, stem_eps, stem_act);
+  const PackHeader h = read_packed_header<PackHeader>(op, "inverted_residual_pack", packed,
+                                                      kPackMagic, kPackVersion);
+  const DenseConvGeometry& sg = stem.geometry();
+  EFFK_CHECK(op, static_cast<c10::ScalarType>(h.dtype) == at::kFloat && h.has_expand == 0,
+             "packed must hold a float32 block without an expand stage (the stem's output is "
+             "its hidden rows); got ", static_cast<c10::ScalarType>(h.dtype),
+             h.has_expand ? " with an expand stage" : "");
+  EFFK_CHECK(op, sg.Cout == h.Cin, "stem_weight must have the block's ", h.Cin,
+             " input channels as out_channels; got ", stem_weight.sizes());
+  EFFK_CHECK(op, !(h.skip && h.has_se),
+             "a block with both a skip and squeeze-excite cannot follow the stem in one pass "
+             "(its skip is read from the rows in flight); call conv_bn_act_inference and "
+             "inverted_residual_packed");
+  const Geometry g = packed_geometry(op, sg.N, sg.OH, sg.OW, h, out_channels, kernel_size,
+                                     stride, dilation);
+  at::Tensor out = empty_nhwc({g.N, g.Cout, g.Ho, g.Wo}, x.options());
+  if (out.numel() == 0) return in_format(out, output_format(x));
+  Weights w;
+  w.packed = &packed;
+  w.packed_header = &h;
+  forward_with<float, float>(g, x, w, op, out, &stem);
+  return in_format(out, output_format(x));
 }
 
 at::Tensor inverted_residual_pack(const at::Tensor& x, at::TensorList expand,
@@ -1331,4 +1413,5 @@ TORCH_LIBRARY_IMPL(effkernels, CPU, m) {
   m.impl("inverted_residual_inference", &effkernels::cpu::inverted_residual_inference);
   m.impl("inverted_residual_pack", &effkernels::cpu::inverted_residual_pack);
   m.impl("inverted_residual_packed", &effkernels::cpu::inverted_residual_packed);
+  m.impl("stem_inverted_residual_packed", &effkernels::cpu::stem_inverted_residual_packed);
 }

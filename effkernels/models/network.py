@@ -64,8 +64,7 @@ class EfficientNet(NotScriptable, nn.Module):
         _init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F_.conv_bn_act(x, self.conv_stem, self.bn1, self.act, self.same)
-        x = run_sequential(self.blocks, x, self._packed_cache)
+        x = run_sequential(self.blocks, x, self._packed_cache, stem=self)
         if self.head == "efficientnet" and self.conv_head is not None:
             x = F_.pointwise(x, self.conv_head, self.bn2, self.act,
                              packed_cache=self._packed_cache)

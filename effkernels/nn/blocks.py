@@ -393,6 +393,59 @@ class _PointwiseReplay(_State):
         return self.step
 
 
+class _StemReplay(_State):
+    """A model's stem (conv_stem + bn1 + act) in a _ChainReplay: what it was built from (a
+    change makes the chain build again), and whether it is `fused` with the chain's first
+    block, a prepacked block without an expand stage, into one
+    effkernels::stem_inverted_residual_packed call: the stem's output rows computed into the
+    block's ring and never stored (at batch 1 the models' largest tensor). Fused only where the
+    stem's own call (F_.conv_bn_act) takes effkernels::conv_bn_act_inference, so that the
+    results are the same bits."""
+
+    @classmethod
+    def of(cls, owner: nn.Module, x: torch.Tensor, block: nn.Module,
+           replay: _State) -> Optional["_StemReplay"]:
+        """owner: the module with conv_stem, bn1, act and same; x: the stem's input in the call
+        the chain is built after; block, replay: the chain's first layer and its replay."""
+        conv, bn = owner._modules.get("conv_stem"), owner._modules.get("bn1")
+        if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:
+            return None
+        step = cls()
+        tensor_same, tensors = _tensor_entries((conv, bn))
+        settings = [(owner, a) for a in ("act", "same")]
+        settings += [(bn, a) for a in ("training", "eps", "track_running_stats")]
+        settings += [(conv, a) for a in ("kernel_size", "stride", "padding", "dilation",
+                                         "groups", "padding_mode")]
+        step._keep([(owner._modules, "conv_stem", conv), (owner._modules, "bn1", bn)]
+                   + tensor_same + [(conv._parameters, "bias", conv.bias)], settings, tensors)
+        act = owner.act
+        step.fused = not (
+                not isinstance(block, _Block) or owner.same or bn.training
+                or bn.running_mean is None or bn.running_var is None or bn.weight is None
+                or bn.bias is None or conv.groups != 1
+                or conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple)
+                or conv.dilation != (1, 1) or conv.kernel_size == (1, 1)
+                or act not in F_._INPLACE_ACT or replay.dtype is not torch.float32
+                or "expand_conv" in block._roles
+                or block.skip and "se_reduce" in block._roles
+                or not F_._foldable(x, conv, F_.bn_args(bn), act)
+                or not ops._takes_conv_inference(x, conv.weight, conv.bias,
+                                                 (bn.weight, bn.bias, bn.running_mean,
+                                                  bn.running_var)))
+        if step.fused:
+            step.args = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                         bn.running_var, list(conv.stride), list(conv.padding), bn.eps, act)
+        return step
+
+
+def run_stem(owner: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """owner's stem (conv_stem + bn1 + owner.act, TF 'SAME' padding when owner.same) on x;
+    x itself without an owner."""
+    if owner is None:
+        return x
+    return F_.conv_bn_act(x, owner.conv_stem, owner.bn1, owner.act, owner.same)
+
+
 def _replayable_input(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """x is a plain CPU tensor of `dtype` that the CPU kernels serve below Autograd (no
     autocast, compiler, dispatch mode or transform, the cpu backend selected)."""
@@ -421,7 +474,8 @@ class _ChainReplay(_State):
     let the OpenMP threads fall asleep. Built after a call of the Sequential in which every
     layer took its packed path (run_sequential); None when any layer differs."""
 
-    def __init__(self, containers: list, layers: list, replays: list):
+    def __init__(self, containers: list, layers: list, replays: list,
+                 stem_owner: Optional[nn.Module] = None, stem: Optional[_StemReplay] = None):
         modules = containers + layers
         self.modules = modules
         self.types = list(map(type, modules))
@@ -433,13 +487,28 @@ class _ChainReplay(_State):
         same = [(c._modules, name, child) for c in containers
                 for name, child in c._modules.items()]
         same += [e for r in replays for e in zip(r.same_in, r.same_key, r.same_obj)]
-        self._keep(same, [s for r in replays for s in zip(r.set_obj, r.set_attr)],
-                   [t for r in replays for t in r.tensors])
+        settings = [s for r in replays for s in zip(r.set_obj, r.set_attr)]
+        tensors = [t for r in replays for t in r.tensors]
+        if stem is not None:
+            same += list(zip(stem.same_in, stem.same_key, stem.same_obj))
+            settings += list(zip(stem.set_obj, stem.set_attr))
+            tensors += stem.tensors
+        self._keep(same, settings, tensors)
         self.steps = [(op.redispatch, packed, args)
                       for op, packed, args in (r.chain_step() for r in replays)]
+        # With the stem of stem_owner (run_sequential's): fused with the first block, the chain
+        # takes the stem's input; else the stem's output (the caller runs the stem).
+        self.stem_owner = stem_owner
+        self.stem_fused = stem is not None and stem.fused
+        if self.stem_fused:
+            _, packed, args = self.steps[0]
+            self.steps[0] = (ops._cpp().stem_inverted_residual_packed.default.redispatch,
+                             packed, (*args, *stem.args))
 
     @classmethod
-    def build(cls, seq: nn.Sequential) -> Optional["_ChainReplay"]:
+    def build(cls, seq: nn.Sequential, stem_owner: Optional[nn.Module] = None,
+              x: Optional[torch.Tensor] = None) -> Optional["_ChainReplay"]:
+        """stem_owner: run_sequential's stem; x: its input in the call just made."""
         containers, layers, replays = [], [], []
         pending = [seq]
         while pending:
@@ -463,10 +532,19 @@ class _ChainReplay(_State):
                 return None
             layers.append(m)
             replays.append(replay)
-        return cls(containers, layers, replays) if replays else None
+        if not replays:
+            return None
+        stem = None
+        if stem_owner is not None:
+            stem = _StemReplay.of(stem_owner, x, layers[0], replays[0])
+            if stem is None:
+                return None
+        return cls(containers, layers, replays, stem_owner, stem)
 
     def __call__(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         try:
+            if self.stem_fused and ops._resolve(x, "pwconv_bn_act") != "cpu":
+                return None  # the backend that serves the pointwise op serves the stem
             if (not _replayable_input(x, self.dtype) or _global_hooks()
                     or torch._C._autograd._profiler_enabled()
                     or any(map(any, map(_HOOKS, self.modules)))
@@ -483,18 +561,28 @@ class _ChainReplay(_State):
             return None
 
 
-def run_sequential(seq: nn.Sequential, x: torch.Tensor, cache: Optional[dict]) -> torch.Tensor:
-    """seq(x); with `cache` (a prepacked model's dict) and no gradient, through the chained
-    replay of its blocks (_ChainReplay, kept in cache["chain"]) where it applies."""
+def run_sequential(seq: nn.Sequential, x: torch.Tensor, cache: Optional[dict],
+                   stem: Optional[nn.Module] = None) -> torch.Tensor:
+    """seq(run_stem(stem, x)); with `cache` (a prepacked model's dict) and no gradient, through
+    the chained replay of its blocks (_ChainReplay, kept in cache["chain"]) where it applies,
+    the stem fused with the first block where it can be (_StemReplay). stem: a module with
+    conv_stem, bn1, act and same (effkernels.models' networks), or None."""
     if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return seq(x)
+        return seq(run_stem(stem, x))
     chain = cache.get("chain")
-    if chain is not None:
+    if chain is not None and chain.stem_owner is not stem:
+        chain = None  # built for another stem
+    if chain is not None and chain.stem_fused:
         out = chain(x)
         if out is not None:
             return out
-    out = seq(x)
-    cache["chain"] = _ChainReplay.build(seq)
+    h = run_stem(stem, x)
+    if chain is not None and not chain.stem_fused:
+        out = chain(h)
+        if out is not None:
+            return out
+    out = seq(h)
+    cache["chain"] = _ChainReplay.build(seq, stem, x)
     return out
 
 
@@ -510,7 +598,8 @@ def prepack_for_inference(model: nn.Module, enabled: bool = True) -> int:
     changed in place through PyTorch (version counter); writes that bypass it (`.data`, numpy
     views) are not seen: call this again after those. In effkernels.models, the model's blocks
     then run as one chained replay (_ChainReplay: their packed kernels back to back, no module
-    calls) while nothing they were built from changes and no hook is registered. The packed
+    calls; the stem fused with a first block that has no expand stage, _StemReplay) while
+    nothing they were built from changes and no hook is registered. The packed
     copies cost about the weights' size in memory; enabled=False drops them. Returns the number
     of modules set (blocks, ConvBnActBlocks, heads)."""
     count = 0

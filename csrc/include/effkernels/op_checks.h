@@ -19,11 +19,13 @@ struct DwGeometry {
 };
 
 // Checks the BatchNorm parameter/statistics tensors: 1-D, `channels` long, same device as x.
-// Running statistics are required when !training.
+// Running statistics are required when !training. prefix: of the argument names in errors
+// (an op with two BatchNorms: "stem_").
 void check_bn_args(const char* op, const at::Tensor& x, int64_t channels,
                    const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                    const std::optional<at::Tensor>& running_mean,
-                   const std::optional<at::Tensor>& running_var, bool training);
+                   const std::optional<at::Tensor>& running_var, bool training,
+                   const char* prefix = "");
 
 // x: (N, C, H, W) floating; weight: (C, 1, k, k) with 1 <= k <= 11, same dtype/device as x.
 DwGeometry check_dwconv_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
