@@ -646,3 +646,54 @@ def test_chain_replay_follows_every_change(name, monkeypatch):
     used, out = _chain_used(model, x, monkeypatch)
     with torch.no_grad():
         assert not used and torch.equal(out, fresh(x))
+
+
+def test_unchanged_check_in_c_matches_python():
+    """_State.unchanged's compiled loop (csrc/python_module.cpp) answers as its Python
+    expressions do: identity of dict entries (a missing key is None), settings by ==, tensor
+    versions; and raises where they raise."""
+    from effkernels.nn import blocks
+    check = blocks._UNCHANGED
+    assert check is not None, "effkernels._C has no unchanged()"
+    conv = torch.nn.Conv2d(3, 4, 1)
+    bn = torch.nn.BatchNorm2d(4)
+    state = blocks._State()
+    state._keep([(conv._parameters, "weight", conv.weight), (conv._parameters, "none", None)],
+                [(conv, "stride"), (bn, "eps"), (bn, "training")],
+                [conv.weight, bn.running_mean])
+
+    def both():
+        lists = (state.same_in, state.same_key, state.same_obj, state.set_obj, state.set_attr,
+                 state.set_value, state.tensors, state.versions)
+        saved, blocks._UNCHANGED = blocks._UNCHANGED, None
+        try:
+            python = state.unchanged()
+        finally:
+            blocks._UNCHANGED = saved
+        compiled = check(*lists)
+        assert compiled is python and state.unchanged() is python
+        return python
+
+    assert both() is True
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)  # a version
+    assert both() is False
+    state._keep([(conv._parameters, "weight", conv.weight)], [(bn, "eps")], [bn.running_mean])
+    assert both() is True
+    bn.eps = 1e-3  # a setting
+    assert both() is False
+    bn.eps = 1e-5
+    conv.weight = torch.nn.Parameter(conv.weight.detach().clone())  # a replaced tensor
+    assert both() is False
+    with pytest.raises(ValueError, match="differ in length"):
+        check([{}], [], [], [], [], [], [], [])
+    with pytest.raises(TypeError, match="same_in must hold dicts"):
+        check([1], ["a"], [None], [], [], [], [], [])
+    with pytest.raises(AttributeError):
+        check([], [], [], [bn], ["no_such_setting"], [0], [], [])
+    with pytest.raises(TypeError, match="tensors must hold tensors"):
+        check([], [], [], [], [], [], [1], [0])
+    with torch.inference_mode():
+        inference = torch.ones(2)
+    with pytest.raises(RuntimeError, match="(?i)inference tensors"):
+        check([], [], [], [], [], [], [inference], [0])
