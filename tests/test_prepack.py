@@ -592,6 +592,23 @@ def test_chain_replay_follows_every_change(name, monkeypatch):
         m.bn1.eval()
     check("stem in eval again", chained=False)
     check("stem in eval again, twice")
+    # A stem conv of another type (a subclass): the blocks chained, the stem run on its own;
+    # a plain one again: fused again.
+    class OwnConv(torch.nn.Conv2d):
+        pass
+
+    plain_stems = []
+    for m in (model, fresh):
+        plain_stems.append(m.conv_stem)
+        own = OwnConv(3, m.conv_stem.out_channels, 3, 2, 1, bias=False)
+        own.load_state_dict(m.conv_stem.state_dict())
+        m.conv_stem = own
+    check("stem of another type", chained=False)
+    check("stem of another type, again", stem_fused=False)
+    for m, plain in zip((model, fresh), plain_stems):
+        m.conv_stem = plain
+    check("plain stem again", chained=False)
+    check("plain stem again, twice")
     # Hooks (on a block, a stage, every module) run: the layers are called.
     calls = []
 

@@ -413,20 +413,25 @@ class _StemReplay(_State):
 
     @classmethod
     def of(cls, owner: nn.Module, x: torch.Tensor, block: nn.Module,
-           replay: _State) -> Optional["_StemReplay"]:
+           replay: _State) -> "_StemReplay":
         """owner: the module with conv_stem, bn1, act and same; x: the stem's input in the call
         the chain is built after; block, replay: the chain's first layer and its replay."""
         conv, bn = owner._modules.get("conv_stem"), owner._modules.get("bn1")
-        if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:
-            return None
         step = cls()
-        tensor_same, tensors = _tensor_entries((conv, bn))
+        same = [(owner._modules, "conv_stem", conv), (owner._modules, "bn1", bn)]
         settings = [(owner, a) for a in ("act", "same")]
+        if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:
+            # Another type of conv or BN: not fused, and the chain built again when the
+            # modules are replaced.
+            step._keep(same, settings, [])
+            step.fused = False
+            return step
+        tensor_same, tensors = _tensor_entries((conv, bn))
         settings += [(bn, a) for a in ("training", "eps", "track_running_stats")]
         settings += [(conv, a) for a in ("kernel_size", "stride", "padding", "dilation",
                                          "groups", "padding_mode")]
-        step._keep([(owner._modules, "conv_stem", conv), (owner._modules, "bn1", bn)]
-                   + tensor_same + [(conv._parameters, "bias", conv.bias)], settings, tensors)
+        step._keep(same + tensor_same + [(conv._parameters, "bias", conv.bias)], settings,
+                   tensors)
         act = owner.act
         step.fused = not (
                 not isinstance(block, _Block) or owner.same or bn.training
@@ -543,11 +548,8 @@ class _ChainReplay(_State):
             replays.append(replay)
         if not replays:
             return None
-        stem = None
-        if stem_owner is not None:
-            stem = _StemReplay.of(stem_owner, x, layers[0], replays[0])
-            if stem is None:
-                return None
+        stem = None if stem_owner is None else _StemReplay.of(stem_owner, x, layers[0],
+                                                               replays[0])
         return cls(containers, layers, replays, stem_owner, stem)
 
     def __call__(self, x: torch.Tensor) -> Optional[torch.Tensor]:
