@@ -11,10 +11,12 @@
 //   1. the hidden rows a group of G output rows needs that are not in the ring yet are computed
 //      by the expand GEMM (x rows copied to a dense fp32 tile, the pwconv micro-kernel against
 //      the packed, BN-scaled weight panels, then shift + act from L1 into the ring). Without an
-//      expand stage the x rows are copied in. Ring rows are padded: `pad` zero columns on each
-//      side and the hidden channels padded with zeros to a whole 64-byte vector (16 fp32 /
-//      8 fp64; zero depthwise weights there, and the project GEMM reads only the C real
-//      channels), so the depthwise kernel has no borders and no channel tails; image rows
+//      expand stage the x rows are copied in, or, after a stem (stem_inverted_residual_packed:
+//      the models' stem and first block in one pass), computed there by the stem's row kernel
+//      (DenseConv), the skip then read from the ring. Ring rows are padded: `pad` zero columns
+//      on each side and the hidden channels padded with zeros to a whole 64-byte vector
+//      (16 fp32 / 8 fp64; zero depthwise weights there, and the project GEMM reads only the C
+//      real channels), so the depthwise kernel has no borders and no channel tails; image rows
 //      above/below read a zero row.
 //   2. the depthwise rows (sliding-window micro-kernel over 4 output pixels x 16 channels for
 //      k = 3/5/7, stride 1/2, dilation 1; a plain tap loop otherwise) + shift + act go to a
