@@ -292,6 +292,9 @@ _UNCHANGED = getattr(_extension._C, "unchanged", None)
 
 
 _TENSORS = ("weight", "bias", "running_mean", "running_var")
+# The settings of a conv + BN pair that a replayed packed call was built from.
+_CONV_SETTINGS = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+_BN_SETTINGS = ("training", "eps", "track_running_stats")
 
 
 def _tensor_entries(modules) -> Tuple[list, list]:
@@ -388,9 +391,7 @@ class _PointwiseReplay(_State):
         step = cls()
         tensor_same, tensors = _tensor_entries((conv, bn))
         settings = [(block, a) for a in ("training", "act", "has_skip", "same")]
-        settings += [(bn, a) for a in ("training", "eps", "track_running_stats")]
-        settings += [(conv, a) for a in ("kernel_size", "stride", "padding", "dilation",
-                                         "groups", "padding_mode")]
+        settings += [(bn, a) for a in _BN_SETTINGS] + [(conv, a) for a in _CONV_SETTINGS]
         step._keep([(block._modules, "conv", conv), (block._modules, "bn1", bn)] + tensor_same
                    + [(conv._parameters, "bias", None)], settings, tensors)
         step.dtype = conv.weight.dtype
@@ -427,9 +428,7 @@ class _StemReplay(_State):
             step.fused = False
             return step
         tensor_same, tensors = _tensor_entries((conv, bn))
-        settings += [(bn, a) for a in ("training", "eps", "track_running_stats")]
-        settings += [(conv, a) for a in ("kernel_size", "stride", "padding", "dilation",
-                                         "groups", "padding_mode")]
+        settings += [(bn, a) for a in _BN_SETTINGS] + [(conv, a) for a in _CONV_SETTINGS]
         step._keep(same + tensor_same + [(conv._parameters, "bias", conv.bias)], settings,
                    tensors)
         act = owner.act
