@@ -224,8 +224,7 @@ def dense(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str,
         return _sync.conv_bn_act(conv_fn, op_eval, group, x, [conv.weight], *bnp[:4],
                                  bnp.momentum, bnp.eps)
     foldable = _foldable(x, conv, bnp, act)
-    if foldable and conv.groups == 1 and conv.padding_mode == "zeros" \
-            and isinstance(padding, tuple) and bnp.weight is not None and bnp.bias is not None:
+    if foldable and _direct_conv(conv, bnp, padding):
         # Few input channels (the stems): effkernels' direct convolution, BN and act fused.
         y = ops._conv_bn_act_inference(x, conv.weight, conv.bias, bnp[:4], conv.stride,
                                        padding, conv.dilation, bnp.eps, act)
@@ -256,6 +255,14 @@ _INPLACE_ACT = {"identity": lambda y: y, "relu": F.relu_,
                 "relu6": lambda y: F.hardtanh_(y, 0.0, 6.0),
                 "hswish": lambda y: F.hardswish(y, inplace=True),
                 "silu": lambda y: F.silu(y, inplace=True)}
+
+
+def _direct_conv(conv: nn.Conv2d, bnp: BNArgs, padding) -> bool:
+    """A foldable dense() call asks effkernels::conv_bn_act_inference (whose own operand
+    checks come after): one group, zero padding given as a tuple, BN with weight and bias.
+    blocks._StemReplay fuses a stem only where this holds, so one predicate serves both."""
+    return (conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(padding, tuple)
+            and bnp.weight is not None and bnp.bias is not None)
 
 
 def _foldable(x: torch.Tensor, conv: nn.Conv2d, bnp: BNArgs, act: str) -> bool:

@@ -432,19 +432,18 @@ class _StemReplay(_State):
         step._keep(same + tensor_same + [(conv._parameters, "bias", conv.bias)], settings,
                    tensors)
         act = owner.act
-        step.fused = not (
-                not isinstance(block, _Block) or owner.same or bn.training
-                or bn.running_mean is None or bn.running_var is None or bn.weight is None
-                or bn.bias is None or conv.groups != 1
-                or conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple)
-                or conv.dilation != (1, 1) or conv.kernel_size == (1, 1)
-                or act not in F_._INPLACE_ACT or replay.dtype is not torch.float32
-                or "expand_conv" in block._roles
-                or block.skip and "se_reduce" in block._roles
-                or not F_._foldable(x, conv, F_.bn_args(bn), act)
-                or not ops._takes_conv_inference(x, conv.weight, conv.bias,
-                                                 (bn.weight, bn.bias, bn.running_mean,
-                                                  bn.running_var)))
+        bnp = None if bn.training else F_.bn_args(bn)  # (which counts batches in training)
+        # The stem's own call's branch (F_.dense: foldable, direct, the op's operands), then
+        # what the fused op adds: no dilation, a first block without expand stage.
+        step.fused = (
+                bnp is not None and isinstance(block, _Block) and not owner.same
+                and replay.dtype is torch.float32
+                and conv.dilation == (1, 1) and conv.kernel_size != (1, 1)
+                and "expand_conv" not in block._roles
+                and not (block.skip and "se_reduce" in block._roles)
+                and F_._foldable(x, conv, bnp, act) and F_._direct_conv(conv, bnp, conv.padding)
+                and bn.running_var is not None
+                and ops._takes_conv_inference(x, conv.weight, conv.bias, tuple(bnp[:4])))
         if step.fused:
             step.args = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                          bn.running_var, list(conv.stride), list(conv.padding), bn.eps, act)
