@@ -154,6 +154,30 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(run, training):
         assert torch.equal(b, c), "result differs between identical runs"
 
 
+@pytest.mark.parametrize("run", RUNS[:3] + [_run_mix_wide, _run_ir_no_se],
+                         ids=RUN_IDS[:3] + ["mixconv_wide", RUN_IDS[3]])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bitwise_same_with_work_stealing_on_and_off(run, training, monkeypatch):
+    """The CPU kernels' parallel loops let a thread take another's last work items
+    (cpu_common.h parallel_items; EFFK_CPU_STEAL=0 turns that off): on 3 threads over 2
+    cores, where a thread is often descheduled and the others steal, the same bits as the
+    static split on 1 thread."""
+    before = torch.get_num_threads()
+    try:
+        with effkernels.backend("cpu"):
+            monkeypatch.setenv("EFFK_CPU_STEAL", "0")
+            torch.set_num_threads(1)
+            static = run(training)
+            monkeypatch.setenv("EFFK_CPU_STEAL", "1")
+            torch.set_num_threads(3)
+            stealing = [run(training) for _ in range(3)]
+    finally:
+        torch.set_num_threads(before)
+    for other in stealing:
+        for i, (a, b) in enumerate(zip(static, other)):
+            assert torch.equal(a, b), f"result {i} depends on which thread ran which item"
+
+
 @pytest.mark.parametrize("run", RUNS, ids=RUN_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_bitwise_identical_with_and_without_deterministic_algorithms(run, training):

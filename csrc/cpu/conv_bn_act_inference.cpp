@@ -259,9 +259,9 @@ at::Tensor conv_bn_act_inference(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor out = empty_nhwc({g.N, g.Cout, g.OH, g.OW}, x.options());
   if (g.N == 0) return in_format(out, output_format(x));
   float* od = out.data_ptr<float>();
-  at::parallel_for(0, g.N * g.OH, kRowGrain, [&](int64_t begin, int64_t end) {
+  parallel_items(g.N * g.OH, kRowGrain, [&](const auto& next) {
     float* strip = thread_scratch<float>(0, conv.strip_size());
-    for (int64_t item = begin; item < end; ++item)
+    for (int64_t item = 0; next(item);)
       conv.row(item / g.OH, item % g.OH, strip, od + item * g.OW * g.Cout, g.Cout);
   });
   return in_format(out, output_format(x));

@@ -2,6 +2,8 @@
 // accumulation type, and deterministic per-channel batch statistics.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -50,6 +52,93 @@ H read_packed_header(const char* op, const char* packer, const at::Tensor& packe
              "packed does not start with the header of ", packer, "'s version ", version,
              ": pack again");
   return h;
+}
+
+// ---- work items over the threads, with stealing ----------------------------------------------
+
+// The items [0, items) of a parallel loop split into one contiguous range per thread, as
+// at::parallel_for splits them; a thread takes its own range's items in order, then items from
+// the end of the range with the most left. So a thread that starts late or runs slower (on a
+// shared VM: a preempted vCPU, a busy sibling hyperthread) hands its last items to the others
+// instead of being waited for, while balanced threads keep the static split (and its cache
+// locality: a thread's consecutive items share packed panels). EFFK_CPU_STEAL=0: static.
+class ItemRanges {
+ public:
+  ItemRanges(int64_t items, int64_t parts) : ranges_(parts), steal_(stealing()) {
+    const int64_t chunk = (items + parts - 1) / parts;  // at::parallel_for's split
+    for (int64_t t = 0; t < parts; ++t)
+      ranges_[t].v.store(pack(std::min(items, t * chunk), std::min(items, (t + 1) * chunk)),
+                         std::memory_order_relaxed);
+  }
+
+  // The next item for the thread that owns range `own`; false when every range is empty.
+  bool claim(int64_t own, int64_t& item) {
+    Range& mine = ranges_[own];
+    uint64_t cur = mine.v.load(std::memory_order_relaxed);
+    while (front(cur) < back(cur))
+      if (mine.v.compare_exchange_weak(cur, pack(front(cur) + 1, back(cur)),
+                                       std::memory_order_relaxed)) {
+        item = front(cur);
+        return true;
+      }
+    if (!steal_) return false;
+    for (;;) {
+      int64_t victim = -1, most = 0;
+      for (int64_t t = 0; t < static_cast<int64_t>(ranges_.size()); ++t) {
+        const uint64_t r = ranges_[t].v.load(std::memory_order_relaxed);
+        if (back(r) - front(r) > most) {
+          most = back(r) - front(r);
+          victim = t;
+        }
+      }
+      if (victim < 0) return false;
+      Range& theirs = ranges_[victim];
+      uint64_t r = theirs.v.load(std::memory_order_relaxed);
+      if (front(r) < back(r) &&
+          theirs.v.compare_exchange_strong(r, pack(front(r), back(r) - 1),
+                                           std::memory_order_relaxed)) {
+        item = back(r) - 1;
+        return true;
+      }
+    }
+  }
+
+ private:
+  struct alignas(64) Range {  // [front, back) in one word, a cache line each
+    std::atomic<uint64_t> v{0};
+  };
+  static uint64_t pack(int64_t f, int64_t b) {
+    return (static_cast<uint64_t>(f) << 32) | static_cast<uint64_t>(b);
+  }
+  static int64_t front(uint64_t r) { return static_cast<int64_t>(r >> 32); }
+  static int64_t back(uint64_t r) { return static_cast<int64_t>(r & 0xFFFFFFFFu); }
+  static bool stealing() {  // read per loop (A/B comparisons switch it in one process)
+    const char* env = std::getenv("EFFK_CPU_STEAL");
+    return env == nullptr || env[0] != '0';
+  }
+  std::vector<Range> ranges_;
+  const bool steal_;
+};
+
+// Runs body(next) once per thread of the intra-op pool (at most items / grain threads, as
+// at::parallel_for), where next(item) sets the thread's next item (ItemRanges) and returns
+// false when there is none: per-thread set-up (scratch, packed panels) goes before the loop
+// `while (next(item))`. Only for items whose results do not depend on the thread or the order
+// they run in. Inside a parallel region, one thread runs them all in order.
+template <class Body>
+void parallel_items(int64_t items, int64_t grain, const Body& body) {
+  if (items <= 0) return;
+  EFFK_CHECK("parallel_items", items < (int64_t(1) << 31), "too many work items: ", items);
+  const int64_t parts =
+      at::in_parallel_region()
+          ? 1
+          : std::min<int64_t>(std::max(1, at::get_num_threads()),
+                              (items + grain - 1) / std::max<int64_t>(grain, 1));
+  ItemRanges ranges(items, parts);
+  at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      body([&ranges, t](int64_t& item) { return ranges.claim(t, item); });
+  });
 }
 
 // ---- non-temporal (streaming) result stores ---------------------------------------------------

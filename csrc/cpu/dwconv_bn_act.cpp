@@ -750,8 +750,8 @@ void forward_impl(const DwGeometry& g, const std::vector<Group>& gs, const at::T
   auto ps = conv_params<T>(g, gs, xc, w.data(), shift.data(), act, zrow);
   const bool stream = stream_results(rows * row_elems * static_cast<int64_t>(sizeof(T)));
   for (ConvParams<T>& p : ps) p.stream = stream;
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) conv_layer_row(ps, r / g.Ho, r % g.Ho, op + r * row_elems);
+  parallel_items(rows, grain, [&](const auto& next) {
+    for (int64_t r = 0; next(r);) conv_layer_row(ps, r / g.Ho, r % g.Ho, op + r * row_elems);
     stream_fence();
   });
 }

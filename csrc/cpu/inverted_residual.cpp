@@ -44,8 +44,9 @@
 // (7x7), multiplied into its depthwise rows, the cheaper of the two (the late MobileNetV3 / MixNet
 // blocks 4-10% faster, ad-hoc); phase B runs the project GEMM over the buffer.
 //
-// Threads: OpenMP (at::parallel_for) over (image, band); bands are only cut when there are fewer
-// images than the work split wants (one boundary costs dilation*(k-1) recomputed hidden rows).
+// Threads: OpenMP (parallel_items: a static split, then stealing) over (image, band); bands are
+// only cut when there are fewer images than the work split wants (one boundary costs
+// dilation*(k-1) recomputed hidden rows).
 // With fewer images than threads on small maps, where those recomputed rows would be more than
 // 1/8 of the image (batch 1 from 28x28 down), phase A is split by slices of the hidden channels
 // instead and the block takes the two-phase path even without SE; phase B splits the output
@@ -816,9 +817,9 @@ void run_block(const Plan<T, A, In>& p, const SeLayer<T>* layer) {
   if (!g.has_se && channel_slices(p, g.N) == 0) {
     // One phase: each task projects the depthwise rows it computes.
     const int64_t nb = bands_per_image(g.N, g.Ho), per = ceil_div(g.Ho, nb);
-    at::parallel_for(0, g.N * nb, 1, [&](int64_t b, int64_t e) {
+    parallel_items(g.N * nb, 1, [&](const auto& next) {
       Worker<T, A, In> wk(p, /*bands=*/true);
-      for (int64_t item = b; item < e; ++item) {
+      for (int64_t item = 0; next(item);) {
         const int64_t n = item / nb, oh0 = (item % nb) * per;
         if (oh0 < g.Ho) wk.band(n, oh0, std::min(g.Ho, oh0 + per), nullptr, nullptr, all);
       }
@@ -851,9 +852,9 @@ void run_block(const Plan<T, A, In>& p, const SeLayer<T>* layer) {
     // Phase A: hidden rows and depthwise rows into the image buffers, by (image, band, slice).
     const int64_t ns = channel_slices(p, m), slices = std::max<int64_t>(ns, 1);
     const int64_t nb = ns ? 1 : bands_per_image(m, g.Ho), per = ceil_div(g.Ho, nb);
-    at::parallel_for(0, m * nb * slices, 1, [&](int64_t b, int64_t e) {
+    parallel_items(m * nb * slices, 1, [&](const auto& next) {
       Worker<T, A, In> wk(p, /*bands=*/true);
-      for (int64_t item = b; item < e; ++item) {
+      for (int64_t item = 0; next(item);) {
         const int64_t i = item / (nb * slices), band = item / slices % nb, oh0 = band * per;
         if (oh0 < g.Ho)
           wk.band(n0 + i, oh0, std::min(g.Ho, oh0 + per), images + i * img_stride,
@@ -920,9 +921,9 @@ void run_block(const Plan<T, A, In>& p, const SeLayer<T>* layer) {
         pg = std::min<int64_t>(p.npp, threads);
     }
     const int64_t chunk = ceil_div(HW, chunks);
-    at::parallel_for(0, m * chunks * pg, 1, [&](int64_t b, int64_t e) {
+    parallel_items(m * chunks * pg, 1, [&](const auto& next) {
       Worker<T, A, In> wk(p, /*bands=*/false);
-      for (int64_t item = b; item < e; ++item) {
+      for (int64_t item = 0; next(item);) {
         const int64_t i = item / (chunks * pg), q = item % pg;
         const int64_t p0 = item / pg % chunks * chunk;
         wk.project(n0 + i, p0, std::min(chunk, HW - p0), images + i * img_stride + p0 * g.Cp,

@@ -156,8 +156,9 @@ int64_t computed_rows(int64_t rows, int MR) {
   return rows - rem + (rem == 0 ? 0 : rem > mr2 ? MR : rem > mr4 ? mr2 : mr4);
 }
 
-// The largest per-thread share of the work when at::parallel_for splits `items` (group-major:
-// item = group * ntiles + tile) into equal contiguous ranges, in units of computed row x column.
+// The largest per-thread share of the work when parallel_items splits `items` (group-major:
+// item = group * ntiles + tile) into equal contiguous ranges (before any stealing), in units
+// of computed row x column.
 double max_share(const TilePlan& t, int64_t threads) {
   const int64_t chunk = ceil_div(t.items, std::min(threads, t.items));
   double worst = 0.0;
@@ -242,7 +243,7 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
   const int64_t ldp = p.K % 64 == 0 ? p.K + 16 : p.K;
   // A pack with panels() holds all panels packed already (pwconv_bn_act_packed).
   constexpr bool kPrepacked = requires { pack.panels(); };
-  at::parallel_for(0, p.items, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(p.items, 1, [&](const auto& next) {
     In* scratch = kPrepacked ? nullptr : thread_scratch<In>(0, p.panels_per_item * Kp * p.NR);
     const In* panels = scratch;
     // A tile's GEMM writes (and a copied tile holds) whole blocks: round_up(rows, MR) rows.
@@ -250,7 +251,7 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
     A* block = thread_scratch<A>(1, rows_alloc * p.NR);
     In* copy = nullptr;
     int64_t packed = -1, copied = -1;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = 0; next(item);) {
       const int64_t ci = item / p.ntiles, t = item % p.ntiles;
       const int64_t j0 = ci * p.panels_per_item;
       const int64_t j1 = std::min(p.npanels, j0 + p.panels_per_item);

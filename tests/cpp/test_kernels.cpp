@@ -4,13 +4,18 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <climits>
 #include <cmath>
 #include <cstdio>
 #include <functional>
 #include <map>
 #include <string>
+#include <thread>
+#include <vector>
 
+#include "../../csrc/cpu/cpu_common.h"
 #include "effkernels/activation.h"
 #include "effkernels/conv_geometry.h"
 
@@ -324,15 +329,81 @@ void test_inverted_residual() {
                1e-5, "inverted_residual_inference");
 }
 
+void test_parallel_items() {
+  // Every item runs exactly once, for any item count, grain and thread count (more threads
+  // than cores too), stealing or not, and inside a parallel region.
+  const int before = at::get_num_threads();
+  for (const char* steal : {"1", "0"}) {
+    setenv("EFFK_CPU_STEAL", steal, 1);
+    for (const int threads : {1, 2, 3}) {
+      at::set_num_threads(threads);
+      for (const int64_t items : {1, 2, 3, 7, 64, 1001}) {
+        for (const int64_t grain : {1, 5}) {
+          std::vector<std::atomic<int>> runs(items);
+          cpu::parallel_items(items, grain, [&](const auto& next) {
+            for (int64_t i = 0; next(i);) runs[i].fetch_add(1);
+          });
+          int64_t once = 0;
+          for (auto& r : runs) once += r.load() == 1;
+          expect(once == items, std::string("parallel_items steal=") + steal + " threads=" +
+                                    std::to_string(threads) + " items=" +
+                                    std::to_string(items) + " grain=" + std::to_string(grain));
+        }
+      }
+    }
+  }
+  // A thread that sleeps in item 0: without stealing it runs the rest of its range (items
+  // 1-7 of 16 on 2 threads) after waking; with stealing the other thread has taken them by
+  // then (or took item 0 itself, when it started first and stole the whole range).
+  at::set_num_threads(2);
+  for (const char* steal : {"1", "0"}) {
+    setenv("EFFK_CPU_STEAL", steal, 1);
+    const int64_t items = 16;
+    std::vector<int> by(items, -1), seq(items, -1);
+    std::atomic<int> clock{0};
+    cpu::parallel_items(items, 1, [&](const auto& next) {
+      const int me = at::get_thread_num();
+      for (int64_t i = 0; next(i);) {
+        if (i == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        by[i] = me;
+        seq[i] = clock.fetch_add(1);
+      }
+    });
+    int64_t after_sleep = 0;  // items of range 0 the sleeper ran after item 0
+    for (int64_t i = 1; i < items / 2; ++i) after_sleep += by[i] == by[0] && seq[i] > seq[0];
+    std::string threads_by_item;
+    for (const int t : by) threads_by_item += std::to_string(t);
+    expect(std::string(steal) == "1" ? after_sleep < items / 2 - 1 : after_sleep == items / 2 - 1,
+           std::string("parallel_items: the sleeping thread's range, steal=") + steal +
+               ", thread by item " + threads_by_item);
+  }
+  setenv("EFFK_CPU_STEAL", "1", 1);
+  // Nested in a parallel region: one thread, all items in order.
+  std::vector<int64_t> order;
+  at::parallel_for(0, 2, 1, [&](int64_t b, int64_t) {
+    if (b != 0) return;
+    cpu::parallel_items(10, 1, [&](const auto& next) {
+      for (int64_t i = 0; next(i);) order.push_back(i);
+    });
+  });
+  std::vector<int64_t> want(10);
+  for (int64_t i = 0; i < 10; ++i) want[i] = i;
+  expect(order == want, "parallel_items inside a parallel region runs the items in order");
+  at::set_num_threads(before);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::map<std::string, std::function<void()>> cases = {
       {"headers", test_headers}, {"dwconv", test_dwconv},   {"pwconv", test_pwconv},
-      {"mixconv", test_mixconv}, {"inverted_residual", test_inverted_residual}};
+      {"mixconv", test_mixconv}, {"inverted_residual", test_inverted_residual},
+      {"parallel_items", test_parallel_items}};
   torch::manual_seed(0);
   if (argc != 2 || !cases.count(argv[1])) {
-    std::printf("usage: effkernels_tests headers|dwconv|pwconv|mixconv|inverted_residual\n");
+    std::printf(
+        "usage: effkernels_tests headers|dwconv|pwconv|mixconv|inverted_residual|"
+        "parallel_items\n");
     return 2;
   }
   try {
