@@ -8,30 +8,38 @@
 
 namespace {
 
-// unchanged(same_in, same_key, same_obj, set_obj, set_attr, set_value, tensors, versions):
+// unchanged(same_in, same_key, same_obj, set_obj, set_attr, set_value, tensors, versions,
+//           sized, sizes):
 //   all(same_in[i].get(same_key[i]) is same_obj[i])
 //   and [getattr(o, a) for o, a in zip(set_obj, set_attr)] == set_value
 //   and [t._version for t in tensors] == versions
+//   and [len(o) for o in sized] == sizes
 // (lists of equal lengths per group; errors as the Python expressions raise them). A prepacked
 // model's replay checks ~900 such entries per batch-1 forward; after a forward has streamed
 // the model's weights through the caches, the Python expressions took ~320 us
 // (mobilenetv3_large_100, ~6% of the forward), one dependent cache miss after another; a tight
 // loop lets the CPU overlap the misses of neighbouring entries.
 PyObject* unchanged(PyObject*, PyObject* args) {
-  PyObject *same_in, *same_key, *same_obj, *set_obj, *set_attr, *set_value, *tensors, *versions;
-  if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!O!O!:unchanged", &PyList_Type, &same_in, &PyList_Type,
-                        &same_key, &PyList_Type, &same_obj, &PyList_Type, &set_obj,
+  PyObject *same_in, *same_key, *same_obj, *set_obj, *set_attr, *set_value, *tensors, *versions,
+      *sized, *sizes;
+  if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!O!O!O!O!:unchanged", &PyList_Type, &same_in,
+                        &PyList_Type, &same_key, &PyList_Type, &same_obj, &PyList_Type, &set_obj,
                         &PyList_Type, &set_attr, &PyList_Type, &set_value, &PyList_Type,
-                        &tensors, &PyList_Type, &versions))
+                        &tensors, &PyList_Type, &versions, &PyList_Type, &sized, &PyList_Type,
+                        &sizes))
     return nullptr;
   const Py_ssize_t ns = PyList_GET_SIZE(same_in), nv = PyList_GET_SIZE(set_obj),
-                   nt = PyList_GET_SIZE(tensors);
+                   nt = PyList_GET_SIZE(tensors), nz = PyList_GET_SIZE(sized);
   if (PyList_GET_SIZE(same_key) != ns || PyList_GET_SIZE(same_obj) != ns ||
       PyList_GET_SIZE(set_attr) != nv || PyList_GET_SIZE(set_value) != nv ||
-      PyList_GET_SIZE(versions) != nt) {
+      PyList_GET_SIZE(versions) != nt || PyList_GET_SIZE(sizes) != nz) {
     PyErr_SetString(PyExc_ValueError, "unchanged: the lists of a group differ in length");
     return nullptr;
   }
+  // The objects first, all at once (independent misses overlap), then the dependent loads.
+  for (Py_ssize_t i = 0; i < ns; ++i) __builtin_prefetch(PyList_GET_ITEM(same_in, i));
+  for (Py_ssize_t i = 0; i < nt; ++i) __builtin_prefetch(PyList_GET_ITEM(tensors, i));
+  for (Py_ssize_t i = 0; i < nv; ++i) __builtin_prefetch(PyList_GET_ITEM(set_obj, i));
   for (Py_ssize_t i = 0; i < ns; ++i) {
     PyObject* d = PyList_GET_ITEM(same_in, i);
     if (!PyDict_Check(d)) {
@@ -67,6 +75,13 @@ PyObject* unchanged(PyObject*, PyObject* args) {
       PyErr_SetString(PyExc_RuntimeError, e.what());
       return nullptr;
     }
+  }
+  for (Py_ssize_t i = 0; i < nz; ++i) {
+    const Py_ssize_t n = PyObject_Length(PyList_GET_ITEM(sized, i));
+    if (n < 0) return nullptr;
+    const long long want = PyLong_AsLongLong(PyList_GET_ITEM(sizes, i));
+    if (want == -1 && PyErr_Occurred()) return nullptr;
+    if (static_cast<long long>(n) != want) Py_RETURN_FALSE;
   }
   Py_RETURN_TRUE;
 }

@@ -676,12 +676,14 @@ def test_unchanged_check_in_c_matches_python():
     bn = torch.nn.BatchNorm2d(4)
     state = blocks._State()
     state._keep([(conv._parameters, "weight", conv.weight), (conv._parameters, "none", None)],
-                [(conv, "stride"), (bn, "eps"), (bn, "training")],
-                [conv.weight, bn.running_mean])
+                [(conv, "stride"), (bn, "eps"), (bn, "training"), (conv, "__class__")],
+                [conv.weight, bn.running_mean], [(conv._forward_hooks, 0), (bn._buffers, 3)])
+    assert state.set_attr == ["__class__"]  # the others are identity entries of __dict__
+    assert (vars(bn), "eps", bn.eps) in zip(state.same_in, state.same_key, state.same_obj)
 
     def both():
         lists = (state.same_in, state.same_key, state.same_obj, state.set_obj, state.set_attr,
-                 state.set_value, state.tensors, state.versions)
+                 state.set_value, state.tensors, state.versions, state.sized, state.sizes)
         saved, blocks._UNCHANGED = blocks._UNCHANGED, None
         try:
             python = state.unchanged()
@@ -691,6 +693,14 @@ def test_unchanged_check_in_c_matches_python():
         assert compiled is python and state.unchanged() is python
         return python
 
+    assert both() is True
+
+    class OtherConv(torch.nn.Conv2d):
+        pass
+
+    conv.__class__ = OtherConv  # a setting compared by getattr
+    assert both() is False
+    conv.__class__ = torch.nn.Conv2d
     assert both() is True
     with torch.no_grad():
         bn.running_mean.add_(1.0)  # a version
@@ -702,15 +712,26 @@ def test_unchanged_check_in_c_matches_python():
     bn.eps = 1e-5
     conv.weight = torch.nn.Parameter(conv.weight.detach().clone())  # a replaced tensor
     assert both() is False
+    state._keep([(conv._parameters, "weight", conv.weight)], [(bn, "eps")], [bn.running_mean],
+                [(conv._forward_hooks, 0), (bn._buffers, 3)])
+    assert both() is True
+    handle = conv.register_forward_hook(lambda *a: None)  # a size
+    assert both() is False
+    handle.remove()
+    assert both() is True
     with pytest.raises(ValueError, match="differ in length"):
-        check([{}], [], [], [], [], [], [], [])
+        check([{}], [], [], [], [], [], [], [], [], [])
+    with pytest.raises(ValueError, match="differ in length"):
+        check([], [], [], [], [], [], [], [], [{}], [])
     with pytest.raises(TypeError, match="same_in must hold dicts"):
-        check([1], ["a"], [None], [], [], [], [], [])
+        check([1], ["a"], [None], [], [], [], [], [], [], [])
+    with pytest.raises(TypeError):  # len() of an object without one
+        check([], [], [], [], [], [], [], [], [1], [0])
     with pytest.raises(AttributeError):
-        check([], [], [], [bn], ["no_such_setting"], [0], [], [])
+        check([], [], [], [bn], ["no_such_setting"], [0], [], [], [], [])
     with pytest.raises(TypeError, match="tensors must hold tensors"):
-        check([], [], [], [], [], [], [1], [0])
+        check([], [], [], [], [], [], [1], [0], [], [])
     with torch.inference_mode():
         inference = torch.ones(2)
     with pytest.raises(RuntimeError, match="(?i)inference tensors"):
-        check([], [], [], [], [], [], [inference], [0])
+        check([], [], [], [], [], [], [inference], [0], [], [])

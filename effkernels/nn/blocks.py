@@ -12,7 +12,6 @@ BatchNorm).
 """
 from __future__ import annotations
 
-import itertools
 import operator
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -265,15 +264,23 @@ class _Block(NotScriptable, nn.Module):
 class _State:
     """What a replayed call was built from, as flat lists compared with C-level maps (a Python
     loop over them was ~14 us per call, half a small block's time at batch 1): (dict, key,
-    object) entries that must be identical, (object, attribute, value) settings, and tensors
-    at their version counters."""
+    object) entries that must be identical, (object, attribute, value) settings, tensors at
+    their version counters, and (container, length) sizes (hook dicts empty, child dicts)."""
 
-    def _keep(self, same: list, settings: list, tensors: list) -> None:
-        self.same_in, self.same_key, self.same_obj = (list(c) for c in zip(*same))
-        self.set_obj, self.set_attr = (list(c) for c in zip(*settings))
+    def _keep(self, same: list, settings: list, tensors: list, sized: list = ()) -> None:
+        # A setting held in its object's __dict__ (most: eps, training, stride, ...) is kept as
+        # an identity entry of that dict: one lookup instead of getattr's walk through the
+        # type's MRO, the larger part of the check's cache misses after a forward. Identity
+        # is the stricter test (an equal new value rebuilds the replay once).
+        in_dict = [_instance_attr(o, a) for o, a in settings]
+        same = list(same) + [(vars(o), a, vars(o)[a]) for (o, a), d in zip(settings, in_dict) if d]
+        settings = [s for s, d in zip(settings, in_dict) if not d]
+        self.same_in, self.same_key, self.same_obj = _columns(same, 3)
+        self.set_obj, self.set_attr = _columns(settings, 2)
         self.set_value = list(map(getattr, self.set_obj, self.set_attr))
         self.tensors = tensors
         self.versions = list(map(_VERSION, tensors))
+        self.sized, self.sizes = _columns(sized, 2)
 
     def unchanged(self) -> bool:
         """Nothing this replay was built from has changed (modules, settings, tensors): the
@@ -282,13 +289,30 @@ class _State:
         prepacked batch-1 forward), else the expressions."""
         if _UNCHANGED is not None:
             return _UNCHANGED(self.same_in, self.same_key, self.same_obj, self.set_obj,
-                              self.set_attr, self.set_value, self.tensors, self.versions)
+                              self.set_attr, self.set_value, self.tensors, self.versions,
+                              self.sized, self.sizes)
         return (all(map(operator.is_, map(dict.get, self.same_in, self.same_key), self.same_obj))
                 and list(map(getattr, self.set_obj, self.set_attr)) == self.set_value
-                and list(map(_VERSION, self.tensors)) == self.versions)
+                and list(map(_VERSION, self.tensors)) == self.versions
+                and list(map(len, self.sized)) == self.sizes)
+
+
+def _columns(rows: list, n: int) -> list:
+    """The n columns of a list of n-tuples, as lists (n empty lists for no rows)."""
+    return [list(c) for c in zip(*rows)] if rows else [[] for _ in range(n)]
+
+
+def _instance_attr(obj, attr: str) -> bool:
+    """getattr(obj, attr) is obj.__dict__[attr]: there, and no data descriptor (property,
+    slot) of obj's type overrides it."""
+    if attr not in getattr(obj, "__dict__", ()):
+        return False
+    d = getattr(type(obj), attr, None)
+    return not (hasattr(type(d), "__set__") or hasattr(type(d), "__delete__"))
 
 
 _UNCHANGED = getattr(_extension._C, "unchanged", None)
+_profiler_enabled = torch._C._autograd._profiler_enabled
 
 
 _TENSORS = ("weight", "bias", "running_mean", "running_var")
@@ -466,15 +490,16 @@ def _replayable_input(x: torch.Tensor, dtype: torch.dtype) -> bool:
             and ops._plain_context() and ops._resolve(x, "inverted_residual") == "cpu")
 
 
-_FORWARD = itertools.repeat("forward")  # an own `forward` in a module's __dict__
-_HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                             "_backward_pre_hooks")
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOK_DICTS = tuple(f"_global{name}" for name in _HOOK_DICTS)
 
 
-def _global_hooks() -> bool:
-    g = nn.modules.module
-    return bool(g._global_forward_hooks or g._global_forward_pre_hooks
-                or g._global_backward_hooks or g._global_backward_pre_hooks)
+def _hook_dicts(owner, names) -> Tuple[list, list]:
+    """(owner's __dict__, name, dict) entries of owner's hook dicts `names`, and the dicts:
+    identical and empty while a replay holds (nn.modules.module's global hooks, or a
+    module's own)."""
+    dicts = [vars(owner)[name] for name in names]
+    return [(vars(owner), name, d) for name, d in zip(names, dicts)], dicts
 
 
 class _ChainReplay(_State):
@@ -489,23 +514,27 @@ class _ChainReplay(_State):
     def __init__(self, containers: list, layers: list, replays: list,
                  stem_owner: Optional[nn.Module] = None, stem: Optional[_StemReplay] = None):
         modules = containers + layers
-        self.modules = modules
-        self.types = list(map(type, modules))
-        self.module_dicts = [m.__dict__ for m in modules]
-        self.child_dicts = [m._modules for m in containers]
-        self.child_counts = list(map(len, self.child_dicts))
         self.dtype = replays[0].dtype
-        # The replays' lists (build checked them unchanged) after the containers' children.
-        same = [(c._modules, name, child) for c in containers
-                for name, child in c._modules.items()]
+        # No global hook; every module of the same type, without hooks or an own `forward`;
+        # the containers with the same children; then the replays' lists (build checked them
+        # unchanged). All in one list per kind, for _State.unchanged's one C loop.
+        same, hooks = _hook_dicts(nn.modules.module, _GLOBAL_HOOK_DICTS)
+        settings = [(m, "__class__") for m in modules]
+        for m in modules:
+            hook_same, own_hooks = _hook_dicts(m, _HOOK_DICTS)
+            same += hook_same + [(vars(m), "forward", None), (vars(m), "_modules", m._modules)]
+            hooks += own_hooks
+        sized = [(d, 0) for d in hooks] + [(c._modules, len(c._modules)) for c in containers]
+        same += [(c._modules, name, child) for c in containers
+                 for name, child in c._modules.items()]
         same += [e for r in replays for e in zip(r.same_in, r.same_key, r.same_obj)]
-        settings = [s for r in replays for s in zip(r.set_obj, r.set_attr)]
+        settings += [s for r in replays for s in zip(r.set_obj, r.set_attr)]
         tensors = [t for r in replays for t in r.tensors]
         if stem is not None:
             same += list(zip(stem.same_in, stem.same_key, stem.same_obj))
             settings += list(zip(stem.set_obj, stem.set_attr))
             tensors += stem.tensors
-        self._keep(same, settings, tensors)
+        self._keep(same, settings, tensors, sized)
         self.steps = [(op.redispatch, packed, args)
                       for op, packed, args in (r.chain_step() for r in replays)]
         # With the stem of stem_owner (run_sequential's): fused with the first block, the chain
@@ -552,14 +581,10 @@ class _ChainReplay(_State):
 
     def __call__(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         try:
-            if self.stem_fused and ops._resolve(x, "pwconv_bn_act") != "cpu":
-                return None  # the backend that serves the pointwise op serves the stem
-            if (not _replayable_input(x, self.dtype) or _global_hooks()
-                    or torch._C._autograd._profiler_enabled()
-                    or any(map(any, map(_HOOKS, self.modules)))
-                    or list(map(type, self.modules)) != self.types
-                    or any(map(operator.contains, self.module_dicts, _FORWARD))
-                    or list(map(len, self.child_dicts)) != self.child_counts
+            # (_replayable_input's backend check covers the fused stem too: the backend that
+            # serves the pointwise op serves the stem, and for CPU tensors it is the same for
+            # every op.)
+            if (not _replayable_input(x, self.dtype) or _profiler_enabled()
                     or not self.unchanged()):
                 return None
             key = ops._kernel_key("cpu")
