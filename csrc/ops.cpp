@@ -85,10 +85,12 @@ TORCH_LIBRARY(effkernels, m) {
       "pwconv_bn_act_packed(Tensor x, Tensor packed, int out_channels, str act, "
       "Tensor? residual=None) -> Tensor");
 
-  // y = x weight^T + bias for the classifier heads at small batch, inference only (CPU, fp32;
-  // csrc/cpu/linear_inference.cpp): F.linear's matrix-vector product at batch 1 runs on one
-  // thread. The models call it from their heads when no gradient is recorded.
-  m.def("linear_inference(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // y = act(x weight^T + bias) for the classifier heads at small batch, inference only (CPU,
+  // fp32; csrc/cpu/linear_inference.cpp): F.linear's matrix-vector product at batch 1 runs on
+  // one thread. A 4-D x (N, in_features, H, W) is averaged over H and W first (global
+  // pooling). The models call it from their heads when no gradient is recorded.
+  m.def("linear_inference(Tensor x, Tensor weight, Tensor? bias, "
+        "str act=\"identity\") -> Tensor");
 
   // ACT(BN(conv2d(x, weight, bias, stride, padding, dilation))) for a dense (groups=1) k x k
   // convolution with few input channels, inference only (CPU, fp32;

@@ -496,20 +496,25 @@ def _prepacked_block(cache: dict, x, expand, depthwise, se, project, stride, dil
 _LINEAR_MAX_ROWS = 8
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """F.linear, or, for a few rows of an fp32 CPU input with no gradient recorded and the cpu
-    backend selected, effkernels::linear_inference (the models' classifier heads at small
-    batch, where F.linear's matrix-vector product runs on one thread)."""
-    if (type(x) is torch.Tensor and x.device.type == "cpu" and x.dim() == 2
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            act: str = "identity") -> torch.Tensor:
+    """act(F.linear(x, weight, bias)); a 4-D x (N, C, H, W) is averaged over H and W first
+    (the models' heads: global pooling, then the layer). For a few rows of an fp32 CPU input
+    with no gradient recorded and the cpu backend selected, one effkernels::linear_inference
+    call (F.linear's matrix-vector product runs on one thread, and at batch 1 each separate
+    call costs more than its arithmetic); else x.mean, F.linear and the activation."""
+    if (type(x) is torch.Tensor and x.device.type == "cpu" and x.dim() in (2, 4)
             and x.shape[0] <= _LINEAR_MAX_ROWS and x.dtype == torch.float32
             and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
             and _direct((x, weight, bias))):
         try:  # the backend that serves the pointwise op serves the head's linear layer
             if _resolve(x, "pwconv_bn_act") == "cpu":
-                return _kernel_call(_cpp().linear_inference, "cpu", x, weight, bias)
+                return _kernel_call(_cpp().linear_inference, "cpu", x, weight, bias, act)
         except Exception:  # noqa: BLE001 - F.linear raises the usual errors
             pass
-    return F.linear(x, weight, bias)
+    if x.dim() == 4:
+        x = x.mean((2, 3))
+    return reference.activation(act, F.linear(x, weight, bias))
 
 
 # Input channels up to which _conv_bn_act_inference takes effkernels::conv_bn_act_inference

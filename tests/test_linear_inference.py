@@ -1,6 +1,7 @@
 """effkernels::linear_inference (csrc/cpu/linear_inference.cpp), the classifier heads' linear
-layer at small batch in inference, and ops._linear's routing to it: against the float64
-product, odd sizes, strided views, bitwise across thread counts, errors, opcheck, and no
+layer at small batch in inference (with the heads' global pooling of a 4-D input and an
+activation), and ops._linear's routing to it: against the float64 product, odd sizes, strided
+views and layouts, every activation, bitwise across thread counts, errors, opcheck, and no
 gradient."""
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import effkernels
-from effkernels import ops
+from effkernels import ops, reference
 
 from .helpers import assert_close, per_thread_count
 
@@ -37,6 +38,34 @@ def test_against_float64(n, in_f, out_f, with_bias):
     assert_close(y, _expected(x, w, b), torch.float32, "y")
 
 
+ACTS = ["identity", "relu", "relu6", "hswish", "silu", "hsigmoid", "sigmoid"]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("n,c,h,w,out_f", [(1, 960, 7, 7, 1280), (3, 13, 7, 11, 33),
+                                           (2, 40, 1, 1, 5)])
+def test_pooled_input(layout, n, c, h, w, out_f):
+    """A 4-D x is averaged over H and W first: the float64 mean, then the product."""
+    torch.manual_seed(c + h)
+    x = torch.randn(n, c, h, w) + 0.5
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(n, 2 * c, h, w + 3)[:, ::2, :, 1:w + 1]
+    wt, b = torch.randn(out_f, c) / c ** 0.5, torch.randn(out_f)
+    y = OP.linear_inference(x, wt, b)
+    assert y.shape == (n, out_f) and y.is_contiguous()
+    assert_close(y, _expected(x.double().mean((2, 3)), wt, b), torch.float32, "y")
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_activations(act):
+    torch.manual_seed(3)
+    x, w, b = torch.randn(2, 64), torch.randn(300, 64) / 2, torch.randn(300)
+    y = OP.linear_inference(x, w, b, act)
+    assert_close(y, reference.activation(act, _expected(x, w, b)), torch.float32, act)
+
+
 def test_strided_views():
     torch.manual_seed(0)
     x = torch.randn(3, 2 * 515)[:, ::2]        # row stride 1030, column stride 2
@@ -58,12 +87,23 @@ def test_nan_and_empty():
     y = OP.linear_inference(x, w, None)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all()
     assert OP.linear_inference(torch.randn(0, 40), w, None).shape == (0, 5)
+    x4 = torch.randn(2, 40, 3, 3)
+    x4[0, 7, 2, 1] = float("nan")
+    y = OP.linear_inference(x4, w, None, "relu6")  # NaN through the pooling and relu6
+    assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+    assert OP.linear_inference(torch.randn(0, 40, 2, 2), w, None).shape == (0, 5)
 
 
 def test_errors():
     x, w = torch.randn(2, 40), torch.randn(5, 40)
-    with pytest.raises(RuntimeError, match="linear_inference: x must be 2-D"):
+    with pytest.raises(RuntimeError, match=r"linear_inference: x must be 2-D \(N, in_features\),"
+                                           r" or 4-D \(N, in_features, H, W\)"):
         OP.linear_inference(x[None], w, None)
+    with pytest.raises(ValueError, match="linear_inference: act must be one of"):
+        OP.linear_inference(x, w, None, "gelu")
+    with pytest.raises(RuntimeError, match=r"linear_inference: weight must have shape "
+                                           r"\(out_features, 40\)"):
+        OP.linear_inference(x[:, :, None, None].expand(2, 40, 3, 3), w[:, :39], None)
     with pytest.raises(RuntimeError, match="linear_inference: x must be a float32 CPU tensor"):
         OP.linear_inference(x.double(), w.double(), None)
     with pytest.raises(RuntimeError, match=r"linear_inference: weight must have shape "
@@ -78,6 +118,9 @@ def test_errors():
 def test_opcheck_and_no_gradient():
     x, w, b = torch.randn(2, 40), torch.randn(5, 40), torch.randn(5)
     torch.library.opcheck(OP.linear_inference.default, (x, w, b))
+    torch.library.opcheck(OP.linear_inference.default,
+                          (torch.randn(2, 40, 3, 5).contiguous(memory_format=torch.channels_last),
+                           w, b, "hswish"))
     y = OP.linear_inference(x.requires_grad_(), w, b)
     with pytest.raises(RuntimeError, match="inference-only and has no gradient"):
         y.sum().backward()
@@ -101,3 +144,12 @@ def test_routing():
     wg = w.clone().requires_grad_()
     y = ops._linear(x, wg, b)
     assert y.requires_grad and torch.equal(y.detach(), F.linear(x, w, b))
+    # Pooled and activated: the kernel bit-for-bit; with a gradient, mean + F.linear + act.
+    x4 = torch.randn(1, 1280, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(ops._linear(x4, w, b, "hswish"),
+                           OP.linear_inference(x4, w, b, "hswish"))
+    y = ops._linear(x4, wg, b, "hswish")
+    assert y.requires_grad
+    assert torch.equal(y.detach(), F.hardswish(F.linear(x4.mean((2, 3)), w, b)))
+    assert_close(y.detach(), OP.linear_inference(x4, w, b, "hswish"), torch.float32, "pooled")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops, reference
+from .. import ops
 from ..nn import _functional as F_
 from ..nn.blocks import run_sequential
 from ..nn.modules import NotScriptable, _check_act
@@ -71,19 +71,24 @@ class EfficientNet(NotScriptable, nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean((2, 3))
+        dropout = self.drop_rate > 0.0 and self.training
+        linear = type(self.classifier) is nn.Linear
         if self.head == "mobilenetv3":
-            # The 1x1 conv on the pooled 1x1 map is a matrix-vector product: F.linear (a GEMV
-            # on the flattened weight view) rather than conv2d, whose CPU path for a 1x1 map
-            # in channels_last is the slow im2col convolution.
-            x = reference.activation(self.act, ops._linear(x, self.conv_head.weight.flatten(1),
-                                                           self.conv_head.bias))
-        if self.drop_rate > 0.0:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
+            # Global pooling, the 1x1 conv on the pooled map (a matrix-vector product) and act
+            # in one ops._linear call (conv2d's CPU path for a 1x1 map in channels_last is the
+            # slow im2col convolution).
+            x = ops._linear(x, self.conv_head.weight.flatten(1), self.conv_head.bias, self.act)
+        elif linear and not (dropout or pre_logits):
+            # Pooling and the classifier in one call (at small batch with no gradient:
+            # effkernels' threaded matrix-vector product).
+            return ops._linear(x, self.classifier.weight, self.classifier.bias)
+        else:
+            x = x.mean((2, 3))
+        if dropout:
+            x = F.dropout(x, p=self.drop_rate, training=True)
         if pre_logits:
             return x
-        if type(self.classifier) is nn.Linear:
-            # At small batch with no gradient: effkernels' threaded matrix-vector product.
+        if linear:
             return ops._linear(x, self.classifier.weight, self.classifier.bias)
         return self.classifier(x)
 
