@@ -485,7 +485,7 @@ def run_stem(owner: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
 def _replayable_input(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """x is a plain CPU tensor of `dtype` that the CPU kernels serve below Autograd (no
     autocast, compiler, dispatch mode or transform, the cpu backend selected)."""
-    return (type(x) is torch.Tensor and x.dtype is dtype and x.device.type == "cpu"
+    return (type(x) is torch.Tensor and x.dtype is dtype and x.is_cpu
             and not torch.is_autocast_enabled("cpu")
             and ops._plain_context() and ops._resolve(x, "inverted_residual") == "cpu")
 
