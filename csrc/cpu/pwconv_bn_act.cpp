@@ -202,7 +202,12 @@ Plan<A, In> plan_tiles(Isa isa, int64_t M, int64_t K, int64_t ncols, bool chunk_
       t.npanels = ceil_div(ncols, g.NR);
       // Many tiles: one group of all panels. Few: also try one panel per group.
       for (const int64_t groups : {int64_t(1), t.npanels}) {
-        if (groups > 1 && t.ntiles >= 16 * threads) break;
+        // (From 4 tiles per thread on, not: each group re-reads x, which the cost below
+        // undercounts. 384->64 14x14 N=8 took 2 groups of 32 columns, one per thread, and ran
+        // no faster on 2 threads than on 1; with 17 tiles of all 64 columns, 0.74x the time,
+        // 64->384 / 96->576 N=8 0.91x / 0.94x, 32->192 28x28 N=1 0.84x, the other MobileNetV2
+        // layers 0.97-1.02x: in-process A/B, ad-hoc, bench/NOTES.md.)
+        if (groups > 1 && t.ntiles >= 4 * threads) break;
         t.col_items = groups;
         t.panels_per_item = ceil_div(t.npanels, groups);
         t.items = groups * t.ntiles;
