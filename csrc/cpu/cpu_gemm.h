@@ -392,7 +392,7 @@ template <class A, class In = A>
 struct GemmPlan {
   void (*fn)(const GemmArgs<A, In>&);
   int MR, NR;
-  double cost;  // relative time per output column, measured on Zen 4 (planning only)
+  double cost;  // relative time per output column (planning only; shapes_for)
 };
 
 // Whether data of type T runs the bf16 pair kernel on this CPU (bf16 data, AVX-512 BF16);
@@ -422,27 +422,41 @@ GemmPlan<float, c10::BFloat16> make_bf16_plan(double cost) {
   return {isa_entry<Isa::Avx512Bf16, Bf16GemmKernel<NV>>(), micro_rows(32, NV), 16 * NV, cost};
 }
 
-// Candidate panel shapes. One full-width vector per panel row (NR = VW) does half the FMAs
-// per broadcast and ran ~30% slower per column; AVX-512 also offers 3 x 256-bit (NR 24 for
-// fp32, for channel counts like 24), ~12% slower per column than zmm. They are used when they
-// pad much less. Every shape gives the same bits: each output is one FMA chain over k.
-// Equal costs go to the earlier shape. On AVX-512: 3 vectors x 8 rows (8 broadcasts and 3
-// loads per 24 FMAs), then 4 x 6 (64 columns: 6 and 4), then 2 x 12 (12 and 2). On an Ice
-// Lake Xeon (two FMA ports) the micro-kernel alone ran 81-93 (3 x 8) and 85-88 (4 x 6) against
-// 68-80 GMAC/s per core (2 x 12) at K = 64..384, 88 against 59 at K = 960; MobileNetV2's
-// batch-1 forward took 7% less with 3 x 8 first, MobileNetV3-Large's 3% less with 4 x 6
-// (bench/NOTES.md, 2026-11-29).
+// Candidate panel shapes, used where they pad less than they cost. Every shape gives the same
+// bits: each output is one FMA chain over k. Equal costs go to the earlier shape. On AVX-512:
+// 3 vectors x 8 rows (8 broadcasts and 3 loads per 24 FMAs), 4 x 6 (64 columns), 2 x 12, one
+// vector x 12 (half the FMAs per broadcast) and 3 x 256-bit (24 columns for fp32).
+// Costs per column (bench/NOTES.md, 2026-11-29 and 2026-11-30): on AMD Zen 4, whose 512-bit
+// FMAs are two 256-bit halves, 2 x 12 as 3 x 8, one vector 1.3, 256-bit 1.12. On an Ice Lake
+// Xeon (two 512-bit FMA ports) the whole pointwise op ran 1.3-1.5x longer per column with
+// 2 x 12 than with 3 x 8 (pixels x 32/160 columns at K = 192/576/960) and 1.6-1.8x with
+// 256-bit vectors: there a 960->160 projection takes 4 panels of 48 (0.8x the time of 5 of
+// 32) and 24->72 takes 2 of 48 (the micro-kernel alone: 53 against 95 GMAC/s at K = 64).
 constexpr size_t kPanelShapes = 5;
+
+// Whether 512-bit FMAs cost two 256-bit ones (AMD Zen 4): the costs measured there.
+inline bool zmm_split_fma() {
+#if EFFK_PW_X86
+  __builtin_cpu_init();
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+#else
+  return false;
+#endif
+}
 
 template <class A, Isa I>
 std::array<GemmPlan<A>, kPanelShapes> shapes_for() {
   constexpr int B = isa_bytes(I);
-  if constexpr (I == Isa::Avx512)
-    return {make_plan<A, I, B, 3>(1.0), make_plan<A, I, B, 4>(1.0), make_plan<A, I, B, 2>(1.0),
-            make_plan<A, I, B, 1>(1.3), make_plan<A, I, 32, 3>(1.12)};
-  else  // (the last entry repeats the first: the arrays have one length)
+  if constexpr (I == Isa::Avx512) {
+    const bool split = zmm_split_fma();
+    return {make_plan<A, I, B, 3>(1.0), make_plan<A, I, B, 4>(1.0),
+            make_plan<A, I, B, 2>(split ? 1.0 : 1.35), make_plan<A, I, B, 1>(split ? 1.3 : 2.0),
+            make_plan<A, I, 32, 3>(split ? 1.12 : 1.7)};
+  } else {  // (the last entry repeats the first: the arrays have one length)
     return {make_plan<A, I, B, 2>(1.0), make_plan<A, I, B, 3>(1.0), make_plan<A, I, B, 1>(1.3),
             make_plan<A, I, B, 2>(1.0), make_plan<A, I, B, 2>(1.0)};
+  }
 }
 
 // In == A: the FMA kernels of the CPU's ISA; In == bf16 (only where bf16_gemm): the pair kernel
