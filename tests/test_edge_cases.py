@@ -443,6 +443,31 @@ def test_running_stats_update_through_strided_view(backend):
                                                                          torch.ones(c))
 
 
+
+@pytest.mark.skipif(effkernels.available_backends("cpu")["cpu"] != "available",
+                    reason="the C++ CPU backend is not available")
+@pytest.mark.parametrize("stat_dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_eval_running_stats_of_another_dtype(stat_dtype):
+    """fp32 x with running statistics held in another dtype (strided views): eval folds the
+    values converted to fp32, and the statistics outputs are fresh fp32 copies of them."""
+    c, cout = 6, 10
+    x = make_input((2, c, 5, 7), F32, "channels_last")
+    w, w_dw = conv_weight((cout, c, 1, 1), F32), conv_weight((c, 1, 3, 3), F32)
+    g, b = torch.rand(cout) + 0.5, torch.randn(cout)
+    rm = (torch.randn(2 * cout) * 0.1).to(stat_dtype)[::2]
+    rv = (torch.rand(2 * cout) + 0.5).to(stat_dtype)[::2]
+    calls = {"pwconv_bn_act": (x, w, g, b, rm, rv, None, "relu6", False, 1e-5),
+             "dwconv_bn_act": (x, w_dw, g[:c], b[:c], rm[:c], rv[:c], 1, 1, 1, "relu6", False,
+                               1e-5)}
+    for name, args in calls.items():
+        out, mean, var = getattr(torch.ops.effkernels, name)(*args)
+        ref = getattr(reference, name)(*(t.double() for t in args[:6]), act="relu6")
+        assert_close(out, ref, F32, name)
+        n = mean.shape[0]
+        assert mean.dtype == var.dtype == F32 and mean.is_contiguous()
+        assert torch.equal(mean, rm[:n].float()) and torch.equal(var, rv[:n].float())
+        assert mean.data_ptr() != rm.data_ptr()
+
 GRAD_OUTS = {
     # y.sum().backward(): autograd passes a stride-0 expanded grad_out.
     "sum": lambda y: None,

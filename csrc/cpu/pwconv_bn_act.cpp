@@ -584,8 +584,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     mean_t = stat_tensor(mean);
     var_t = stat_tensor(var);
   } else {
-    mean_t = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true);
-    var_t = running_var->to(acc, /*non_blocking=*/false, /*copy=*/true);
+    mean_t = stat_copy(*running_mean, acc);
+    var_t = stat_copy(*running_var, acc);
     std::copy_n(mean_t.const_data_ptr<A>(), pb.Cout, mean.begin());
     std::copy_n(var_t.const_data_ptr<A>(), pb.Cout, var.begin());
   }
