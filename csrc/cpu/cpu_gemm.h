@@ -437,8 +437,10 @@ constexpr size_t kPanelShapes = 5;
 // Whether 512-bit FMAs cost two 256-bit ones (AMD Zen 4): the costs measured there.
 inline bool zmm_split_fma() {
 #if EFFK_PW_X86
-  __builtin_cpu_init();
-  static const bool amd = __builtin_cpu_is("amd");
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
   return amd;
 #else
   return false;
