@@ -443,7 +443,6 @@ def test_running_stats_update_through_strided_view(backend):
                                                                          torch.ones(c))
 
 
-
 @pytest.mark.skipif(effkernels.available_backends("cpu")["cpu"] != "available",
                     reason="the C++ CPU backend is not available")
 @pytest.mark.parametrize("stat_dtype", [torch.float64, torch.float16, torch.bfloat16])
