@@ -467,6 +467,7 @@ def test_eval_running_stats_of_another_dtype(stat_dtype):
         assert torch.equal(mean, rm[:n].float()) and torch.equal(var, rv[:n].float())
         assert mean.data_ptr() != rm.data_ptr()
 
+
 GRAD_OUTS = {
     # y.sum().backward(): autograd passes a stride-0 expanded grad_out.
     "sum": lambda y: None,
