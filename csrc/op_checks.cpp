@@ -300,9 +300,12 @@ PwProblem check_pwconv_backward(const char* op, const at::Tensor& grad_out, cons
 
 namespace {
 
-void check_ir_stage(const char* op, const char* name, at::TensorList stage, bool may_be_empty) {
-  EFFK_CHECK(op, stage.size() == 5 || (may_be_empty && stage.empty()), name,
-             " must be [weight, bn_weight, bn_bias, running_mean, running_var]",
+void check_ir_stage(const char* op, const char* name, at::TensorList stage, bool may_be_empty,
+                    bool weight_parts) {
+  EFFK_CHECK(op, stage.size() == 5 || (weight_parts && stage.size() > 5) ||
+                     (may_be_empty && stage.empty()),
+             name, " must be [weight, bn_weight, bn_bias, running_mean, running_var]",
+             weight_parts ? " (the weight possibly given as several parts)" : "",
              may_be_empty ? " or empty" : "", "; got ", stage.size(), " tensors");
 }
 
@@ -316,8 +319,59 @@ void check_ir_weight(const char* op, const std::string& what, const at::Tensor& 
 void check_ir_bn(const char* op, const char* name, at::TensorList stage, const at::Tensor& x,
                  int64_t channels) {
   const std::string what = std::string(op) + ": " + name;
-  check_bn_args(what.c_str(), x, channels, stage[1], stage[2], stage[3], stage[4],
+  const size_t b = stage.size() - 4;
+  check_bn_args(what.c_str(), x, channels, stage[b], stage[b + 1], stage[b + 2], stage[b + 3],
                 /*training=*/false);
+}
+
+// A 1x1 stage's weight: one (rows, cols, 1, 1) tensor, or its parts, the diagonal blocks
+// (rows_i, cols_i, 1, 1) of a block-diagonal weight (MixNet's split 1x1 convolutions), with
+// cols_i summing to `cols`. Returns rows (the sum of rows_i).
+int64_t check_ir_pointwise(const char* op, const char* name, at::TensorList stage,
+                           const at::Tensor& x, int64_t cols) {
+  const size_t n = stage.size() - 4;
+  int64_t rows = 0, total_cols = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const std::string what = std::string(name) + "[" + std::to_string(i) + "] (weight" +
+                             (n > 1 ? " part)" : ")");
+    check_float_input(op, what.c_str(), stage[i], 4);
+    const int64_t c = n > 1 ? stage[i].size(1) : cols;
+    check_ir_weight(op, what, stage[i], x, {stage[i].size(0), c, 1, 1});
+    rows += stage[i].size(0);
+    total_cols += c;
+  }
+  EFFK_CHECK(op, total_cols == cols, name, "'s weight parts must take ", cols,
+             " input channels in all; got ", total_cols);
+  return rows;
+}
+
+// The depthwise stage's weight: one (C, 1, k, k) tensor, or its parts (C_i, 1, k_i, k_i) with
+// odd k_i over consecutive channel groups (MixNet's MixConv), each centred in the largest
+// (padding dilation * (k_i - 1) / 2 gives every group the same output size). Returns the
+// geometry of the largest kernel's group, with all C channels.
+DwGeometry check_ir_depthwise(const char* op, at::TensorList stage, const at::Tensor& x,
+                              int64_t channels, int64_t stride, int64_t dilation) {
+  const std::string dw_op = std::string(op) + ": depthwise";
+  const size_t n = stage.size() - 4;
+  DwGeometry layer{};
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& w = stage[i];
+    const std::string what = "depthwise[" + std::to_string(i) + "] (weight" +
+                             (n > 1 ? " part)" : ")");
+    check_float_input(op, what.c_str(), w, 4);
+    const int64_t k = w.size(2);
+    EFFK_CHECK(op, n == 1 || k % 2 == 1, what,
+               " must have an odd kernel size so that the groups' outputs align; got ", k);
+    const DwGeometry g = check_dwconv_args(dw_op.c_str(), x, w, n > 1 ? w.size(0) : channels,
+                                           stride, dilation * (k - 1) / 2, dilation);
+    if (i == 0 || g.K > layer.K) layer = g;
+    total += w.size(0);
+  }
+  EFFK_CHECK(op, total == channels, "the depthwise weight parts must have ", channels,
+             " channels in all; got ", total);
+  layer.C = channels;
+  return layer;
 }
 
 }  // namespace
@@ -327,12 +381,13 @@ IrProblem check_inverted_residual_inference(const char* op, const at::Tensor& x,
                                             at::TensorList se, at::TensorList project,
                                             int64_t stride, int64_t dilation,
                                             c10::string_view act, c10::string_view se_act,
-                                            c10::string_view se_gate, bool skip, double eps) {
+                                            c10::string_view se_gate, bool skip, double eps,
+                                            bool weight_parts) {
   check_float_input(op, "x", x, 4);
   check_nonempty(op, x);
-  check_ir_stage(op, "expand", expand, true);
-  check_ir_stage(op, "depthwise", depthwise, false);
-  check_ir_stage(op, "project", project, false);
+  check_ir_stage(op, "expand", expand, true, weight_parts);
+  check_ir_stage(op, "depthwise", depthwise, false, weight_parts);
+  check_ir_stage(op, "project", project, false, weight_parts);
   EFFK_CHECK(op, se.empty() || se.size() == 4,
              "se must be [] or [reduce_weight, reduce_bias, expand_weight, expand_bias]; got ",
              se.size(), " tensors");
@@ -342,19 +397,12 @@ IrProblem check_inverted_residual_inference(const char* op, const at::Tensor& x,
   g.H = x.size(2);
   g.W = x.size(3);
   g.has_expand = !expand.empty();
-  g.C = g.has_expand ? expand[0].size(0) : g.Cin;
-  if (g.has_expand) {
-    check_ir_weight(op, "expand[0] (weight)", expand[0], x, {g.C, g.Cin, 1, 1});
-    check_ir_bn(op, "expand", expand, x, g.C);
-  }
-  check_float_input(op, "depthwise[0] (weight)", depthwise[0], 4);
-  const int64_t k = depthwise[0].size(2);
-  const std::string dw_op = std::string(op) + ": depthwise";
-  const DwGeometry dg = check_dwconv_args(dw_op.c_str(), x, depthwise[0], g.C, stride,
-                                          dilation * (k - 1) / 2, dilation);
+  g.C = g.has_expand ? check_ir_pointwise(op, "expand", expand, x, g.Cin) : g.Cin;
+  if (g.has_expand) check_ir_bn(op, "expand", expand, x, g.C);
+  const DwGeometry dg = check_ir_depthwise(op, depthwise, x, g.C, stride, dilation);
+  const int64_t k = dg.K;
   check_ir_bn(op, "depthwise", depthwise, x, g.C);
-  g.Cout = project[0].size(0);
-  check_ir_weight(op, "project[0] (weight)", project[0], x, {g.Cout, g.C, 1, 1});
+  g.Cout = check_ir_pointwise(op, "project", project, x, g.C);
   check_ir_bn(op, "project", project, x, g.Cout);
   g.has_se = !se.empty();
   if (g.has_se) {

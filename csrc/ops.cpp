@@ -50,7 +50,10 @@ TORCH_LIBRARY(effkernels, m) {
   // The same block in eval mode only (BatchNorm from the running statistics), for inference:
   // no statistics, no autograd (its gradient is refused). The CPU kernel
   // (csrc/cpu/inverted_residual.cpp) fuses the whole block; effkernels.ops.inverted_residual
-  // calls it when not training and no gradient is needed.
+  // calls it when not training and no gradient is needed. On the CPU (and in
+  // inverted_residual_pack) a stage's weight may also come in parts, [parts..., bn_weight,
+  // bn_bias, running_mean, running_var]: a split 1x1 conv's diagonal blocks, MixConv's
+  // kernels (effkernels.nn's MixNet blocks).
   m.def(
       "inverted_residual_inference(Tensor x, Tensor[] expand, Tensor[] depthwise, Tensor[] se, "
       "Tensor[] project, int stride, int dilation, str act, str se_act, str se_gate, bool skip, "

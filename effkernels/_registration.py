@@ -78,17 +78,20 @@ def _mix_bwd_fake(grad_out, x, weights, bn_weight, bn_bias, mean, var, stride, d
 
 def _ir_inference_fake(x, expand, depthwise, se, project, stride, dilation, act, se_act,
                        se_gate, skip, eps):
+    # A stage's weight may come in parts (all but its 4 BatchNorm tensors): a split 1x1 conv's
+    # diagonal blocks, MixConv's kernels centred in the largest.
     n, _, h, w = x.shape
-    k = depthwise[0].shape[-1]
-    hidden = expand[0].shape[0] if len(expand) else x.shape[1]
-    torch._check(depthwise[0].shape[0] == hidden,
+    k = max(t.shape[-1] for t in depthwise[:-4])
+    hidden = sum(t.shape[0] for t in expand[:-4]) if len(expand) else x.shape[1]
+    torch._check(sum(t.shape[0] for t in depthwise[:-4]) == hidden,
                  lambda: "inverted_residual_inference: depthwise weight must have the hidden "
                          "channels")
-    torch._check(project[0].shape[1] == hidden,
+    torch._check(sum(t.shape[1] for t in project[:-4]) == hidden,
                  lambda: "inverted_residual_inference: project weight must take the hidden "
                          "channels")
     pad = dilation * (k - 1) // 2
-    return _like(x, (n, project[0].shape[0], conv_out_size(h, k, stride, pad, dilation),
+    return _like(x, (n, sum(t.shape[0] for t in project[:-4]),
+                     conv_out_size(h, k, stride, pad, dilation),
                      conv_out_size(w, k, stride, pad, dilation)))
 
 

@@ -605,8 +605,10 @@ def _prepacked_pointwise(cache: dict, x, weight, bn_weight, bn_bias, running_mea
 
 def _packed_args(depthwise, project, stride, dilation) -> tuple:
     """inverted_residual_packed's arguments after `packed`: the block's out_channels,
-    kernel_size, stride and dilation (checked against the packed buffer)."""
-    return (project[0].shape[0], depthwise[0].shape[-1], stride, dilation)
+    kernel_size, stride and dilation (checked against the packed buffer). The stages' weights
+    may be in parts (all but the 4 BatchNorm tensors; _Block._fused)."""
+    return (sum(t.shape[0] for t in project[:-4]), max(t.shape[-1] for t in depthwise[:-4]),
+            stride, dilation)
 
 
 def _packed_call(x, packed, args):

@@ -200,6 +200,38 @@ def _grouped_args(case, layout="channels_last"):
     return x, [e, d, s, p], kw
 
 
+# ---- the same weights in parts: each stage [parts..., bn_weight, bn_bias, mean, var] -----------
+# (effkernels.nn's MixNet blocks on the CPU: the split 1x1 convs' diagonal blocks, MixConv's
+# kernels; packed without a dense copy, to the same bytes the dense weights pack to.)
+
+def _parts_of(case, block):
+    """block (_grouped_args's dense weights) with each stage's weight as its parts: views of
+    the dense weight (row-strided 1x1 blocks, MixConv kernels cut from the padded ones)."""
+    n, cin, h, w, hidden, cout, stride, dil, se, ge, gp, sizes = GROUPED[case]
+    e, d, s, p = block
+
+    def blocks(weight, groups):
+        out, c = weight.shape[:2]
+        return [weight[g * out // groups:(g + 1) * out // groups,
+                       g * c // groups:(g + 1) * c // groups] for g in range(groups)]
+
+    c, kmax, kernels, done = hidden or cin, max(sizes), [], 0
+    for i, k in enumerate(sizes):
+        m = c - done if i == len(sizes) - 1 else c // len(sizes)
+        o = (kmax - k) // 2
+        kernels.append(d[0][done:done + m, :, o:o + k, o:o + k])
+        done += m
+    return [blocks(e[0], ge) + e[1:] if e else [], kernels + d[1:], s, blocks(p[0], gp) + p[1:]]
+
+
+def _pack_and_run(x, block, kw):
+    e, d, s, p = block
+    packed = OP.inverted_residual_pack(x, e, d, s, p, kw["stride"], kw["dilation"], kw["act"],
+                                       kw["se_act"], kw["se_gate"], kw["skip"], 1e-5)
+    return OP.inverted_residual_packed(x, packed, *ops._packed_args(d, p, kw["stride"],
+                                                                    kw["dilation"]))
+
+
 @pytest.mark.parametrize("case", list(GROUPED))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_fused_grouped_weights(case, dtype):
@@ -212,6 +244,11 @@ def test_fused_grouped_weights(case, dtype):
         assert_close(out, ref64, dtype, "out")
     else:
         assert_lowp_close(out, ref64, _ref(x, block, kw), dtype, "out")
+    # The same weights in parts: the same bits, per call and packed.
+    parts = _parts_of(case, block)
+    assert any(len(stage) > 5 for stage in parts)
+    assert torch.equal(_fused(x, parts, kw), out), "parts"
+    assert torch.equal(_pack_and_run(x, parts, kw), out), "parts, pack + packed"
 
 
 def _same_nonfinite(out, ref):
@@ -231,10 +268,15 @@ def test_fused_grouped_nonfinite_input(case, value):
     x, block, kw = _grouped_args(case)
     x[0, 1, 2, 3] = value
     block32 = _cast(block, torch.float32)
-    out = _fused(x.float().contiguous(memory_format=torch.channels_last), block32, kw)
+    x32 = x.float().contiguous(memory_format=torch.channels_last)
+    out = _fused(x32, block32, kw)
     ref = _ref(x.float().double(), _cast(block32, torch.float64), kw)
     assert ref.isnan().any()
     _same_nonfinite(out, ref)
+    # The weights in parts: NaN through the zeros between them as through the dense zeros.
+    got = _fused(x32, _parts_of(case, block32), kw)
+    assert torch.equal(got.isnan(), out.isnan()) and torch.equal(got.nan_to_num(),
+                                                                  out.nan_to_num())
 
 
 def test_fused_grouped_nonfinite_gate():
@@ -256,6 +298,39 @@ def test_fused_grouped_threads_bitwise(n):
     block = _cast(block, torch.float32)
     outs = per_thread_count(lambda: _fused(x, block, kw))
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+@pytest.mark.parametrize("what,match", [
+    ("expand_cols", r"expand's weight parts must take 40 input channels in all; got 39"),
+    ("project_cols", r"project's weight parts must take 240 input channels in all; got 241"),
+    ("expand_not_1x1", r"expand\[1\] \(weight part\) must have shape \[120, 20, 1, 1\]"),
+    ("dw_even", r"depthwise\[1\] \(weight part\) must have an odd kernel size"),
+    ("dw_channels", r"depthwise weight parts must have 240 channels in all; got 239"),
+    ("dw_rank", r"depthwise\[0\] \(weight part\) must be 4-D"),
+    ("bn_len", r"project: bn_weight must have shape"),
+])
+def test_weight_parts_errors(what, match):
+    x, block, kw = _grouped_args("mix35_a2_p2_se")
+    x = x.float().contiguous(memory_format=torch.channels_last)
+    e, d, s, p = _parts_of("mix35_a2_p2_se", _cast(block, torch.float32))
+    if what == "expand_cols":
+        e[1] = e[1][:, :-1]
+    elif what == "project_cols":
+        p[1] = torch.cat([p[1], p[1][:, :1]], 1)
+    elif what == "expand_not_1x1":
+        e[1] = e[1].expand(-1, -1, 3, 3)
+    elif what == "dw_even":
+        d[1] = d[1][:, :, :4, :4]
+    elif what == "dw_channels":
+        d[1] = d[1][:-1]
+    elif what == "dw_rank":
+        d[0] = d[0][:, 0]
+    elif what == "bn_len":
+        p[-4] = p[-4][:-1]
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        _fused(x, (e, d, s, p), kw)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        _pack_and_run(x, (e, d, s, p), kw)
 
 
 def test_fused_eps_and_forced_no_skip():
@@ -281,8 +356,11 @@ def test_threads_bitwise(case, n):
 
 
 def test_opcheck():
-    for case in ("mbv2_s1_skip", "k5_se_hsig"):
-        x, block, kw = _args(case, torch.float32, "channels_last")
+    blocks = [_args(case, torch.float32, "channels_last") for case in ("mbv2_s1_skip",
+                                                                        "k5_se_hsig")]
+    x, block, kw = _grouped_args("mix3579_s2_p2")  # weights in parts
+    blocks.append((x, _parts_of("mix3579_s2_p2", block), kw))
+    for x, block, kw in blocks:
         e, d, s, p = _cast(block, torch.float32)
         torch.library.opcheck(
             OP.inverted_residual_inference.default,

@@ -309,9 +309,9 @@ def test_replay_follows_every_change(prepacked):
 
 def test_split_block_replay_follows_every_change():
     """MixNet's split convolutions (ModuleLists of 1x1 and of 3x3/5x5 depthwise convs) run
-    fused in eval from dense weights built once (_Block._dense_weight): a change to any part's
-    weight, in place or replaced, or a part replaced, rebuilds them and repacks; the results
-    equal an unprepacked copy's, and timm's block."""
+    fused in eval, packed from the parts' own weights (no dense weight built): a change to any
+    part's weight, in place or replaced, or a part replaced, repacks; the results equal an
+    unprepacked copy's, and timm's block."""
     timm = pytest.importorskip("timm")
     model = _model("mixnet_s")
     block = model.blocks[2][1]  # 40 -> 240 (2 x 120) -> 40, k 3/5, SE, skip
@@ -332,10 +332,11 @@ def test_split_block_replay_follows_every_change():
         block(x)
     assert "replay" in block._packed_cache
     check("replayed")
-    assert "_replay" not in block.__dict__  # the plain replay needs the modules' own weights
-    with torch.no_grad():
-        dense = block._dense_weights["dw_conv"][2]
-        assert dense.shape == (240, 1, 5, 5) and (dense[:120, :, 0] == 0).all()
+    assert "_replay" not in block.__dict__  # (the unprepacked blocks' replay)
+    packed_from = block._packed_cache["entry"][1]
+    for part in (*block.conv_pw, *block.conv_dw, *block.conv_pwl):
+        assert any(t is part.weight for t in packed_from)
+    assert "_dense_weights" not in block.__dict__
     for i, change in enumerate((
             lambda b: b.conv_dw[0].weight.data.mul_(1.0),                # no version bump
             lambda b: torch.no_grad()(b.conv_dw[1].weight.mul_)(0.5),    # in place
@@ -354,8 +355,9 @@ def test_split_block_replay_follows_every_change():
 
 
 def test_split_block_not_prepacked_builds_weights_per_call():
-    """Without prepack, a MixNet block builds its dense weights from the parts on every call
-    (no version-keyed cache, no replay), so writes through .data are seen."""
+    """Without prepack, a MixNet block passes its parts' own weights to the CPU kernel on every
+    call (no dense weight, no version-keyed cache; its replay reads the live tensors), so
+    writes through .data are seen."""
     timm = pytest.importorskip("timm")
     block = _model("mixnet_s").blocks[2][1]
     theirs = timm.create_model("mixnet_s").blocks[2][1].eval()
@@ -366,7 +368,7 @@ def test_split_block_not_prepacked_builds_weights_per_call():
         block.conv_dw[1].weight.data.mul_(2.0)
         theirs.load_state_dict(block.state_dict())
         assert_close(block(x), theirs(x), torch.float32, "after .data writes")
-    assert "_dense_weights" not in block.__dict__ and "_replay" not in block.__dict__
+    assert "_dense_weights" not in block.__dict__ and "_replay" in block.__dict__
     # A part replaced by one of another size. Against the composed ops (gradients recorded:
     # the unfused path).
     block.conv_dw[1] = torch.nn.Conv2d(120, 120, 7, padding=3, groups=120, bias=False)

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -573,18 +574,46 @@ struct TransposeKernel {
   }
 };
 
+// A 1x1 conv weight (Cout, Cin, 1, 1), whole or as its parts: the diagonal blocks
+// (Cout_i, Cin_i, 1, 1) of a block-diagonal weight that is zero elsewhere (MixNet's split 1x1
+// convolutions, packed without a dense copy). Blocks with unit stride over Cin.
+struct BlockDiagonal {
+  struct Block {
+    at::Tensor w;
+    int64_t row0, col0;
+  };
+  std::vector<Block> blocks;
+  int64_t rows = 0, cols = 0;
+
+  explicit BlockDiagonal(at::TensorList parts) {
+    for (const at::Tensor& p : parts) {
+      blocks.push_back({p.stride(1) == 1 ? p : p.contiguous(), rows, cols});
+      rows += p.size(0);
+      cols += p.size(1);
+    }
+  }
+  // The dense weight, for the packers that take one tensor.
+  at::Tensor dense() const {
+    if (blocks.size() == 1) return blocks[0].w;
+    at::Tensor d = at::zeros({rows, cols, 1, 1}, blocks[0].w.options());
+    for (const Block& b : blocks)
+      d.narrow(0, b.row0, b.w.size(0)).narrow(1, b.col0, b.w.size(1)).copy_(b.w);
+    return d;
+  }
+};
+
 // Packs panels of the conv weight (Cout, Cin, 1, 1) on demand: panel j = B[k = ci][NR output
 // channels] (a transpose of W's rows), each output channel multiplied by scale[co] when given
-// (the folded BatchNorm).
+// (the folded BatchNorm). A weight in parts packs the same bytes as its dense weight would.
 template <class T, class A>
 struct WeightPanels {
-  at::Tensor w;  // unit stride over Cin
+  BlockDiagonal w;
   const A* scale;
   void (*transpose)(const TransposeArgs<T, A>&);
   int NR;
 
-  WeightPanels(const at::Tensor& weight, Isa isa, int nr, const A* scale_)
-      : w(weight.stride(1) == 1 ? weight : weight.contiguous()),
+  WeightPanels(at::TensorList weight, Isa isa, int nr, const A* scale_)
+      : w(weight),
         scale(scale_),
         transpose(select_kernel<TransposeKernel<T, A>>(isa)),
         NR(nr) {}
@@ -592,14 +621,35 @@ struct WeightPanels {
 
   // Panels [j0, j1) -> dst[j - j0][Cin][NR].
   void operator()(int64_t j0, int64_t j1, A* dst) const {
-    const int64_t Cout = w.size(0), Cin = w.size(1), s0 = w.stride(0);
+    const int64_t Cout = w.rows, Cin = w.cols;
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t c0 = j * NR;
-      transpose({w.const_data_ptr<T>() + c0 * s0, s0, std::min<int64_t>(NR, Cout - c0), Cin,
-                 scale ? scale + c0 : nullptr, dst + (j - j0) * Cin * NR, NR, NR, Cin});
+      const int64_t c0 = j * NR, n = std::min<int64_t>(NR, Cout - c0);
+      A* d = dst + (j - j0) * Cin * NR;
+      if (w.blocks.size() == 1) {
+        const at::Tensor& b = w.blocks[0].w;
+        transpose({b.const_data_ptr<T>() + c0 * b.stride(0), b.stride(0), n, Cin,
+                   scale ? scale + c0 : nullptr, d, NR, NR, Cin});
+        continue;
+      }
+      // The zeros as the dense weight's are packed (0 * scale, sign included; none past
+      // Cout), then each block's rows in this panel.
+      for (int64_t l = 0; l < NR; ++l) d[l] = l < n && scale ? A(0) * scale[c0 + l] : A(0);
+      for (int64_t k = 1; k < Cin; ++k) std::memcpy(d + k * NR, d, NR * sizeof(A));
+      for (const BlockDiagonal::Block& b : w.blocks) {
+        const int64_t r0 = std::max(c0, b.row0), r1 = std::min(c0 + n, b.row0 + b.w.size(0));
+        if (r0 >= r1) continue;
+        const int64_t cols = b.w.size(1), s0 = b.w.stride(0);
+        transpose({b.w.const_data_ptr<T>() + (r0 - b.row0) * s0, s0, r1 - r0, cols,
+                   scale ? scale + r0 : nullptr, d + b.col0 * NR + (r0 - c0), NR, r1 - r0,
+                   cols});
+      }
     }
   }
 };
+
+inline at::Tensor unit_stride_cin(const at::Tensor& w) {
+  return w.stride(1) == 1 ? w : w.contiguous();
+}
 
 // Packs panels of a bf16 conv weight (Cout, Cin, 1, 1) for the pair kernel: panel j =
 // B[k / 2][NR output channels][k % 2], zero past Cout and past an odd Cin. A k pair is one
@@ -612,8 +662,9 @@ struct Bf16PairPanels {
   void (*transpose)(const TransposeArgs<uint32_t, uint32_t>&);
   int NR;
 
-  Bf16PairPanels(const at::Tensor& weight, Isa isa, int nr, const float* scale_)
-      : w(weight.stride(1) == 1 ? weight : weight.contiguous()),
+  // (A weight in parts is packed from its dense weight.)
+  Bf16PairPanels(at::TensorList weight, Isa isa, int nr, const float* scale_)
+      : w(unit_stride_cin(BlockDiagonal(weight).dense())),
         transpose(select_kernel<TransposeKernel<uint32_t, uint32_t>>(isa)),
         NR(nr) {
     if (scale_) {
@@ -663,22 +714,33 @@ struct PanelK {
 };
 
 template <class T>
-PanelK panel_k_ranges(const at::Tensor& weight, int64_t NR) {  // (Cout, Cin, 1, 1) of T
-  const int64_t Cout = weight.size(0), Cin = weight.size(1);
-  const auto w = weight.accessor<T, 4>();
+PanelK panel_k_ranges(at::TensorList weight, int64_t NR) {  // (Cout, Cin, 1, 1) of T, or parts
+  int64_t Cout = 0, Cin = 0;
+  for (const at::Tensor& part : weight) {
+    Cout += part.size(0);
+    Cin += part.size(1);
+  }
   const int64_t npanels = ceil_div(Cout, NR);
   PanelK r{std::vector<int64_t>(npanels, Cin), std::vector<int64_t>(npanels, 0)};
-  bool narrower = false;
-  for (int64_t j = 0; j < npanels; ++j) {
-    for (int64_t c = j * NR; c < std::min(Cout, (j + 1) * NR); ++c) {
-      int64_t lo = 0, hi = Cin;  // stops at the first nonzero (NaN included) from either end
-      while (lo < Cin && static_cast<float>(w[c][lo][0][0]) == 0.0f) ++lo;
+  int64_t row0 = 0, col0 = 0;  // the part's block in the block-diagonal weight
+  for (const at::Tensor& part : weight) {
+    const auto w = part.accessor<T, 4>();
+    const int64_t rows = part.size(0), cols = part.size(1);
+    for (int64_t c = 0; c < rows; ++c) {
+      int64_t lo = 0, hi = cols;  // stops at the first nonzero (NaN included) from either end
+      while (lo < cols && static_cast<float>(w[c][lo][0][0]) == 0.0f) ++lo;
       while (hi > lo && static_cast<float>(w[c][hi - 1][0][0]) == 0.0f) --hi;
       if (lo < hi) {
-        r.lo[j] = std::min(r.lo[j], lo);
-        r.hi[j] = std::max(r.hi[j], hi);
+        const int64_t j = (row0 + c) / NR;
+        r.lo[j] = std::min(r.lo[j], col0 + lo);
+        r.hi[j] = std::max(r.hi[j], col0 + hi);
       }
     }
+    row0 += rows;
+    col0 += cols;
+  }
+  bool narrower = false;
+  for (int64_t j = 0; j < npanels; ++j) {
     if (r.lo[j] >= r.hi[j]) r.lo[j] = r.hi[j] = 0;
     narrower = narrower || r.hi[j] - r.lo[j] < Cin;
   }

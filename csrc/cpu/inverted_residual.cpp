@@ -26,8 +26,11 @@
 // GEMM). The ring holds (G-1)*stride + dilation*(k-1) + 1 rows: 100 KB for the MobileNetV2
 // 56x56x144 block, a few hundred KB at most for the common blocks (L2).
 //
-// MixNet's split convolutions arrive as dense weights (effkernels.nn: the 1x1 groups as one
-// block-diagonal weight, the MixConv kernels zero-padded to the largest). Packing records each
+// MixNet's split convolutions arrive as their parts (a stage [parts..., bn_weight, bn_bias,
+// running_mean, running_var]: the 1x1 groups' diagonal blocks of a block-diagonal weight, the
+// MixConv kernels centred in the largest; effkernels.nn on the CPU), or as those dense weights
+// (the public op): both pack to the same bytes, the parts without a dense copy (building it
+// per call in PyTorch was ~15% of a batch-1 mixnet_s forward, ad-hoc). Packing records each
 // GEMM panel's nonzero k range and, per run of channel vectors, the smallest centred kernel that
 // holds its nonzero depthwise taps (DwSegment); the GEMMs and the depthwise read only those for
 // rows that are all finite (all_finite; a zero weight times Inf/NaN is NaN, as the dense
@@ -415,9 +418,10 @@ struct Plan {
 template <class A>
 void fold(at::TensorList stage, double eps, std::vector<A>& scale, std::vector<A>& shift) {
   const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
-  const int64_t C = stage[1].size(0);
-  const at::Tensor gamma = acc_vector(stage[1], acc), beta = acc_vector(stage[2], acc);
-  const at::Tensor mean = acc_vector(stage[3], acc), var = acc_vector(stage[4], acc);
+  const at::TensorList bn = stage.slice(stage.size() - 4);
+  const int64_t C = bn[0].size(0);
+  const at::Tensor gamma = acc_vector(bn[0], acc), beta = acc_vector(bn[1], acc);
+  const at::Tensor mean = acc_vector(bn[2], acc), var = acc_vector(bn[3], acc);
   const A *g = gamma.const_data_ptr<A>(), *b = beta.const_data_ptr<A>();
   const A *m = mean.const_data_ptr<A>(), *v = var.const_data_ptr<A>();
   for (int64_t c = 0; c < C; ++c) {
@@ -425,6 +429,11 @@ void fold(at::TensorList stage, double eps, std::vector<A>& scale, std::vector<A
     scale[c] = f.scale;
     shift[c] = f.shift;
   }
+}
+
+// A stage's weight: its one tensor or its parts (all but the 4 BatchNorm tensors).
+at::TensorList weight_parts(at::TensorList stage) {
+  return stage.slice(0, stage.size() - 4);
 }
 
 // A slice of the hidden channels: depthwise channels [c0, c1) (whole vectors) and the expand
@@ -1115,10 +1124,10 @@ void pack_block(const Plan<T, A, In>& p, const PackLayout& l, at::TensorList exp
   std::optional<ConvPanels<T, A, In>> panels_e;
   if (g.has_expand) {
     fold<A>(expand, eps, scale_e, shift_e);
-    panels_e.emplace(expand[0], p.isa, p.ge.NR, scale_e.data());
+    panels_e.emplace(weight_parts(expand), p.isa, p.ge.NR, scale_e.data());
   }
   fold<A>(project, eps, scale_p, shift_p);
-  const ConvPanels<T, A, In> panels_p(project[0], p.isa, p.gp.NR, scale_p.data());
+  const ConvPanels<T, A, In> panels_p(weight_parts(project), p.isa, p.gp.NR, scale_p.data());
   std::memcpy(part(l.shift_e), shift_e.data(), g.C * sizeof(A));
   std::memcpy(part(l.shift_p), shift_p.data(), g.Cout * sizeof(A));
   if constexpr (Plan<T, A, In>::kPairs) {
@@ -1138,28 +1147,40 @@ void pack_block(const Plan<T, A, In>& p, const PackLayout& l, at::TensorList exp
     const int64_t j0 = std::max(b, npe) - npe, j1 = e - npe;
     if (j0 < j1) panels_p(j0, j1, pp + j0 * p.kpp * p.gp.NR);
   });
-  auto write_ranges = [&](const at::Tensor& weight, int64_t NR, int64_t off) {
+  auto write_ranges = [&](at::TensorList weight, int64_t Cout, int64_t NR, int64_t off) {
     const PanelK kr = panel_k_ranges<T>(weight, NR);
     int64_t* r = reinterpret_cast<int64_t*>(part(off));
-    std::fill(r, r + 1 + 2 * ceil_div(weight.size(0), NR), int64_t(0));
+    std::fill(r, r + 1 + 2 * ceil_div(Cout, NR), int64_t(0));
     r[0] = kr.empty() ? 0 : 1;
     for (size_t j = 0; j < kr.lo.size(); ++j) {
       r[1 + 2 * j] = kr.lo[j];
       r[2 + 2 * j] = kr.hi[j];
     }
   };
-  if (g.has_expand) write_ranges(expand[0], p.ge.NR, l.kr_e);
-  write_ranges(project[0], p.gp.NR, l.kr_p);
+  if (g.has_expand) write_ranges(weight_parts(expand), g.C, p.ge.NR, l.kr_e);
+  write_ranges(weight_parts(project), g.Cout, p.gp.NR, l.kr_p);
   std::vector<A> scale(g.Cp, A(0)), shift_d(g.Cp, A(0));
   fold<A>(depthwise, eps, scale, shift_d);
   std::memcpy(part(l.shift_d), shift_d.data(), g.Cp * sizeof(A));
-  const at::Tensor w = depthwise[0].to(c10::CppTypeToScalarType<A>::value).contiguous();
-  const A* wp = w.const_data_ptr<A>();
+  // Tap-major and scaled; parts (MixConv's kernels) centred in K x K, their zero taps scaled as
+  // a dense weight's would be.
   const int64_t KK = g.K * g.K;
   A* wd = reinterpret_cast<A*>(part(l.wd));
   std::fill(wd, wd + KK * g.Cp, A(0));  // zero for the padding channels
-  for (int64_t c = 0; c < g.C; ++c)
-    for (int64_t t = 0; t < KK; ++t) wd[t * g.Cp + c] = wp[c * KK + t] * scale[c];
+  int64_t c0 = 0;
+  for (const at::Tensor& dw : weight_parts(depthwise)) {
+    const at::Tensor w = dw.to(c10::CppTypeToScalarType<A>::value).contiguous();
+    const A* wp = w.const_data_ptr<A>();
+    const int64_t k = w.size(2), o = (g.K - k) / 2;
+    for (int64_t c = 0; c < w.size(0); ++c)
+      for (int64_t ty = 0; ty < g.K; ++ty)
+        for (int64_t tx = 0; tx < g.K; ++tx) {
+          const int64_t iy = ty - o, ix = tx - o;
+          const A v = iy >= 0 && iy < k && ix >= 0 && ix < k ? wp[(c * k + iy) * k + ix] : A(0);
+          wd[(ty * g.K + tx) * g.Cp + c0 + c] = v * scale[c0 + c];
+        }
+    c0 += w.size(0);
+  }
   pack_segments(g, wd, reinterpret_cast<int64_t*>(part(l.segs)),
                 reinterpret_cast<A*>(part(l.wseg)));
   T* se_out = reinterpret_cast<T*>(part(l.se));
@@ -1261,7 +1282,8 @@ Geometry geometry(const char* op, const at::Tensor& x, at::TensorList expand,
                   c10::string_view se_act, c10::string_view se_gate, bool skip, double eps) {
   Geometry g{};
   static_cast<IrProblem&>(g) = check_inverted_residual_inference(
-      op, x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate, skip, eps);
+      op, x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate, skip, eps,
+      /*weight_parts=*/true);
   g.Cr = g.has_se ? se[0].size(0) : 0;
   size_steps(g, x.scalar_type());
   return g;

@@ -13,7 +13,7 @@ BatchNorm).
 from __future__ import annotations
 
 import operator
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -60,6 +60,22 @@ def _own_weight(role: str, conv: Optional[nn.Module]) -> bool:
     rather than one built from its parts (_Block._dense_weight)."""
     return conv is None or isinstance(conv, nn.Conv2d) and (conv.groups == 1
                                                             or role == "dw_conv")
+
+
+_CONV_ROLES = ("expand_conv", "dw_conv", "project_conv")
+
+
+def _weight_parts(role: str, conv: Optional[nn.Module]) -> Optional[List[torch.Tensor]]:
+    """The weights of a split convolution's parts (MixNet's: 1x1 convs over channel groups, the
+    diagonal blocks of a block-diagonal weight; MixConv's kernels), in the form the CPU
+    inference kernels take them; None for a conv whose own weight the fused op takes, or a
+    grouped conv (its parts would be new views on every call)."""
+    if _own_weight(role, conv):
+        return None
+    convs = F_.convs(conv)
+    if all(type(c) is nn.Conv2d and (c.groups == 1 or role == "dw_conv") for c in convs):
+        return [c.weight for c in convs]
+    return None
 
 
 _VERSION = operator.attrgetter("_version")
@@ -174,8 +190,15 @@ class _Block(NotScriptable, nn.Module):
 
     def _fused(self, x: torch.Tensor, parts: Dict[str, nn.Module]) -> torch.Tensor:
         dtype = F_.compute_dtype(x)
+        dw, bn = F_.convs(parts["dw_conv"])[0], parts["dw_bn"]
+        # Eval on the CPU: MixNet's split convolutions go to the CPU kernels as their parts'
+        # own weights (which pack them without a dense copy: ~15% of a batch-1 mixnet_s
+        # forward went to building the block-diagonal and zero-padded weights, ad-hoc); the
+        # public op and the other backends take the dense weights (_dense_weight).
+        split = (not bn.training and x.device.type == "cpu"
+                 and any(_weight_parts(r, parts.get(r)) is not None for r in _CONV_ROLES))
 
-        def stage(conv_role, bn_role):
+        def stage(conv_role, bn_role, split):
             conv = parts.get(conv_role)
             if conv is None:
                 return []
@@ -183,22 +206,27 @@ class _Block(NotScriptable, nn.Module):
             # Training: bn_args counts the batch (num_batches_tracked). Eval with running
             # statistics (_fusable): bn_args would return the module's own tensors.
             a = F_.bn_args(bn) if bn.training else bn
-            return [F_.cast(self._dense_weight(conv_role, conv), dtype), a.weight, a.bias,
-                    a.running_mean, a.running_var]
+            weights = (_weight_parts(conv_role, conv) if split else None) \
+                or [self._dense_weight(conv_role, conv)]
+            return [*(F_.cast(w, dtype) for w in weights), a.weight, a.bias, a.running_mean,
+                    a.running_var]
 
-        expand = stage("expand_conv", "expand_bn")
-        depthwise = stage("dw_conv", "dw_bn")
-        project = stage("project_conv", "project_bn")
-        se = []
-        if "se_reduce" in parts:
-            r, e = parts["se_reduce"], parts["se_expand"]
-            se = [F_.cast(t, dtype) for t in (r.weight, r.bias, e.weight, e.bias)]
-        dw, bn = F_.convs(parts["dw_conv"])[0], parts["dw_bn"]
-        args = (expand, depthwise, se, project, dw.stride[0], dw.dilation[0], self.act,
-                self.se_act, self.se_gate, self.skip, bn.eps)
+        def arguments(split):
+            expand = stage("expand_conv", "expand_bn", split)
+            depthwise = stage("dw_conv", "dw_bn", split)
+            project = stage("project_conv", "project_bn", split)
+            se = []
+            if "se_reduce" in parts:
+                r, e = parts["se_reduce"], parts["se_expand"]
+                se = [F_.cast(t, dtype) for t in (r.weight, r.bias, e.weight, e.bias)]
+            return (expand, depthwise, se, project, dw.stride[0], dw.dilation[0], self.act,
+                    self.se_act, self.se_gate, self.skip, bn.eps)
+
+        args = arguments(split)
+        expand, depthwise, se, project = args[:4]
         # A replay passes these lists again: only an eval call without per-call casts (F_.cast
         # copies the conv weights and the SE tensors when their dtype differs) is replayable.
-        weights = [stage[0] for stage in (expand, depthwise, project) if stage] + se
+        weights = [t for stage in (expand, depthwise, project) for t in stage[:-4]] + se
         replayable = (not bn.training and x.dtype == dtype
                       and all(t.dtype == dtype for t in weights))
         if self._packed_cache is not None and not bn.training:
@@ -209,14 +237,23 @@ class _Block(NotScriptable, nn.Module):
                     self._packed_cache["replay"] = _Replay(self, parts, dtype, args,
                                                            (entry[3], entry[4]))
                 return out
+        if split:
+            if not ops._takes_inference_kernel(x, dtype, args):
+                args = arguments(False)
+                expand, depthwise, se, project = args[:4]
+            else:
+                out = ops._inference_call(x, args)
+                if replayable and self._packed_cache is None:
+                    # The parts' weights are the modules' own tensors, read as they are then.
+                    self.__dict__["_replay"] = _Replay(self, parts, dtype, args, None)
+                return out
         # _fusable: running statistics kept and momentum set, so bn_args would pass these.
         out = ops.inverted_residual(F_.cast(x, dtype), expand, depthwise, se, project,
                                     stride=dw.stride[0], dilation=dw.dilation[0], act=self.act,
                                     se_act=self.se_act, se_gate=self.se_gate, skip=self.skip,
                                     training=bn.training, momentum=bn.momentum, eps=bn.eps)
         if (replayable and self._packed_cache is None and not torch.is_grad_enabled()
-                and all(_own_weight(role, parts.get(role))
-                        for role in ("expand_conv", "dw_conv", "project_conv"))
+                and all(_own_weight(role, parts.get(role)) for role in _CONV_ROLES)
                 and ops._takes_inference_kernel(x, dtype, args)):
             # The next call with nothing changed replays this one (the conv weights are the
             # modules' own tensors, read as they are then; MixNet's built ones are not kept).

@@ -114,11 +114,15 @@ struct IrProblem {
 };
 
 // Every argument of inverted_residual_inference (one sequence for every backend).
+// weight_parts: a stage's weight may be given as several parts (the CPU kernels: a split 1x1
+// conv's diagonal blocks, MixConv's kernels; each stage is then [parts..., bn_weight, bn_bias,
+// running_mean, running_var]); otherwise exactly one weight per stage.
 IrProblem check_inverted_residual_inference(const char* op, const at::Tensor& x,
                                             at::TensorList expand, at::TensorList depthwise,
                                             at::TensorList se, at::TensorList project,
                                             int64_t stride, int64_t dilation,
                                             c10::string_view act, c10::string_view se_act,
-                                            c10::string_view se_gate, bool skip, double eps);
+                                            c10::string_view se_gate, bool skip, double eps,
+                                            bool weight_parts = false);
 
 }  // namespace effkernels
