@@ -1136,16 +1136,30 @@ void pack_block(const Plan<T, A, In>& p, const PackLayout& l, at::TensorList exp
     std::memcpy(part(l.col_p), panels_p.col_scale(), p.npp * p.gp.NR * sizeof(A));
   }
   // The threads pack the expand and project panels together (at batch 1 packing alone on the
-  // calling thread left the other threads waiting).
+  // calling thread left the other threads waiting), split by weight elements: a panel of the
+  // project's is K/Cin times one of the expand's (6x at t = 6), so a split by panel count left
+  // one thread most of the work.
   In* pe = reinterpret_cast<In*>(part(l.pe));
   In* pp = reinterpret_cast<In*>(part(l.pp));
   const int64_t npe = g.has_expand ? p.npe : 0;
-  const int64_t panel_elems = std::max(p.kpe * p.ge.NR, p.kpp * p.gp.NR);
-  const int64_t grain = std::max<int64_t>(1, kPackGrainElems / panel_elems);
-  at::parallel_for(0, npe + p.npp, grain, [&](int64_t b, int64_t e) {
-    if (b < npe) (*panels_e)(b, std::min(e, npe), pe + b * p.kpe * p.ge.NR);
-    const int64_t j0 = std::max(b, npe) - npe, j1 = e - npe;
-    if (j0 < j1) panels_p(j0, j1, pp + j0 * p.kpp * p.gp.NR);
+  const int64_t size_e = p.kpe * p.ge.NR, size_p = p.kpp * p.gp.NR;
+  const int64_t total = npe * size_e + p.npp * size_p, off_p = npe * size_e;
+  const int64_t tasks = std::clamp<int64_t>(total / kPackGrainElems, 1, at::get_num_threads());
+  // The panels (of n, size elements each, the first at element `first`) that start in [lo, hi).
+  auto starting_in = [](int64_t lo, int64_t hi, int64_t first, int64_t size, int64_t n) {
+    auto index = [&](int64_t at) {
+      return n == 0 ? n : std::min(n, ceil_div(std::max<int64_t>(at - first, 0), size));
+    };
+    return std::pair<int64_t, int64_t>{index(lo), index(hi)};
+  };
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lo = total * t / tasks, hi = total * (t + 1) / tasks;
+      const auto [e0, e1] = starting_in(lo, hi, 0, size_e, npe);
+      if (e0 < e1) (*panels_e)(e0, e1, pe + e0 * size_e);
+      const auto [j0, j1] = starting_in(lo, hi, off_p, size_p, p.npp);
+      if (j0 < j1) panels_p(j0, j1, pp + j0 * size_p);
+    }
   });
   auto write_ranges = [&](at::TensorList weight, int64_t Cout, int64_t NR, int64_t off) {
     const PanelK kr = panel_k_ranges<T>(weight, NR);
