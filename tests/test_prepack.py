@@ -6,6 +6,8 @@ place or is replaced, used only for CPU inference."""
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -515,6 +517,34 @@ def _chain_used(model, x, monkeypatch):
         out = model(x)
     monkeypatch.undo()
     return not calls, out
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_large_100", "mixnet_s"])
+def test_prepacked_model_copies(name, monkeypatch):
+    """A prepacked model that has run (packed weights, chained replay in its caches) deep-copies,
+    pickles and saves; the copies do not take the caches (they refer to the original's modules
+    and PyTorch's global hook dicts), pack and chain again, and give the same bits."""
+    model = _model(name)
+    prepack_for_inference(model)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model(x)
+        expected = model(x)
+    assert model._packed_cache.get("chain") is not None
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)),
+                   torch.load(buffer, weights_only=False)):
+        assert copied._packed_cache == {}
+        assert all(not m.__dict__.get("_packed_cache") and "_replay" not in m.__dict__
+                   for m in copied.modules())
+        with torch.no_grad():
+            assert torch.equal(copied(x), expected)
+            assert torch.equal(copied(x), expected)  # (MixNet: the chain after a second call)
+        used, out = _chain_used(copied, x, monkeypatch)
+        assert used and torch.equal(out, expected)
+    assert _chain_used(model, x, monkeypatch)[0]  # the original's caches untouched
 
 
 @pytest.mark.parametrize("name", ["mobilenetv3_large_100", "mixnet_s"])

@@ -12,12 +12,12 @@ from torch import nn
 
 from .. import ops
 from ..nn import _functional as F_
-from ..nn.blocks import run_sequential
+from ..nn.blocks import InferenceCaches, run_sequential
 from ..nn.modules import NotScriptable, _check_act
 from ._builder import BlockArgs, BuildConfig, build_stages
 
 
-class EfficientNet(NotScriptable, nn.Module):
+class EfficientNet(InferenceCaches, NotScriptable, nn.Module):
     """MobileNetV1/V2/V3, MixNet, EfficientNet and MnasNet, as timm builds them.
 
     head='efficientnet': blocks -> 1x1 conv_head + bn2 + act (when num_features > 0) -> global

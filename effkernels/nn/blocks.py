@@ -87,7 +87,23 @@ def _drop_active(module: Optional[nn.Module]) -> bool:
     return float(getattr(module, "drop_prob", getattr(module, "p", 0.0)) or 0.0) > 0.0
 
 
-class _Block(NotScriptable, nn.Module):
+class InferenceCaches:
+    """A module keeping CPU inference caches in its __dict__: prepack_for_inference's packed
+    weights and chained replay (_packed_cache), a block's replay (_replay) and MixNet's built
+    weights (_dense_weights). Its copies (copy.deepcopy, pickle, torch.save of the model) do
+    not take them (they refer to the original's modules and to PyTorch's global hook dicts):
+    a prepacked copy packs and chains again at its first calls."""
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_replay", None)
+        state.pop("_dense_weights", None)
+        if state.get("_packed_cache") is not None:
+            state["_packed_cache"] = {}
+        return state
+
+
+class _Block(InferenceCaches, NotScriptable, nn.Module):
     """expand 1x1+BN+act -> depthwise kxk+BN+act -> [SE] -> project 1x1+BN[+act] -> [+ x]."""
 
     _roles: Dict[str, Path]
@@ -796,7 +812,7 @@ class DepthwiseSeparable(_Block):
                     same=same and stride > 1)
 
 
-class ConvBnActBlock(NotScriptable, nn.Module):
+class ConvBnActBlock(InferenceCaches, NotScriptable, nn.Module):
     """timm's ConvBnAct block layout (conv, bn1): conv + BN + act [+ x]."""
 
     # prepack_for_inference: the packed eval-mode weights of a 1x1 conv (ops.
