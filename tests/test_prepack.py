@@ -653,8 +653,11 @@ def test_chain_replay_follows_every_change(name, monkeypatch):
                      lambda: torch.nn.modules.module.register_module_forward_hook(hook)):
         handle = register()
         calls.clear()
+        chain = model._packed_cache["chain"]
         check("hook", chained=False)
+        check("hook, again", chained=False)
         assert calls
+        assert model._packed_cache["chain"] is chain  # kept, not built again after each call
         handle.remove()
         check("hook removed")
     # An instance's own forward is called.
