@@ -159,9 +159,14 @@ def _model(name="mobilenetv3_large_100"):
     return m.to(memory_format=torch.channels_last)
 
 
+def _entry(module):
+    """A prepacked module's packed weights (a model's: its head's, in a dict of its own)."""
+    cache = module._packed_cache
+    return cache.get("head", cache).get("entry")
+
+
 def _entries(model):
-    return [m._packed_cache.get("entry") for m in model.modules()
-            if getattr(m, "_packed_cache", None) is not None]
+    return [_entry(m) for m in model.modules() if getattr(m, "_packed_cache", None) is not None]
 
 
 @pytest.mark.parametrize("name", ["mobilenetv3_large_100", "mobilenetv2_100", "mixnet_s"])
@@ -180,7 +185,7 @@ def test_prepacked_model_bitwise(name):
     assert all(e is None or e[3].dtype == torch.uint8 for e in _entries(packed_model))
     assert all(b._packed_cache.get("entry") is not None for b in blocks)
     if hasattr(packed_model, "bn2"):  # the efficientnet-style head: conv_head + bn2 + act
-        assert packed_model._packed_cache["entry"] is not None
+        assert _entry(packed_model) is not None
 
 
 def test_prepacked_weights_are_used_and_repacked():
@@ -496,11 +501,11 @@ def test_prepacked_head_repacked():
         fresh_bn = fresh.bn2 if name == "mobilenetv2_100" else fresh.blocks[6][0].bn1
         with torch.no_grad():
             assert torch.equal(model(x), fresh(x))
-            packed = layer._packed_cache["entry"][3]
+            packed = _entry(layer)[3]
             for b in (bn, fresh_bn):
                 b.running_var.mul_(1.5)
             assert torch.equal(model(x), fresh(x))
-            assert layer._packed_cache["entry"][3] is not packed
+            assert _entry(layer)[3] is not packed
             for b in (bn, fresh_bn):
                 b.weight = torch.nn.Parameter(b.weight * 0.5)
             assert torch.equal(model(x), fresh(x))
@@ -541,7 +546,6 @@ def test_prepacked_model_copies(name, monkeypatch):
                    for m in copied.modules())
         with torch.no_grad():
             assert torch.equal(copied(x), expected)
-            assert torch.equal(copied(x), expected)  # (MixNet: the chain after a second call)
         used, out = _chain_used(copied, x, monkeypatch)
         assert used and torch.equal(out, expected)
     assert _chain_used(model, x, monkeypatch)[0]  # the original's caches untouched
@@ -570,8 +574,7 @@ def test_chain_replay_follows_every_change(name, monkeypatch):
 
     with torch.no_grad():
         model(x)
-        model(x)
-    assert model._packed_cache.get("chain") is not None
+    assert model._packed_cache.get("chain") is not None  # built in the first call
     check("chained")
     changes = [
         ("in-place weight", lambda m: torch.no_grad()(

@@ -64,10 +64,13 @@ class EfficientNet(InferenceCaches, NotScriptable, nn.Module):
         _init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = run_sequential(self.blocks, x, self._packed_cache, stem=self)
+        cache = self._packed_cache
+        x = run_sequential(self.blocks, x, cache, stem=self)
         if self.head == "efficientnet" and self.conv_head is not None:
+            # The head's pack in a dict of its own (packing again clears its dict, which must
+            # not drop the blocks' chain).
             x = F_.pointwise(x, self.conv_head, self.bn2, self.act,
-                             packed_cache=self._packed_cache)
+                             packed_cache=None if cache is None else cache.setdefault("head", {}))
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
