@@ -238,13 +238,14 @@ EFFK_INLINE void acc_store(const V (&acc)[MR][NV], A* __restrict c, int64_t ldc)
 // same stride, reusing the row offsets of the broadcasts): the hardware prefetcher does not
 // follow MR short strided streams, and x streamed from L3 or memory otherwise halves the FMA
 // rate.
-template <class A, int Bytes, int MR, int NV>
+// PanelNV: the vectors of the panel's rows (its packed width); the kernel computes the first NV.
+template <class A, int Bytes, int MR, int NV, int PanelNV = NV>
 inline void micro_kernel(int64_t K, const A* __restrict a, int64_t lda, const A* __restrict b,
                          A* __restrict c, int64_t ldc, const A* next) {
   constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(A));
   using V = typename Vec<A, Bytes>::type;
   constexpr int VW = Bytes / static_cast<int>(sizeof(A));
-  constexpr int NR = NV * VW;
+  constexpr int NR = PanelNV * VW;
   V acc[MR][NV];
   acc_zero(acc);
   for (int64_t k = 0; k < K; ++k, b += NR) {
@@ -295,17 +296,20 @@ EFFK_INLINE void row_blocks(int64_t rows, const Block& block) {
 
 // All rows of a tile against one panel: full MR blocks, then one block for the remainder.
 // `next` (the following block's rows) may point past the tile or the tensor: prefetches never
-// fault.
-template <class A, int Bytes, int NV>
+// fault. NV < PanelNV: the first NV vectors of a panel of PanelNV (a last panel with fewer
+// columns), in the full kernel's row blocks (the same rows read), each output the same FMA
+// chain, so the same bits.
+template <class A, int Bytes, int NV, int PanelNV = NV>
 struct GemmKernel {
   using Args = GemmArgs<A>;
   template <Isa I>
   static void run(const Args& g) {
     TORCH_INTERNAL_ASSERT(g.col_scale == nullptr, "the FMA GEMM takes its scale in the panels");
-    row_blocks<micro_rows(isa_regs(I), NV)>(g.rows, [&](int64_t r, auto rows) {
+    row_blocks<micro_rows(isa_regs(I), PanelNV)>(g.rows, [&](int64_t r, auto rows) {
       constexpr int R = decltype(rows)::value;
       const A* a = g.a + r * g.lda;
-      micro_kernel<A, Bytes, R, NV>(g.K, a, g.lda, g.b, g.c + r * g.ldc, g.ldc, a + R * g.lda);
+      micro_kernel<A, Bytes, R, NV, PanelNV>(g.K, a, g.lda, g.b, g.c + r * g.ldc, g.ldc,
+                                             a + R * g.lda);
     });
   }
 };
@@ -391,9 +395,21 @@ struct Bf16GemmKernel {
 
 template <class A, class In = A>
 struct GemmPlan {
-  void (*fn)(const GemmArgs<A, In>&);
+  using Fn = void (*)(const GemmArgs<A, In>&);
+  Fn fn;
   int MR, NR;
   double cost;  // relative time per output column (planning only; shapes_for)
+  // narrower[v]: fn computing only the first v of the panel's vectors of VW columns (null:
+  // none); for a last panel with fewer columns (160 = 3 x 48 + 16: a quarter of the FMAs of
+  // a 48-column panel were on zero padding).
+  std::array<Fn, 4> narrower{};
+  int VW = 0;
+
+  // The kernel for a panel of which the first `cols` columns are wanted.
+  Fn fn_for(int64_t cols) const {
+    const int64_t v = VW > 0 ? (cols + VW - 1) / VW : 0;
+    return v > 0 && v < 4 && narrower[v] ? narrower[v] : fn;
+  }
 };
 
 // Whether data of type T runs the bf16 pair kernel on this CPU (bf16 data, AVX-512 BF16);
@@ -415,8 +431,14 @@ void with_gemm_operand(Isa isa, const F& f) {
 
 template <class A, Isa I, int Bytes, int NV>
 GemmPlan<A> make_plan(double cost) {
-  return {isa_entry<I, GemmKernel<A, Bytes, NV>>(), micro_rows(isa_regs(I), NV),
-          NV * Bytes / static_cast<int>(sizeof(A)), cost};
+  constexpr int VW = Bytes / static_cast<int>(sizeof(A));
+  GemmPlan<A> plan{isa_entry<I, GemmKernel<A, Bytes, NV>>(), micro_rows(isa_regs(I), NV),
+                   NV * VW, cost};
+  plan.VW = VW;
+  if constexpr (NV > 1) plan.narrower[1] = isa_entry<I, GemmKernel<A, Bytes, 1, NV>>();
+  if constexpr (NV > 2) plan.narrower[2] = isa_entry<I, GemmKernel<A, Bytes, 2, NV>>();
+  if constexpr (NV > 3) plan.narrower[3] = isa_entry<I, GemmKernel<A, Bytes, 3, NV>>();
+  return plan;
 }
 template <int NV>
 GemmPlan<float, c10::BFloat16> make_bf16_plan(double cost) {

@@ -577,10 +577,11 @@ class Worker {
     const bool skip = p_.kr_p && skip_ok && all_finite<A>(rows, ld, M, g_.C);
     for (int64_t j = j0; j < j1; ++j) {
       const auto [k0, k1] = span(p_.kr_p, j, skip, g_.C);
-      p_.gp.fn({k1 - k0, rows + k0, ld, M, panels + j * p_.kpp * NR + k0 * NR, block_, NR,
-                p_.col_scale_p ? p_.col_scale_p + j * NR : nullptr});
-      ProjectEpiArgs<T, A> e{block_, NR, M, j * NR, std::min<int64_t>(NR, g_.Cout - j * NR),
-                             p_.shift_p, out, g_.Cout, res_.data()};
+      const int64_t cols = std::min<int64_t>(NR, g_.Cout - j * NR);
+      p_.gp.fn_for(cols)({k1 - k0, rows + k0, ld, M, panels + j * p_.kpp * NR + k0 * NR, block_,
+                          NR, p_.col_scale_p ? p_.col_scale_p + j * NR : nullptr});
+      ProjectEpiArgs<T, A> e{block_, NR, M, j * NR, cols, p_.shift_p, out, g_.Cout,
+                             res_.data()};
       p_.project_epi(e);
     }
   }
@@ -634,10 +635,10 @@ class Worker {
       const bool skip = p_.kr_e && all_finite<A>(tile_, p_.ldx, M, g_.Cin);
       for (int64_t j = slice.j0; j < slice.j1; ++j) {
         const auto [k0, k1] = span(p_.kr_e, j, skip, g_.Cin);
-        p_.ge.fn({k1 - k0, tile_ + k0, p_.ldx, M, p_.pe + j * p_.kpe * NR + k0 * NR, block_, NR,
-                  p_.col_scale_e ? p_.col_scale_e + j * NR : nullptr});
-        p_.expand_epi({block_, NR, M, j * NR, std::min<int64_t>(NR, g_.C - j * NR),
-                       p_.shift_e, ptrs_.data(), g_.act});
+        const int64_t cols = std::min<int64_t>(NR, g_.C - j * NR);
+        p_.ge.fn_for(cols)({k1 - k0, tile_ + k0, p_.ldx, M, p_.pe + j * p_.kpe * NR + k0 * NR,
+                            block_, NR, p_.col_scale_e ? p_.col_scale_e + j * NR : nullptr});
+        p_.expand_epi({block_, NR, M, j * NR, cols, p_.shift_e, ptrs_.data(), g_.act});
       }
     }
     mark_finite(r0, r1, slice);

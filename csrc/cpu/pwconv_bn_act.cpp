@@ -315,10 +315,11 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
       }
       const bool skip = !kr.empty() && all_finite<A>(a, lda, rows, p.K);
       for (int64_t j = j0; j < j1; ++j) {
-        prepare(row0, rows, j * p.NR, std::min<int64_t>(p.NR, p.ncols - j * p.NR));
+        const int64_t cols = std::min<int64_t>(p.NR, p.ncols - j * p.NR);
+        prepare(row0, rows, j * p.NR, cols);
         const auto [k0, k1] = kr.span(j, skip, p.K, kStep);
-        gemm.fn({k1 - k0, a + k0, lda, rows, panels + (j - j0) * Kp * p.NR + k0 * p.NR, block,
-                 p.NR, col_scale ? col_scale + j * p.NR : nullptr});
+        gemm.fn_for(cols)({k1 - k0, a + k0, lda, rows, panels + (j - j0) * Kp * p.NR + k0 * p.NR,
+                           block, p.NR, col_scale ? col_scale + j * p.NR : nullptr});
         consume(t, row0, rows, j, block);
       }
     }
