@@ -384,6 +384,24 @@ def test_split_block_not_prepacked_builds_weights_per_call():
         assert_close(block(x), expected, torch.float32, "a 7x7 part")
 
 
+def test_split_block_falls_back_to_dense_weights(monkeypatch):
+    """Should the CPU kernel refuse a MixNet block's weights in parts, the block takes the dense
+    weights' path (the public op, whose checks name a bad argument): the same bits."""
+    block = _model("mixnet_s").blocks[2][1]
+    x = torch.randn(1, 40, 14, 14).contiguous(memory_format=torch.channels_last)
+    fresh = copy.deepcopy(block)
+    with torch.no_grad():
+        expected = block(x)
+
+    def refuse(x_, args):
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr(effkernels.ops, "_inference_call", refuse)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+    assert "_replay" not in fresh.__dict__
+
+
 # ---- the 1x1 conv + BN layers: effkernels::pwconv_bn_act_pack / _packed --------------------
 
 def _pw_args(n, cin, h, w, cout, dtype, layout, zero_cols=False):

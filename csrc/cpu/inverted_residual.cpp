@@ -30,7 +30,7 @@
 // running_mean, running_var]: the 1x1 groups' diagonal blocks of a block-diagonal weight, the
 // MixConv kernels centred in the largest; effkernels.nn on the CPU), or as those dense weights
 // (the public op): both pack to the same bytes, the parts without a dense copy (building it
-// per call in PyTorch was ~15% of a batch-1 mixnet_s forward, ad-hoc). Packing records each
+// per call in PyTorch was ~12% of a batch-1 mixnet_s forward, ad-hoc). Packing records each
 // GEMM panel's nonzero k range and, per run of channel vectors, the smallest centred kernel that
 // holds its nonzero depthwise taps (DwSegment); the GEMMs and the depthwise read only those for
 // rows that are all finite (all_finite; a zero weight times Inf/NaN is NaN, as the dense
