@@ -400,8 +400,8 @@ struct GemmPlan {
   int MR, NR;
   double cost;  // relative time per output column (planning only; shapes_for)
   // narrower[v]: fn computing only the first v of the panel's vectors of VW columns (null:
-  // none); for a last panel with fewer columns (160 = 3 x 48 + 16: a quarter of the FMAs of
-  // a 48-column panel were on zero padding).
+  // none); for a last panel with fewer columns (160 = 3 x 48 + 16: 32 of the 192 columns
+  // computed were zero padding).
   std::array<Fn, 4> narrower{};
   int VW = 0;
 
