@@ -5,10 +5,10 @@ a block adopted by effkernels.convert) only decides where the parameters live, s
 state_dict keys are those of the model it replaces; `_roles` maps each role (expand_conv,
 expand_bn, dw_conv, dw_bn, se_reduce, se_expand, project_conv, project_bn, drop_path) to a path of
 child names. The forward runs the fused effkernels.ops.inverted_residual when the block is
-what that op computes (in eval also MixNet's split convolutions, as dense weights: _dense_weight),
-and otherwise composes the single ops (MixNet's split convolutions in training, TF 'same'
-padding, stochastic depth in training, an activation after the projection, non-affine
-BatchNorm).
+what that op computes (in eval also MixNet's split convolutions: on the CPU as their parts'
+weights, _weight_parts; elsewhere as dense weights, _dense_weight), and otherwise composes the
+single ops (MixNet's split convolutions in training, TF 'same' padding, stochastic depth in
+training, an activation after the projection, non-affine BatchNorm).
 """
 from __future__ import annotations
 
@@ -210,9 +210,12 @@ class _Block(InferenceCaches, NotScriptable, nn.Module):
         # Eval on the CPU: MixNet's split convolutions go to the CPU kernels as their parts'
         # own weights (which pack them without a dense copy: ~12% of a batch-1 mixnet_s
         # forward went to building the block-diagonal and zero-padded weights, ad-hoc); the
-        # public op and the other backends take the dense weights (_dense_weight).
-        split = (not bn.training and x.device.type == "cpu"
-                 and any(_weight_parts(r, parts.get(r)) is not None for r in _CONV_ROLES))
+        # public op and the other backends take the dense weights (_dense_weight). split: the
+        # roles' parts, found once per call.
+        split = {}
+        if not bn.training and x.device.type == "cpu":
+            split = {r: w for r in _CONV_ROLES
+                     if (w := _weight_parts(r, parts.get(r))) is not None}
 
         def stage(conv_role, bn_role, split):
             conv = parts.get(conv_role)
@@ -222,8 +225,7 @@ class _Block(InferenceCaches, NotScriptable, nn.Module):
             # Training: bn_args counts the batch (num_batches_tracked). Eval with running
             # statistics (_fusable): bn_args would return the module's own tensors.
             a = F_.bn_args(bn) if bn.training else bn
-            weights = (_weight_parts(conv_role, conv) if split else None) \
-                or [self._dense_weight(conv_role, conv)]
+            weights = split.get(conv_role) or [self._dense_weight(conv_role, conv)]
             return [*(F_.cast(w, dtype) for w in weights), a.weight, a.bias, a.running_mean,
                     a.running_var]
 
@@ -265,7 +267,7 @@ class _Block(InferenceCaches, NotScriptable, nn.Module):
                     # The parts' weights are the modules' own tensors, read as they are then.
                     self.__dict__["_replay"] = _Replay(self, parts, dtype, args, None)
                 return out
-            args = arguments(False)
+            args = arguments({})
             expand, depthwise, se, project = args[:4]
         # _fusable: running statistics kept and momentum set, so bn_args would pass these.
         out = ops.inverted_residual(F_.cast(x, dtype), expand, depthwise, se, project,
@@ -283,10 +285,12 @@ class _Block(InferenceCaches, NotScriptable, nn.Module):
     def _dense_weight(self, role: str, conv: nn.Module) -> torch.Tensor:
         """The weight the fused op takes for a conv role: the conv's own, or for a split or
         grouped conv (MixNet) the block-diagonal 1x1 / zero-padded depthwise weight built from
-        its parts. In a prepacked block (prepack_for_inference) without a gradient to record,
-        that is built once and kept while the parts' weights are the same tensors at the same
-        versions, so that the packed weights are reused; with prepack's caveat: writes through
-        `.data` are not seen. Elsewhere it is built on every call."""
+        its parts (on the CPU in eval a split conv's parts go to the kernel as they are,
+        _weight_parts; this serves the other devices and grouped convs). In a prepacked block
+        (prepack_for_inference) without a gradient to record, that is built once and kept while
+        the parts' weights are the same tensors at the same versions, so that the packed weights
+        are reused; with prepack's caveat: writes through `.data` are not seen. Elsewhere it is
+        built on every call."""
         if _own_weight(role, conv):
             return conv.weight
         build = F_.depthwise_weight if role == "dw_conv" else F_.pointwise_weight
