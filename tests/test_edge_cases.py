@@ -258,7 +258,8 @@ def check_nonfinite(op, tensors, kwargs, backend, part, dtype=F32):
 
 
 # Non-finite values follow PyTorch in the C++ kernels too: the activations propagate NaN
-# (activation.h: relu(NaN) = NaN; relu/relu6 pass the gradient at NaN, hardsigmoid does not),
+# (activation.h: relu(NaN) = NaN; relu/relu6/hardswish pass the gradient at NaN, hardsigmoid
+# does not; where the derivative is zero the gradient is 0 even if the incoming one is NaN),
 # and the eval-mode backward does not read xhat (conv_geometry.h bn_dy), so grad_x stays
 # finite as PyTorch's does.
 
@@ -298,11 +299,13 @@ def test_nonfinite_input_forward(backend, op, act, kind, training):
 @pytest.mark.parametrize("op", OPS)
 def test_nonfinite_input_backward_training(request, backend, op, act, kind):
     """Every gradient in training mode: same NaN/Inf pattern as autograd on the reference."""
-    if backend == "cpu" and op == "inverted_residual" and act in ("relu6", "hsigmoid"):
+    if backend == "cpu" and op == "inverted_residual" and act == "relu6":
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "open: the C++ block's training backward with a NaN/Inf in x gives NaN in the "
-            "expand stage's BN gradients where autograd on the reference stays finite (the "
-            "single ops match)")))
+            "PyTorch's relu6 backward at z = NaN depends on the layout: its vectorised CPU "
+            "loops give 0, its scalar loops and CUDA kernels pass the gradient (activation.h "
+            "follows these, as the single-op cases here show); the block's reference takes the "
+            "vectorised answer, so its expand/depthwise BN-bias gradients stay finite where "
+            "ours carry the NaN")))
     check_nonfinite(op, *_nonfinite_case(op, act, kind, True), backend, "backward")
 
 

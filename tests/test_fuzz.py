@@ -70,7 +70,9 @@ def _crash_message(report: dict) -> str:
 def test_fuzz_ops_against_reference():
     report = run_fuzz("--seed", str(SEED), "--examples", str(EXAMPLES))
     assert report["returncode"] == 0 and report["done"] is not None, _crash_message(report)
-    failures = report["failures"]
+    # The known cases are held by their own strict xfails below (they must keep failing until
+    # fixed); every other failure fails here.
+    failures = [f for f in report["failures"] if f["case"] not in KNOWN_IR_BF16 + KNOWN_FP32]
     assert not failures, f"{len(failures)} failing examples:\n" + "\n\n".join(
         f"{f['case']}\n  {f['error']}" for f in failures[:10])
     done = report["done"]
@@ -92,25 +94,47 @@ def test_fuzz_harness_reports_a_crash():
     assert "killed by SIGSEGV" in _crash_message(report)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PyTorch's CPU hardsigmoid backward uses a float32 1/6 also for float64 (torch 2.14: "
-    "0.1666666716...), so reference.activation('hsigmoid') is float32-accurate in float64; "
-    "fix in reference.py, e.g. F.relu6(z + 3) / 6 (same values and kinks), then drop this "
-    "xfail and the float64 hsigmoid exclusion in draw_case"))
-def test_fp64_oracle_hsigmoid_gradient():
+def test_fp64_hsigmoid_gradient_is_pytorchs():
+    """PyTorch's hardsigmoid backward scales by float32's 1/6 in float64 too (torch 2.14:
+    0.1666666716...); the kernels take the same constant (activation.h), so that float64 draws
+    of hsigmoid compare against the reference at float64 tolerances and float64 models agree
+    with PyTorch's to the last bits."""
     import torch
+    import torch.nn.functional as F
 
-    from effkernels import reference
+    import effkernels
+    from effkernels import ops
 
-    z = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(reference.activation("hsigmoid", z).sum(), z)
-    assert torch.equal(grad, torch.full_like(grad, 1 / 6)), grad.tolist()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, generator=g) * 3
+    w = torch.randn(5, 1, 3, 3, dtype=torch.float64, generator=g)
+    bn = [torch.rand(5, dtype=torch.float64, generator=g) + 0.5,
+          torch.randn(5, dtype=torch.float64, generator=g),
+          torch.randn(5, dtype=torch.float64, generator=g),
+          torch.rand(5, dtype=torch.float64, generator=g) + 0.5]
+    grads = []
+    for fn in (lambda x: ops.dwconv_bn_act(x, w, *bn, act="hsigmoid"),
+               lambda x: F.hardsigmoid(F.batch_norm(F.conv2d(x, w, padding=1, groups=5),
+                                                    bn[2], bn[3], bn[0], bn[1]))):
+        x_ = x.clone().requires_grad_()
+        with effkernels.backend("cpu"):
+            y = fn(x_)
+        inside = ((y > 0) & (y < 1)).sum().item()
+        grads.append(torch.autograd.grad(y.sum(), x_)[0])
+    assert inside > 50, "no values on hsigmoid's slope"
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-13, atol=1e-14)
 
 
-# Found by this fuzzer with other seeds (--seed 7 --examples 2500: 18 of ~300 bf16
-# inverted_residual draws): the cpu block in bf16 has gradient errors 3-6x PyTorch's own bf16
-# error, while each op alone stays within 2x. Open: either precision lost between the C++
-# block's stages or the 2x rule being too strict for a three-stage bf16 composition.
+
+# bf16 inverted_residual gradients beyond 2x PyTorch's own bf16 error (helpers.assert_lowp_close).
+# The first two were found by this fuzzer with other seeds (--seed 7 --examples 2500: 18 of ~300
+# bf16 inverted_residual draws), the others by SEED once float64 drew hsigmoid too. Measured
+# 2026-11-30 (40 seeds each of a 2x8x7x7 training block, hsigmoid / silu): the block's error is
+# on median 0.5-0.85x PyTorch's, so no precision is lost between the C++ block's stages; the
+# misses are the tails of a ratio of two maxima: a pre-activation within a bf16 rounding of a
+# kink (relu6 0/6, hsigmoid +-3) takes the other side in one of the two (one such flip: 58% of
+# one channel's BN-weight gradient), and on one- or two-element gradients the ratio is of single
+# rounding errors. Open: a rule for low-precision compositions that tells these from a real loss.
 KNOWN_IR_BF16 = [
     {"act": "relu", "backend": "cpu", "cout": 5, "dilation": 2, "dtype": "bfloat16",
      "expand": 3, "k": 7, "layout": "channels_last", "op": "inverted_residual", "se": False,
@@ -120,14 +144,41 @@ KNOWN_IR_BF16 = [
      "expand": 2, "k": 3, "layout": "expanded_n", "op": "inverted_residual", "se": True,
      "se_gate": "hsigmoid", "seed": 30098046, "shape": [1, 4, 5, 4], "stride": 1,
      "training": True},
+    {"act": "hsigmoid", "backend": "cpu", "cout": 9, "dilation": 1, "dtype": "bfloat16",
+     "expand": 3, "k": 3, "layout": "contiguous", "op": "inverted_residual", "se": True,
+     "se_gate": "sigmoid", "seed": 183, "shape": [1, 1, 3, 5], "stride": 1, "training": True},
+    {"act": "hsigmoid", "backend": "cpu", "cout": 1, "dilation": 1, "dtype": "bfloat16",
+     "expand": 3, "k": 3, "layout": "contiguous", "op": "inverted_residual", "se": True,
+     "se_gate": "sigmoid", "seed": 183, "shape": [1, 1, 1, 5], "stride": 1, "training": True},
+    {"act": "relu6", "backend": "cpu", "cout": 12, "dilation": 2, "dtype": "bfloat16",
+     "expand": 3, "k": 3, "layout": "sliced_cl", "op": "inverted_residual", "se": False,
+     "se_gate": "hsigmoid", "seed": 738005, "shape": [3, 16, 10, 10], "stride": 2,
+     "training": False},
+]
+
+# PyTorch itself (the reference backend in float32) beyond the float32 tolerance: a training
+# BatchNorm over two values per channel (N*H*W = 2) is ill-conditioned. Open: a tolerance that
+# scales with the BatchNorm's conditioning.
+KNOWN_FP32 = [
+    {"act": "sigmoid", "backend": "reference", "cout": 15, "dilation": 1, "dtype": "float32",
+     "expand": 3, "k": 9, "layout": "expanded_n", "op": "inverted_residual", "se": True,
+     "se_gate": "sigmoid", "seed": 3789766, "shape": [2, 2, 1, 1], "stride": 1,
+     "training": True},
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="bf16 inverted_residual gradients beyond 2x PyTorch's "
-                                       "bf16 error (see KNOWN_IR_BF16)")
-@pytest.mark.parametrize("index", range(len(KNOWN_IR_BF16)))
-def test_known_bf16_inverted_residual_cases(index):
-    error, compared = run_case(KNOWN_IR_BF16[index])
+_KNOWN_REASONS = [(KNOWN_IR_BF16, "bf16 inverted_residual gradients beyond 2x PyTorch's bf16 "
+                                  "error (see KNOWN_IR_BF16)"),
+                  (KNOWN_FP32, "float32 PyTorch beyond the float32 tolerance on a two-value "
+                               "BatchNorm (see KNOWN_FP32)")]
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(case, id=f"{case['dtype']}-{case['seed']}-{i}",
+                 marks=pytest.mark.xfail(strict=True, reason=reason))
+    for cases, reason in _KNOWN_REASONS for i, case in enumerate(cases)])
+def test_known_failing_cases(case):
+    error, compared = run_case(case)
     assert compared and error is None, error
 
 
@@ -184,11 +235,6 @@ def draw_case(data) -> dict:
         training=data.draw(st.booleans(), label="training"),
         seed=data.draw(st.integers(0, 2**31 - 1), label="seed"),
     )
-    if case["dtype"] == "float64":
-        # The fp64 oracle's hsigmoid gradient is only float32-accurate (see
-        # test_fp64_oracle_hsigmoid_gradient below); fp32 and bf16 draws cover hsigmoid.
-        case["act"] = data.draw(st.sampled_from([a for a in ACTS if a != "hsigmoid"]),
-                                label="act64")
     c = case["shape"][1]
     if op == "dwconv_bn_act":
         case["k"] = data.draw(st.integers(1, 11), label="k")

@@ -33,22 +33,25 @@ def act_forward(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def act_derivative(z, ACT: tl.constexpr):
-    one = tl.full(z.shape, 1.0, z.dtype)
-    zero = tl.zeros(z.shape, z.dtype)
-    d = one
+def act_backward(g, z, ACT: tl.constexpr):
+    """g * d act(z) / dz with PyTorch's backward semantics, as csrc/include/effkernels/
+    activation.h: where the derivative is zero, 0 whatever g holds (NaN, Inf); at z = NaN relu,
+    relu6 and hardswish pass g, hardsigmoid gives 0; hardsigmoid's slope is float32's 1/6 in
+    every dtype."""
+    zero = tl.zeros(z.shape, g.dtype)
+    d = g
     if ACT == 1:
-        d = tl.where(z > 0.0, one, zero)
+        d = tl.where(z <= 0.0, zero, g)
     elif ACT == 2:
-        d = tl.where((z > 0.0) & (z < 6.0), one, zero)
+        d = tl.where((z <= 0.0) | (z >= 6.0), zero, g)
     elif ACT == 3:
-        d = tl.where(z <= -3.0, zero, tl.where(z < 3.0, z / 3.0 + 0.5, one))
+        d = tl.where(z <= -3.0, zero, tl.where(z < 3.0, g * (z / 3.0 + 0.5), g))
     elif ACT == 4:
         s = tl.sigmoid(z)
-        d = s * (1.0 + z * (1.0 - s))
+        d = g * (s * (1.0 + z * (1.0 - s)))
     elif ACT == 5:
-        d = tl.where((z > -3.0) & (z < 3.0), one / 6.0, zero)
+        d = tl.where((z > -3.0) & (z < 3.0), g * 0.1666666716337204, zero)
     elif ACT == 6:
         s = tl.sigmoid(z)
-        d = s * (1.0 - s)
+        d = g * (s * (1.0 - s))
     return d

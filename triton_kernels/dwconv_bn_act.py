@@ -43,7 +43,7 @@ from torch._prims_common import suggest_memory_format
 from effkernels import _checks
 
 from . import batchnorm
-from .activation import CODES, act_derivative, act_forward
+from .activation import CODES, act_backward, act_forward
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -226,7 +226,7 @@ def _dw_bwd_dy_kernel(x_ptr, w_ptr, go_ptr, scale_ptr, shift_ptr, mean_ptr, invs
                            H, W, sH, sW, DIL, K, acc_t, BLOCK_W, BLOCK_C)
             go = tl.load(go_img + oh * gH + ow[:, None] * gW + ch[None, :], mask=m, other=0.0)
             # Masked positions: go = 0, so g = 0 and they add nothing to the sums.
-            g = go.to(acc_t) * act_derivative(y * scale + shift, ACT)
+            g = act_backward(go.to(acc_t), y * scale + shift, ACT)
             xhat = (y - mean) * invstd
             if SUMS:
                 sg += g

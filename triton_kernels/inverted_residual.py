@@ -366,32 +366,30 @@ def _se_gate(pooled, se, se_act, se_gate, keep=False):
     return (gate, (pooled, w1, w2, z1, s1, z2)) if keep else gate
 
 
-def _act_grad(name: str, z: torch.Tensor) -> torch.Tensor:
-    """d act / dz with activation.py's conventions at the kinks (PyTorch's backward formulas)."""
-    one, zero = torch.ones_like(z), torch.zeros_like(z)
+def _act_backward(name: str, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """g * d act(z) / dz by PyTorch's own backward ops (activation.py follows their semantics)."""
+    aten = torch.ops.aten
     if name == "relu":
-        return torch.where(z > 0, one, zero)
+        return aten.threshold_backward(g, z, 0)
     if name == "relu6":
-        return torch.where((z > 0) & (z < 6), one, zero)
+        return aten.hardtanh_backward(g, z, 0, 6)
     if name == "hswish":
-        return torch.where(z <= -3, zero, torch.where(z < 3, z / 3 + 0.5, one))
+        return aten.hardswish_backward(g, z)
     if name == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
+        return aten.silu_backward(g, z)
     if name == "hsigmoid":
-        return torch.where((z > -3) & (z < 3), one / 6, zero)
+        return aten.hardsigmoid_backward(g, z)
     if name == "sigmoid":
-        s = torch.sigmoid(z)
-        return s * (1 - s)
-    return one
+        return aten.sigmoid_backward(g, torch.sigmoid(z))
+    return g
 
 
 def _se_backward(grad_gate, saved, se, se_act, se_gate):
     """(d pooled, [dW1, db1, dW2, db2]) of the SE MLP, by hand: the op's backward runs below
     the autograd dispatch key, where torch.autograd cannot record a graph."""
     pooled, w1, w2, z1, s1, z2 = saved
-    dz2 = grad_gate * _act_grad(se_gate, z2)
-    dz1 = (dz2 @ w2) * _act_grad(se_act, z1)
+    dz2 = _act_backward(se_gate, grad_gate, z2)
+    dz1 = _act_backward(se_act, dz2 @ w2, z1)
     grads = (dz1.t() @ pooled, dz1.sum(0), dz2.t() @ s1, dz2.sum(0))
     return dz1 @ w1, [g.reshape(t.shape).to(t.dtype) for g, t in zip(grads, se)]
 

@@ -56,7 +56,7 @@ from torch._prims_common import suggest_memory_format
 from effkernels import _checks
 
 from . import batchnorm
-from .activation import CODES, act_derivative, act_forward
+from .activation import CODES, act_backward, act_forward
 
 # Tile configurations (one list): the launcher picks one per layer shape (_pick_config; cached)
 # instead of timing them, because the block table and packed weights depend on BLOCK_C.
@@ -288,7 +288,7 @@ def _mix_bwd_dy_kernel(x_ptr, go_ptr, w_ptr, tab_ptr, gamma_ptr, beta_ptr, mean_
                        STRIDE, BLOCK_W, BLOCK_C)
         go = tl.load(go_row + ow[:, None] * sgw + lane[None, :], mask=m, other=0.0).to(acc_t)
         xhat = (y - mean) * invstd
-        g = go * act_derivative(y * scale + shift, ACT)  # go = 0 where masked
+        g = act_backward(go, y * scale + shift, ACT)  # go = 0 where masked
         if STATS:
             sum_g += tl.sum(g, axis=0)
             sum_gx += tl.sum(g * xhat, axis=0)

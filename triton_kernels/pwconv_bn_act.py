@@ -54,7 +54,7 @@ import triton.language as tl
 from .. import _checks
 from .._registration import _like
 from . import batchnorm
-from .activation import CODES, act_derivative, act_forward
+from .activation import CODES, act_backward, act_forward
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -227,7 +227,7 @@ def _pw_gemm_kernel(
             g_off = _tile_offsets(rm, rn, H, W, stride_gn, stride_gh, stride_gw, stride_gc,
                                   G_NHWC, ALIGN)
             gout = tl.load(gout_ptr + g_off, mask=mask, other=0.0)
-            g = gout.to(ACC) * act_derivative(z, ACT)  # 0 on masked rows/columns
+            g = act_backward(gout.to(ACC), z, ACT)  # 0 on masked rows/columns
             if MODE == 2:  # BWD_A
                 mean = tl.load(mean_ptr + rn, mask=n_ok, other=0.0)
                 invstd = tl.load(invstd_ptr + rn, mask=n_ok, other=0.0)

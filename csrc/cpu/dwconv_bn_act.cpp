@@ -491,7 +491,7 @@ EFFK_INLINE void bn_grad(std::bool_constant<DY>, const BnGradParams<T>& p, A* y,
 #pragma omp simd
     for (int64_t c = 0; c < p.C; ++c) {
       const A xhat = (yi[c] - p.mean[c]) * p.invstd[c];
-      const A g = static_cast<A>(gi[c]) * act_derivative<ACT>(p.gamma[c] * xhat + p.beta[c]);
+      const A g = act_backward<ACT>(static_cast<A>(gi[c]), p.gamma[c] * xhat + p.beta[c]);
       if constexpr (DY) {
         yi[c] = bn_dy(p.a[c], p.b[c], p.c[c], g, xhat);
       } else {

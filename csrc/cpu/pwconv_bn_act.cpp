@@ -430,7 +430,7 @@ EFFK_INLINE void bwd_epilogue_row(int64_t n, const A* __restrict y, const A* __r
     const A xh = (y[l] - mean[l]) * invstd[l];
     A z = gamma[l] * xh + beta[l];
     if constexpr (RES) z += static_cast<A>(res[l]);
-    const A g = static_cast<A>(grad_out[l]) * act_derivative<ACT>(z);
+    const A g = act_backward<ACT>(static_cast<A>(grad_out[l]), z);
     xhat_out[l] = xh;
     if constexpr (RES) grad_res[l] = static_cast<T>(g);
     sum_g[l] += g;
@@ -458,7 +458,7 @@ EFFK_INLINE void dy_row(int64_t n, A* __restrict xhat_dy, const T* __restrict gr
     const A xh = xhat_dy[l];
     A z = gamma[l] * xh + beta[l];
     if constexpr (RES) z += static_cast<A>(res[l]);
-    const A g = static_cast<A>(grad_out[l]) * act_derivative<ACT>(z);
+    const A g = act_backward<ACT>(static_cast<A>(grad_out[l]), z);
     xhat_dy[l] = bn_dy(a[l], b[l], c[l], g, xh);
   }
 }

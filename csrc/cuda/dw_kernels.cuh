@@ -376,7 +376,7 @@ __device__ __forceinline__ void bn_act_grad(const A (&acc)[PX][V], A (&gv)[PX][V
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       const A xhat = (acc[q][i] - mu[i]) * is[i];
-      const A g = ok[q] ? gv[q][i] * act_derivative<ACT>(ga[i] * xhat + be[i]) : A(0);
+      const A g = ok[q] ? act_backward<ACT>(gv[q][i], ga[i] * xhat + be[i]) : A(0);
       sg[i] += g;
       sgx[i] += g * xhat;
     }

@@ -81,7 +81,7 @@ __device__ __forceinline__ void bn_dy_loop(const BnDyParams<A>& p) {
     const int64_t oh = m2 % p.Ho, n = m2 / p.Ho;
     const A gv = cvt_in<A>(go[n * p.go_sn + oh * p.go_sh + ow * p.go_sw + c]);
     const A xhat = (p.y[idx] - p.mean[c]) * inv_std<A>(p.var[c], p.eps);
-    const A g = gv * act_derivative<ACT>(p.gamma[c] * xhat + p.beta[c]);
+    const A g = act_backward<ACT>(gv, p.gamma[c] * xhat + p.beta[c]);
     p.y[idx] = bn_dy(p.coef[c], p.coef[p.C + c], p.coef[2 * p.C + c], g, xhat);
   }
 }

@@ -252,7 +252,7 @@ __device__ __forceinline__ void epi_bwd(const PwGemmParams<T>& p, const A* Cs, i
     const A xhat = (y - mu) * is;
     A z = ga * xhat + be;
     if (p.res != nullptr) z += cvt_in<A>(p.res[p.res_rows.off(i) + j]);
-    const A g = cvt_in<A>(p.go[p.go_rows.off(i) + j]) * act_derivative<ACT>(z);
+    const A g = act_backward<ACT>(cvt_in<A>(p.go[p.go_rows.off(i) + j]), z);
     p.y[i * p.N + j] = y;
     if (p.res != nullptr) p.grad_res[i * p.N + j] = cvt_out<T>(g);
     sg += g;
@@ -368,7 +368,7 @@ __device__ __forceinline__ void dy_loop(const PwDyParams<T>& p) {
     const A xhat = (p.y[idx] - p.mean[c]) * inv_std<A>(p.var[c], p.eps);
     A z = p.gamma[c] * xhat + p.beta[c];
     if (p.res != nullptr) z += cvt_in<A>(p.res[p.res_rows.off(m) + c]);
-    const A g = cvt_in<A>(p.go[p.go_rows.off(m) + c]) * act_derivative<ACT>(z);
+    const A g = act_backward<ACT>(cvt_in<A>(p.go[p.go_rows.off(m) + c]), z);
     p.dy[idx] = cvt_out<T>(bn_dy(p.coef[c], p.coef[p.C + c], p.coef[2 * p.C + c], g, xhat));
   }
 }

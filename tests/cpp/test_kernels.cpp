@@ -72,9 +72,20 @@ void test_headers() {
       ours_d[j] = act_derivative(kActs[i], v);
     }
     expect_close(ours, y.detach(), 1e-12, std::string("act_forward ") + kActNames[i]);
-    // 1e-8: ATen's hardsigmoid backward multiplies by a float 1/6 even in double.
-    expect_close(ours_d, dy, 1e-8, std::string("act_derivative ") + kActNames[i]);
+    // hardsigmoid's float 1/6 in double too, as ATen's backward has it.
+    expect_close(ours_d, dy, 1e-12, std::string("act_derivative ") + kActNames[i]);
   }
+  // Where the derivative is zero the backward selects 0, so a NaN or Inf gradient stays out
+  // (ATen's threshold/hardtanh/hardswish/hardsigmoid backward do the same).
+  const double nan = std::nan("");
+  for (double g : {nan, double(INFINITY)}) {
+    expect(act_backward<Act::ReLU>(g, -1.0) == 0.0, "relu backward of a NaN/Inf gradient");
+    expect(act_backward<Act::ReLU6>(g, 7.0) == 0.0, "relu6 backward of a NaN/Inf gradient");
+    expect(act_backward<Act::HSwish>(g, -4.0) == 0.0, "hswish backward of a NaN/Inf gradient");
+    expect(act_backward<Act::HSigmoid>(g, 4.0) == 0.0, "hsigmoid backward of NaN/Inf");
+  }
+  expect(act_backward<Act::ReLU6>(2.0, nan) == 2.0 && act_backward<Act::HSigmoid>(2.0, nan) == 0.0,
+         "relu6 passes the gradient at z = NaN, hsigmoid does not");
   // Output sizes equal ATen's conv2d for odd sizes, strides, paddings, dilations.
   for (int64_t h : {1, 7, 11, 16}) {
     for (int64_t k : {1, 3, 5}) {

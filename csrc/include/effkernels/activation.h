@@ -1,11 +1,14 @@
-// Activations and their derivatives, written once for the CPU and CUDA kernels.
+// Activations and their backward, written once for the CPU and CUDA kernels.
 //
-// Every derivative is taken with respect to the pre-activation `z` and follows PyTorch's own
-// backward formulas at the kinks (relu: z > 0; relu6/hardtanh: 0 < z < 6; hardswish:
-// z <= -3 -> 0, z < 3 -> z/3 + 1/2, else 1; hardsigmoid: -3 < z < 3 -> 1/6), so that our
-// gradients equal autograd's on the reference exactly at the kinks too. NaN follows PyTorch
-// as well: the clamps propagate it (relu(NaN) = NaN), and relu/relu6 pass the gradient at NaN
-// (their backward tests z <= 0 / z >= 6, false for NaN), hardsigmoid's does not.
+// The backward, act_backward(g, z) = g * d act(z) / dz, follows PyTorch's own backward
+// kernels (checked in tests/test_edge_cases.py and tests/cpp):
+// - at the kinks: relu: z > 0; relu6: 0 < z < 6; hardswish: z <= -3 -> 0, z < 3 -> z/3 + 1/2,
+//   else 1; hardsigmoid: -3 < z < 3 -> 1/6 (float's 1/6, also in double);
+// - where the derivative is zero they select 0, so a NaN or Inf in g stays out of it;
+// - at z = NaN relu, relu6 and hardswish pass g, hardsigmoid gives 0: PyTorch's scalar loops
+//   and CUDA kernels (its vectorised CPU loops give 0 for relu6 and NaN for hardswish there,
+//   so PyTorch's own answer depends on the tensors' layout).
+// The forward clamps propagate NaN (relu(NaN) = NaN), as PyTorch's do.
 #pragma once
 
 #include <bit>
@@ -113,26 +116,34 @@ EFFK_HD T act_forward(T z) {
   }
 }
 
-// d act(z) / dz, matching PyTorch's backward kernels at the kinks.
+// g * d act(z) / dz with PyTorch's backward semantics (see the top of this file).
 template <Act A, typename T>
-EFFK_HD T act_derivative(T z) {
+EFFK_HD T act_backward(T g, T z) {
   if constexpr (A == Act::Identity) {
-    return T(1);
+    return g;
   } else if constexpr (A == Act::ReLU) {
-    return z <= T(0) ? T(0) : T(1);
+    return z <= T(0) ? T(0) : g;
   } else if constexpr (A == Act::ReLU6) {
-    return (z <= T(0) || z >= T(6)) ? T(0) : T(1);
+    return (z <= T(0) || z >= T(6)) ? T(0) : g;
   } else if constexpr (A == Act::HSwish) {
-    return z <= T(-3) ? T(0) : (z < T(3) ? z / T(3) + T(0.5) : T(1));
+    return z <= T(-3) ? T(0) : (z < T(3) ? g * (z / T(3) + T(0.5)) : g);
   } else if constexpr (A == Act::SiLU) {
     const T s = sigmoid(z);
-    return s * (T(1) + z * (T(1) - s));
+    return g * (s * (T(1) + z * (T(1) - s)));
   } else if constexpr (A == Act::HSigmoid) {
-    return (z > T(-3) && z < T(3)) ? T(1) / T(6) : T(0);
+    // float's 1/6 as PyTorch's hardsigmoid backward has it for every dtype (float64 too), so
+    // that float64 models agree with PyTorch's to the last bits.
+    return (z > T(-3) && z < T(3)) ? g * T(1.0f / 6.0f) : T(0);
   } else {
     const T s = sigmoid(z);
-    return s * (T(1) - s);
+    return g * (s * (T(1) - s));
   }
+}
+
+// d act(z) / dz: the backward of a unit gradient.
+template <Act A, typename T>
+EFFK_HD T act_derivative(T z) {
+  return act_backward<A>(T(1), z);
 }
 
 // Runtime-selected versions, for code that is not performance critical (tests, small tensors).
