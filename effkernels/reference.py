@@ -21,6 +21,11 @@ def activation(name: str, z: torch.Tensor) -> torch.Tensor:
     if name == "relu":
         return F.relu(z)
     if name == "relu6":
+        if z.dtype == torch.float64:
+            # The float64 oracle: F.relu6's values, and one gradient at z = NaN (passed, as
+            # activation.h) where hardtanh's backward passes it in PyTorch's scalar loops but
+            # gives 0 in its vectorised ones (so it depends on the tensors' layout).
+            return torch.where(z >= 6, 6.0, F.relu(z))
         return F.relu6(z)
     if name == "hswish":
         return F.hardswish(z)
