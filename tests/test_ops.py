@@ -183,6 +183,27 @@ def test_pwconv_every_panel_shape(backend, cout):
                  backend, torch.float32)
 
 
+# Training keeps the statistics' GEMM result and makes the output from it where the GEMM costs
+# more than a pass over it (pwconv_bn_act.cpp keep_conv_output: >= 64 input channels or a
+# result within 16 MiB; in `out` itself for fp32/fp64, a temporary otherwise); otherwise it runs
+# the GEMM again: the last case here (8 input channels, 17 MB of results).
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pwconv_training_keeps_conv_output(backend, dtype, layout):
+    for shape in ((2, 72, 19, 5, 7, True), (1, 64, 48, 6, 3, False), (2, 63, 33, 3, 4, True)):
+        check_op("pwconv_bn_act", *pw_case(shape, dtype, layout, "hswish", training=True),
+                 backend, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pwconv_training_recomputes_large_output(backend):
+    # silu: smooth, so that none of the 4.3M pre-activations' fp32 rounding crosses a kink
+    check_op("pwconv_bn_act", *pw_case((1, 8, 64, 260, 260, True), torch.float32,
+                                       "channels_last", "silu", training=True),
+             backend, torch.float32)
+
+
 def _block_diagonal_case(dtype, training, layout="channels_last", groups=((20, 60), (20, 60))):
     """A grouped 1x1 conv as effkernels.nn passes it: the block-diagonal dense weight (the CPU
     kernel skips each panel's all-zero input channels)."""
