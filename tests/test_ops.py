@@ -184,14 +184,16 @@ def test_pwconv_every_panel_shape(backend, cout):
 
 
 # Training keeps the statistics' GEMM result and makes the output from it where the GEMM costs
-# more than a pass over it (pwconv_bn_act.cpp keep_conv_output: >= 64 input channels or a
-# result within 16 MiB; in `out` itself for fp32/fp64, a temporary otherwise); otherwise it runs
-# the GEMM again: the last case here (8 input channels, 17 MB of results).
+# more than a pass over it (pwconv_bn_act.cpp keep_conv_output: fp32/fp64 with >= 64 input
+# channels or a result within 16 MiB, kept in `out` itself; bf16/fp16 with >= 32, in a fp32
+# temporary); otherwise it runs the GEMM again: 8 input channels in bf16/fp16 here, and the
+# 17 MB fp32 case below.
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_pwconv_training_keeps_conv_output(backend, dtype, layout):
-    for shape in ((2, 72, 19, 5, 7, True), (1, 64, 48, 6, 3, False), (2, 63, 33, 3, 4, True)):
+    for shape in ((2, 72, 19, 5, 7, True), (1, 64, 48, 6, 3, False), (2, 63, 33, 3, 4, True),
+                  (2, 8, 21, 5, 7, True)):
         check_op("pwconv_bn_act", *pw_case(shape, dtype, layout, "hswish", training=True),
                  backend, dtype)
 

@@ -603,15 +603,19 @@ void eval_pass(const Problem& pb, const Rows<const T>& xr, const at::Tensor& out
 // rather than running the GEMM again, where the GEMM costs more than writing and reading y:
 // with at least kKeepConvMinCin input channels, or y within kKeepConvMaxBytes (in-process A/B
 // on an AMD EPYC, N=8: 576->96 14x14 0.53x the time, 24->144 56x56 (14 MB) 0.86x, but 16->96
-// 112x112 (38 MB) 1.12x).
+// 112x112 (38 MB) 1.12x). bf16/fp16 keep y in a fp32 temporary of twice the output's bytes
+// and their GEMM may be the 2x-rate bf16 one: from kKeepConvMinCinLowp input channels only
+// (bf16 A/B: 576->96 0.60x, 32->192 28x28 0.93x; 24->144 56x56 1.13x, 16->96 112x112 N=1 1.06x).
 constexpr int64_t kKeepConvMinCin = 64;
+constexpr int64_t kKeepConvMinCinLowp = 32;
 constexpr int64_t kKeepConvMaxBytes = int64_t(16) << 20;
 
-template <class A>
+template <class T, class A>
 bool keep_conv_output(const Problem& pb) {
-  return pb.training && pb.M > 0 && pb.Cout > 0 &&
-         (pb.Cin >= kKeepConvMinCin ||
-          pb.M * pb.Cout * static_cast<int64_t>(sizeof(A)) <= kKeepConvMaxBytes);
+  if (!pb.training || pb.M == 0 || pb.Cout == 0) return false;
+  if constexpr (!std::is_same_v<T, A>) return pb.Cin >= kKeepConvMinCinLowp;
+  return pb.Cin >= kKeepConvMinCin ||
+         pb.M * pb.Cout * static_cast<int64_t>(sizeof(A)) <= kKeepConvMaxBytes;
 }
 
 // out = act(y * scale + shift (+ residual)) from the kept y (M x Cout, dense; may be `out`'s
@@ -658,7 +662,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   std::vector<A> mean(static_cast<size_t>(pb.Cout), A(0)), var(mean);
   at::Tensor mean_t, var_t, y_keep;
   A* y = nullptr;  // y = x @ W kept by the statistics' pass (keep_conv_output)
-  if (keep_conv_output<A>(pb)) {
+  if (keep_conv_output<T, A>(pb)) {
     if constexpr (std::is_same_v<T, A>) {
       y = out.data_ptr<A>();  // dense NHWC: M x Cout
     } else {
