@@ -367,7 +367,8 @@ def _se_gate(pooled, se, se_act, se_gate, keep=False):
 
 
 def _act_backward(name: str, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """g * d act(z) / dz by PyTorch's own backward ops (activation.py follows their semantics)."""
+    """g * d act(z) / dz by PyTorch's own backward ops. activation.py follows them, except at a
+    NaN pre-activation of relu6 / hswish, where PyTorch's answer depends on the layout."""
     aten = torch.ops.aten
     if name == "relu":
         return aten.threshold_backward(g, z, 0)
