@@ -1,9 +1,22 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (run it on the lent GPU machine, from the repository root):
 #   bench/gpu_check.sh OUTDIR
-# builds the extension there (its own torch/nvcc), runs the cuda-marked tests, the Triton tests
-# compiled for the GPU, the CPU suite against that torch, then the GPU benchmarks. Logs and
-# the CSV land in OUTDIR. Exit status: non-zero if the build or any test failed.
+# 1. the extension: a prebuilt one when it matches the sources (see below), else built there
+#    (its own torch/nvcc, sm_90);
+# 2. the cuda-marked tests (every op of the CUDA backend, forward and backward, every dtype,
+#    against the float64 reference; gradcheck; opcheck);
+# 3. bench.gpu_targets (issue 4's targets: copy bandwidth, dweight vs native/cuDNN, pointwise
+#    vs cuBLAS, the CUDA kernels vs the Triton kernels) and bench.run --targets (ours vs
+#    eager and torch.compile);
+# 4. the Triton tests, compiled for the GPU;
+# 5. (when GPU_CHECK_CPU=1) the CPU suite against that machine's torch.
+# Every step has its own time limit, so that the whole stays inside a device lease (about 8
+# minutes with the prebuilt extension). Logs and CSVs land in OUTDIR (8 files at most come back
+# from the device tool). Exit status: non-zero if the build or any test failed.
+#
+# Prebuilt extension: building there takes minutes of the lease. `bench/gpu_prebuild.sh`
+# builds the extension here against the GPU machine's torch and Python (2.11 / 3.12) into
+# .prebuilt/ with the sha256 of the sources; name .prebuilt in the device tool's `carry`.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -13,47 +26,102 @@ export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} EFFK_BUILD_CUD
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 status=0
 step() { echo "== $1 ($(date +%T))"; }
+# pytest-xdist and pytest-timeout are in the GPU machine's image; run without them elsewhere.
+xdist=""; "$PY" -c "import xdist" 2>/dev/null && xdist="-n ${GPU_CHECK_WORKERS:-14}"
+tmo=""; "$PY" -c "import pytest_timeout" 2>/dev/null && tmo="--timeout=120 --timeout-method=thread"
 
 step env
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   "$PY" -c "import triton; print('triton', triton.__version__)"
-  "$PY" -m pip list 2>/dev/null | grep -iE "pytest|xdist|timm|hypothesis|numpy"; } 2>&1 | tee "$OUT/env.log"
+  nproc; } 2>&1 | tee "$OUT/setup.log"
 
-step build
+step extension
 t0=$(date +%s)
-{ EFFK_NO_EXTENSION=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . &&
-  "$PY" setup.py build_ext --inplace; } > "$OUT/build.log" 2>&1
-rc=$?
-echo "build rc=$rc in $(( $(date +%s) - t0 )) s"; grep -E "effkernels build settings" -A7 "$OUT/build.log"
-if [ $rc -ne 0 ]; then tail -n 60 "$OUT/build.log"; exit 1; fi
-"$PY" -c "import effkernels; print(effkernels.available_backends('cuda'))"
+sources_sha() { find csrc -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1; }
+# No install: the GPU machine has no network, and its pip turns `pip install -e .` into
+# `setup.py develop`, which asks the network for build dependencies. The tests import the
+# package from the source tree; effkernels.triton_kernels (installed from triton_kernels/)
+# is linked in place.
+[ -e effkernels/triton_kernels ] || ln -s ../triton_kernels effkernels/triton_kernels
+loaded() { "$PY" -c "
+import effkernels
+from effkernels import _backend, _extension
+assert _extension.loaded(), _extension.load_error
+print('CUDA kernels for', _backend.cuda_ops())
+assert _backend.cuda_ops(), 'no CUDA kernels registered'" >> "$OUT/setup.log" 2>&1; }
+prebuilt=$(ls .prebuilt/_C.*.so 2>/dev/null | head -n 1)
+if [ -n "$prebuilt" ] && [ "$(cat .prebuilt/SOURCES.sha256 2>/dev/null)" = "$(sources_sha)" ]; then
+  cp "$prebuilt" effkernels/ && loaded && echo "prebuilt extension $(basename "$prebuilt") loads" \
+    || { echo "prebuilt extension does not load here: building"; rm -f effkernels/_C.*.so; }
+else
+  echo "no prebuilt extension for these sources: building"
+fi
+if ! loaded; then
+  "$PY" setup.py build_ext --inplace >> "$OUT/setup.log" 2>&1
+  rc=$?
+  grep -E "effkernels build settings" -A7 "$OUT/setup.log"
+  if [ $rc -ne 0 ] || ! loaded; then tail -n 60 "$OUT/setup.log"; exit 1; fi
+fi
+echo "extension ready in $(( $(date +%s) - t0 )) s"
+"$PY" -c "import effkernels; print(effkernels.available_backends('cuda'))" | tee -a "$OUT/setup.log"
 
-xdist=""; "$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
+summary() { grep -E "^(FAILED|ERROR)|crashed|passed|failed|skipped in|Timeout" "$1" | tail -n "$2"; }
 
-step "GPU tests (cuda marker)"
-"$PY" -m pytest tests -m cuda -q -rs --ignore=tests/triton -p no:cacheprovider 2>&1 \
-  | tee "$OUT/tests_cuda.log" | tail -n 15
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step "GPU tests of the CUDA kernels and the reference (cuda marker, not triton)"
+timeout 150 "$PY" -m pytest tests -m cuda -k "not triton" -q -rfEs --tb=short $xdist $tmo \
+  --ignore=tests/triton -p no:cacheprovider > "$OUT/tests_cuda.log" 2>&1
+[ $? -eq 0 ] || status=1
+summary "$OUT/tests_cuda.log" 40
 
-step "Triton tests, compiled for the GPU"
-"$PY" -m pytest tests/triton -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests_triton.log" \
-  | tail -n 8
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step "GPU targets (bench.gpu_targets)"
+timeout 80 "$PY" -m bench.gpu_targets --dtype float16 --csv "$OUT/gpu_targets.csv" \
+  > "$OUT/gpu_targets.log" 2>&1
+tail -n 45 "$OUT/gpu_targets.log"
 
-step "CPU suite against this machine's torch"
-timeout 240 "$PY" -m pytest tests -m "not cuda" -q -x $xdist --ignore=tests/triton \
-  -p no:cacheprovider 2>&1 | tee "$OUT/tests_cpu.log" | tail -n 8
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+quick=${GPU_CHECK_QUICK:-0}  # 1: no Nsight Compute, no bench.run, a shorter Triton step
+step "Nsight Compute: the target cases' kernels (bench.gpu_profile)"
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+if [ "$quick" = 1 ]; then
+  echo "skipped (GPU_CHECK_QUICK=1)"
+elif [ -n "$NCU" ]; then
+  timeout 100 "$NCU" --clock-control none --profile-from-start off --nvtx \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+    "$PY" -m bench.gpu_profile > "$OUT/ncu.txt" 2>&1
+  echo "ncu rc=$? ($(grep -c 'Section: GPU Speed Of Light' "$OUT/ncu.txt") kernels profiled)"
+else
+  echo "ncu not found"
+fi
 
-step "GPU benchmarks"
-# --quick: the full run (every layer shape, four models, torch.compile baselines) takes far
-# longer than this step's share of the device time.
-timeout 150 "$PY" -m bench.run --device cuda --targets --dtype float16 2>&1 \
-  | tee "$OUT/bench.log" | tail -n 30
-timeout 90 "$PY" -m bench.run --device cuda --quick --suite ops 2>&1 \
-  | tee "$OUT/bench_quick.log" | tail -n 20
-cp bench/results/cuda-*.csv "$OUT/" 2>/dev/null || true
+step "GPU benchmarks (bench.run --targets)"
+if [ "$quick" = 1 ]; then
+  echo "skipped (GPU_CHECK_QUICK=1)"
+else
+  timeout 90 "$PY" -m bench.run --device cuda --targets --dtype float16 > "$OUT/bench.log" 2>&1
+  tail -n 16 "$OUT/bench.log"
+  cp bench/results/cuda-2*.csv "$OUT/" 2>/dev/null || true
+fi
+
+# The Triton backend last: each test compiles its kernels' specialisations on a fresh machine
+# (seconds each; more for the block's), so the step is long. -v names every result as it comes,
+# so that a step cut by its time limit still says what passed and what was still running.
+step "Triton backend on the GPU (tests -m cuda -k triton, then tests/triton)"
+limit=$([ "$quick" = 1 ] && echo 40 || echo 100)
+{ timeout $limit "$PY" -m pytest tests -m cuda -k triton --ignore=tests/triton -v -rfE \
+    --tb=short --durations=25 $xdist $tmo -p no:cacheprovider || echo "rc=$?"
+  timeout $limit "$PY" -m pytest tests/triton -v -rfE --tb=short --durations=25 $xdist $tmo \
+    -p no:cacheprovider || echo "rc=$?"; } > "$OUT/tests_triton.log" 2>&1
+grep -q "^rc=" "$OUT/tests_triton.log" && status=1
+summary "$OUT/tests_triton.log" 20
+
+if [ "${GPU_CHECK_CPU:-0}" = 1 ]; then
+  step "CPU suite against this machine's torch"
+  timeout 150 "$PY" -m pytest tests -m "not cuda and not slow" -q -x -n 16 --ignore=tests/triton \
+    -p no:cacheprovider > "$OUT/tests_cpu.log" 2>&1
+  [ $? -eq 0 ] || status=1
+  tail -n 5 "$OUT/tests_cpu.log"
+fi
 
 step "done: status $status"
 exit $status

@@ -110,7 +110,8 @@ def newest_csvs() -> List[Path]:
     by_device: Dict[str, Path] = {}
     for p in sorted(common.RESULTS.glob("*-*.csv"), key=lambda p: p.stat().st_mtime):
         by_device[p.name.split("-", 1)[0]] = p
-    return list(by_device.values())
+    # Oldest first: the last is the newest run of any device (bench.report's default).
+    return sorted(by_device.values(), key=lambda p: p.stat().st_mtime)
 
 
 def main(argv=None) -> int:

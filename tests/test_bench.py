@@ -183,6 +183,35 @@ def test_block_cpu_script_smoke():
     assert "x" in line.split("   ")[-1]  # the ratios were computed
 
 
+def test_gpu_targets_script_dry_run(tmp_path):
+    """bench.gpu_targets (issue 4's GPU targets; bench/gpu_check.sh runs it on a GPU) on tiny
+    CPU shapes: every measurement is built, checked against PyTorch and timed, the CSV is
+    written, and the summary computes the ratios it can from the rows."""
+    from bench import gpu_targets
+
+    path = tmp_path / "t.csv"
+    assert gpu_targets.main(["--device", "cpu", "--small", "--dtype", "float32",
+                             "--csv", str(path)]) == 0
+    rows = list(csv.DictReader(path.open()))
+    targets = {r["target"].split(" C")[0].split(" 8->")[0] for r in rows}
+    assert {"copy 1 GiB", "dw fwd eval", "dw fwd train", "dw bwd (dx, dw, dBN)",
+            "dweight alone", "pw fwd eval", "pw fwd train", "pw bwd", "mixconv fwd eval",
+            "mixconv bwd", "block fwd eval"} <= targets
+    assert all(float(r["median_ms"]) > 0 and not r["verified"] for r in rows)
+    checked = [r for r in rows if r["max_abs_err"]]
+    assert len(checked) == 4 and all(float(r["max_abs_err"]) < 1e-3 for r in checked)
+    # The summary's ratios of rows that exist on a GPU, from made-up times.
+    fake = [{"target": "copy 1 GiB", "impl": "torch copy_", "median_ms": 1.0, "GB_per_s": 2000},
+            {"target": "dw fwd eval X", "impl": "cuda", "median_ms": 1.0, "GB_per_s": 1700},
+            {"target": "dw fwd eval X", "impl": "triton", "median_ms": 1.5},
+            {"target": "dw fwd eval X", "impl": "eager_cl (cuDNN)", "median_ms": 2.5},
+            {"target": "pw fwd eval Y", "impl": "cuda", "median_ms": 1.1},
+            {"target": "pw fwd eval Y", "impl": "cuBLAS GEMM alone", "median_ms": 1.0}]
+    text = gpu_targets.summary(fake)
+    assert "cuda at 85% of the copy bandwidth" in text and "2.50x eager cuDNN" in text
+    assert "cuda vs triton 1.50x" in text and "cuda takes 1.10x cuBLAS's GEMM time" in text
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_steady_malloc_in_a_process_of_its_own():
     """The benchmark keeps freed memory in glibc's heap (no mmap, no trim), so an eager
