@@ -7,16 +7,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/conv2d.h>
-#include <ATen/ops/hardsigmoid.h>
-#include <ATen/ops/hardswish.h>
-#include <ATen/ops/hardtanh.h>
 #include <ATen/ops/mean.h>
 #include <ATen/ops/mul.h>
-#include <ATen/ops/relu.h>
-#include <ATen/ops/sigmoid.h>
-#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
+#include "effkernels/aten_activation.h"
 #include "effkernels/checks.h"
 
 namespace effkernels {
@@ -47,18 +42,6 @@ Stats call_dw(const at::Tensor& x, at::TensorList p, int64_t stride, int64_t dil
   const int64_t k = p[0].size(-1);
   return op.call(x, p[0], p[1], p[2], p[3], p[4], stride, dilation * (k - 1) / 2, dilation, act,
                  training, eps);
-}
-
-at::Tensor apply_act(const at::Tensor& z, Act a) {
-  switch (a) {
-    case Act::ReLU: return at::relu(z);
-    case Act::ReLU6: return at::hardtanh(z, 0, 6);
-    case Act::HSwish: return at::hardswish(z);
-    case Act::SiLU: return at::silu(z);
-    case Act::HSigmoid: return at::hardsigmoid(z);
-    case Act::Sigmoid: return at::sigmoid(z);
-    default: return z;
-  }
 }
 
 void check_stage(const char* name, at::TensorList stage, bool may_be_empty) {
@@ -97,8 +80,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> inverted_residual(
   h = keep(call_dw(h, depthwise, stride, dilation, act, training, eps));
   if (!se.empty()) {
     at::Tensor s = at::mean(h, {2, 3}, /*keepdim=*/true);
-    s = apply_act(at::conv2d(s, se[0], se[1]), se_act_v);
-    s = apply_act(at::conv2d(s, se[2], se[3]), se_gate_v);
+    s = aten_activation(at::conv2d(s, se[0], se[1]), se_act_v);
+    s = aten_activation(at::conv2d(s, se[2], se[3]), se_gate_v);
     h = at::mul(h, s);
   }
   const OptTensor residual = skip ? OptTensor(x) : std::nullopt;

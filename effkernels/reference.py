@@ -28,14 +28,38 @@ def activation(name: str, z: torch.Tensor) -> torch.Tensor:
             return torch.where(z >= 6, 6.0, F.relu(z))
         return F.relu6(z)
     if name == "hswish":
-        return F.hardswish(z)
+        return _divided_by_six_exactly(z, F.hardswish(z), times_z=True)
     if name == "silu":
         return F.silu(z)
     if name == "hsigmoid":
-        return F.hardsigmoid(z)
+        return _divided_by_six_exactly(z, F.hardsigmoid(z), times_z=False)
     if name == "sigmoid":
         return torch.sigmoid(z)
     raise ValueError(f"act must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+
+
+def _divided_by_six_exactly(z, pytorchs, times_z):
+    """hardswish / hardsigmoid with an exact division by 6 in float64, as PyTorch's CPU
+    kernels and activation.h compute them: PyTorch's CUDA kernels multiply by float's 1/6, a
+    3e-8 relative error that float64 sees. The correction is a constant to autograd (the
+    gradient stays PyTorch's backward); a non-finite one (inf - inf) is dropped. The C++ twin:
+    csrc/include/effkernels/aten_activation.h."""
+    if z.dtype != torch.float64 or z.device.type == "cpu":
+        return pytorchs
+    with torch.no_grad():
+        r = (z + 3).clamp(0, 6)
+        correction = (z * r if times_z else r) / 6 - pytorchs
+        correction = torch.where(correction.isfinite(), correction, 0.0)
+    return pytorchs + correction
+
+
+def _in_format_of(x, out):
+    """`out` in x's memory format, as every op returns it. PyTorch's convolutions mostly keep
+    channels_last, but not all of them (float64 on CUDA, which cuDNN does not run)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def _bn(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps):
@@ -49,8 +73,8 @@ def dwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, s
     if padding is None:
         padding = dilation * (k - 1) // 2
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups=x.shape[1])
-    return activation(act, _bn(y, bn_weight, bn_bias, running_mean, running_var, training,
-                               momentum, eps))
+    return _in_format_of(x, activation(act, _bn(y, bn_weight, bn_bias, running_mean,
+                                                running_var, training, momentum, eps)))
 
 
 def pwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, act="relu6",
@@ -61,7 +85,7 @@ def pwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, a
             momentum, eps)
     if residual is not None:
         z = z + residual
-    return activation(act, z)
+    return _in_format_of(x, activation(act, z))
 
 
 def mixconv_bn_act(x, weights: Sequence[torch.Tensor], bn_weight, bn_bias, running_mean,
@@ -76,8 +100,8 @@ def mixconv_bn_act(x, weights: Sequence[torch.Tensor], bn_weight, bn_bias, runni
         for xi, w in zip(torch.split(x, splits, dim=1), weights)
     ]
     y = torch.cat(parts, dim=1)
-    return activation(act, _bn(y, bn_weight, bn_bias, running_mean, running_var, training,
-                               momentum, eps))
+    return _in_format_of(x, activation(act, _bn(y, bn_weight, bn_bias, running_mean,
+                                                running_var, training, momentum, eps)))
 
 
 def squeeze_excite(x, reduce_weight, reduce_bias, expand_weight, expand_bias, *, act="relu",

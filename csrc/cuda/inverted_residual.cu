@@ -27,12 +27,6 @@
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/hardsigmoid.h>
-#include <ATen/ops/hardswish.h>
-#include <ATen/ops/hardtanh.h>
-#include <ATen/ops/relu.h>
-#include <ATen/ops/sigmoid.h>
-#include <ATen/ops/silu.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -41,6 +35,7 @@
 
 #include "../cpu/cpu_common.h"
 #include "cuda_dispatch.h"
+#include "effkernels/aten_activation.h"
 #include "effkernels/checks.h"
 #include "effkernels/conv_geometry.h"
 #include "effkernels/op_checks.h"
@@ -65,19 +60,6 @@ void dispatch_nt(int nt, F&& f) {
     case 64: f(std::integral_constant<int, 64>{}); break;
     case 32: f(std::integral_constant<int, 32>{}); break;
     default: f(std::integral_constant<int, 16>{}); break;
-  }
-}
-
-// The SE MLP's activations on a small float64 tensor (the same functions as the reference).
-at::Tensor apply_act(Act a, const at::Tensor& t) {
-  switch (a) {
-    case Act::ReLU: return at::relu(t);
-    case Act::ReLU6: return at::hardtanh(t, 0.0, 6.0);
-    case Act::HSwish: return at::hardswish(t);
-    case Act::SiLU: return at::silu(t);
-    case Act::HSigmoid: return at::hardsigmoid(t);
-    case Act::Sigmoid: return at::sigmoid(t);
-    default: return t;
   }
 }
 
@@ -177,9 +159,10 @@ void forward_impl(const IrProblem& g, const at::Tensor& x, at::TensorList expand
       const int64_t cr = se[0].size(0);
       const at::Tensor rw = se[0].reshape({cr, g.C}).to(at::kDouble);
       const at::Tensor ew = se[2].reshape({g.C, cr}).to(at::kDouble);
+      // The SE MLP in float64 (its activations as the reference computes them).
       const at::Tensor s =
-          apply_act(g.se_act, at::addmm(se[1].to(at::kDouble), pooled, rw.t()));  // [N][Cr]
-      gate = apply_act(g.se_gate, at::addmm(se[3].to(at::kDouble), s, ew.t()))
+          aten_activation(at::addmm(se[1].to(at::kDouble), pooled, rw.t()), g.se_act);  // [N][Cr]
+      gate = aten_activation(at::addmm(se[3].to(at::kDouble), s, ew.t()), g.se_gate)
                  .to(acc)
                  .contiguous();  // [N][C]
       p.gate = gate.const_data_ptr<A>();
