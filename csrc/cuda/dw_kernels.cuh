@@ -32,9 +32,8 @@ namespace effkernels::cuda {
 
 // Resident blocks per SM that the register allocation of the mixed kernels (several unrolled
 // bodies in one function) must allow: 4 (<= 128 registers per thread). Without the bound, ptxas
-// (sm_90) squeezed the mixed forward kernel into 56 registers and spilled. The single-k kernels
-// keep ptxas' own choice (56-88 registers, no spills): with an explicit bound, even of 1 block,
-// it took 95-158 registers, i.e. fewer resident blocks, for the same instructions.
+// (sm_90) squeezed the mixed forward kernel into 56 registers and spilled. The single-k
+// forward kernels: dw_fwd_min_blocks below; the grad-input kernels keep ptxas' own choice.
 constexpr int kMixedMinBlocks = 4;
 
 // ---- small vectors, conversions, dtype switch --------------------------------------------------
@@ -396,7 +395,7 @@ __device__ __forceinline__ void write_pair(A* part, int64_t C, int64_t cl, int c
   }
 }
 
-template <typename A, int S>
+template <typename A, int S, bool EVAL>
 __device__ __forceinline__ void fwd_epilogue(const DwFwdParams<A>& p, const Ctx& t,
                                              A (&acc)[FwdShape<S>::kPX][Tiling<A>::kVec],
                                              A* red, A* bmean) {
@@ -410,7 +409,7 @@ __device__ __forceinline__ void fwd_epilogue(const DwFwdParams<A>& p, const Ctx&
   for (int q = 0; q < PX; ++q) ok[q] = oh < p.Ho && t.c0w + t.ct * PX + q < p.Wo;
   // Pixel q of this thread lives at pix + q * C (NHWC contiguous output / y).
   const int64_t pix = ((t.n * p.Ho + oh) * p.Wo + t.c0w + t.ct * PX) * p.C + cl;
-  if (p.mode == kOut) {
+  if constexpr (EVAL) {  // p.mode == kOut
     A sc[V], sh[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
@@ -505,7 +504,7 @@ __device__ __forceinline__ void fwd_epilogue(const DwFwdParams<A>& p, const Ctx&
   if (t.tid < Tl::kLanes) write_pair(part, p.C, cl, cvalid, sg, sgx);
 }
 
-template <typename A, int K, int S>
+template <typename A, int K, int S, bool EVAL>
 __device__ __forceinline__ void dw_fwd_block(const DwFwdParams<A>& p) {
   using Tl = Tiling<A>;
   constexpr int V = Tl::kVec, CB = Tl::kCB, PX = FwdShape<S>::kPX;
@@ -533,18 +532,29 @@ __device__ __forceinline__ void dw_fwd_block(const DwFwdParams<A>& p) {
   } else {
     fwd_conv_halo<A, K, S>(p, t, smem, acc);
   }
-  fwd_epilogue<A, S>(p, t, acc, red, bmean);
+  fwd_epilogue<A, S, EVAL>(p, t, acc, red, bmean);
 }
 
-template <typename A, int K, int S>
-__global__ void __launch_bounds__(Tiling<A>::kThreads) dw_fwd_kernel(const DwFwdParams<A> p) {
-  dw_fwd_block<A, K, S>(p);
+// Resident blocks per SM that the single-k forward kernels' register allocation must allow:
+// the most that ptxas fits without spilling (sm_80, sm_90). Unbounded, the k=3 kernel took 88
+// registers (5 blocks per SM) and ran latency-bound on an H200 (Nsight Compute: 30% occupancy,
+// 23% of DRAM bandwidth); its eval instance fits 64 (8 blocks).
+template <int K, bool EVAL>
+constexpr int dw_fwd_min_blocks() {
+  if constexpr (!EVAL) return 5;
+  return K == 3 ? 8 : (K == 5 || K == kStaged) ? 6 : 5;
 }
 
-template <typename A, int S>
+template <typename A, int K, int S, bool EVAL>
+__global__ void __launch_bounds__(Tiling<A>::kThreads, dw_fwd_min_blocks<K, EVAL>())
+    dw_fwd_kernel(const DwFwdParams<A> p) {
+  dw_fwd_block<A, K, S, EVAL>(p);
+}
+
+template <typename A, int S, bool EVAL>
 __global__ void __launch_bounds__(Tiling<A>::kThreads, kMixedMinBlocks)
     dw_fwd_mixed_kernel(const DwFwdParams<A> p) {
-  dw_fwd_block<A, kMixed, S>(p);
+  dw_fwd_block<A, kMixed, S, EVAL>(p);
 }
 
 // ---- backward: grad_input (transposed depthwise conv of dy) and dweight partials -------------
@@ -795,11 +805,15 @@ void prepare_launch(Kernel kernel, int64_t tiles, int64_t cblocks, size_t smem) 
 template <typename A, int K, int S>
 void launch_dw_fwd(const DwFwdParams<A>& p, int64_t tiles, int64_t cblocks, size_t smem,
                    cudaStream_t stream) {
+  // The eval forward (kOut) has a kernel of its own: the training modes' epilogue (statistics,
+  // the backward's first pass) holds ~40 more registers per thread, which capped a shared kernel
+  // at 5 resident blocks per SM (88 registers; H200, Nsight Compute) and left it latency-bound.
   void (*kernel)(const DwFwdParams<A>);
+  const bool eval = p.mode == kOut;
   if constexpr (K == kMixed) {
-    kernel = dw_fwd_mixed_kernel<A, S>;
+    kernel = eval ? dw_fwd_mixed_kernel<A, S, true> : dw_fwd_mixed_kernel<A, S, false>;
   } else {
-    kernel = dw_fwd_kernel<A, K, S>;
+    kernel = eval ? dw_fwd_kernel<A, K, S, true> : dw_fwd_kernel<A, K, S, false>;
   }
   prepare_launch(kernel, tiles, cblocks, smem);
   kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(cblocks)),
