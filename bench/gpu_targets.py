@@ -9,7 +9,8 @@
   the whole backward op: dx, dweight and the BN gradients; theirs the weight gradient alone);
 - the pointwise forward against cuBLAS's GEMM alone (ours also applies BN and the activation);
 - the C++ CUDA kernels against the Triton kernels, op by op (eval forward, training forward,
-  backward) at the same shapes, and the fused eval-mode block.
+  backward) at the same shapes, and the eval-mode block: each backend's fused kernel and its
+  three ops composed, against PyTorch eager.
 Shapes: issue 4's (N=64, channels_last). Times are medians of triton.testing's
 do_bench_cudagraph (CUDA-graph replay: GPU time without Python's launch overhead), or of
 do_bench where a graph cannot be captured (the `timer` column says which). Each op's output is
@@ -222,23 +223,39 @@ def measure(run: Run, small: bool) -> None:
             gom, xm, wm, gm, bm, torch.zeros(cm, device=dev), torch.ones(cm, device=dev), 1, 1,
             ACT, True, eps))
 
-    # --- the fused eval-mode block (C24 t6 k3 56x56) through effkernels.nn ---------------
+    # --- the eval-mode block (C24 t6 k3 56x56, skip): each backend's fused kernel, and its
+    # three ops composed (the fused kernels were the slower on the first GPU run) ---------
     import effkernels
-    import effkernels.nn
 
-    cb = 8 if small else 24
-    block = effkernels.nn.InvertedResidual(cb, cb, 1, 6, act=ACT).to(dev, dt).eval()
-    block = block.to(memory_format=CL)
+    cb, hid = (8, 48) if small else (24, 144)
     xb = torch.randn(n, cb, h, h, device=dev, dtype=dt).contiguous(memory_format=CL)
+
+    def stage(cout, cin, k):
+        return [(torch.randn(cout, cin, k, k, device=dev) / (cin * k * k) ** 0.5).to(dt)] \
+            + _bn(cout, dev)
+    e, d, pj = stage(hid, cb, 1), stage(hid, 1, 3), stage(cb, hid, 1)
+
+    def eager_block():
+        def bn(y, s):
+            return F.batch_norm(y, s[3], s[4], s[1].to(dt), s[2].to(dt), False, 0.0, eps)
+        y = _eager_act(bn(F.conv2d(xb, e[0]), e))
+        y = _eager_act(bn(F.conv2d(y, d[0], None, 1, 1, 1, hid), d))
+        return bn(F.conv2d(y, pj[0]), pj) + xb
+    ref = eager_block().float()
     target = f"block fwd eval C{cb} t6 k3 {h}x{h} N{n}"
+    run.time(target, "eager_cl (cuDNN)", eager_block)
     with torch.no_grad():
-        with effkernels.backend("reference"):
-            ref = block(xb).float()
-        for name in backends:
-            def fn(name=name):
+        for name, ns in backends.items():
+            def composed(ns=ns):
+                y = ns.pwconv_bn_act(xb, *e, None, ACT, False, eps)[0]
+                y = ns.dwconv_bn_act(y, *d, 1, 1, 1, ACT, False, eps)[0]
+                return ns.pwconv_bn_act(y, *pj, xb, "identity", False, eps)[0]
+            run.time(target, f"{name} composed", composed, check=(composed, ref, tol))
+
+            def fused(name=name):
                 with effkernels.backend(name):
-                    return block(xb)
-            run.time(target, name, fn, check=(fn, ref, tol))
+                    return effkernels.ops.inverted_residual(xb, e, d, [], pj, act=ACT)
+            run.time(target, f"{name} fused", fused, check=(fused, ref, tol))
 
 
 def table(rows: List[dict]) -> str:
@@ -281,6 +298,11 @@ def summary(rows: List[dict]) -> str:
             a, b = by.get((t, "cuda")), by.get((t, "cuBLAS GEMM alone"))
             r = f"{a / b:.2f}x" if a and b else "n/a"
             out.append(f"{t}: cuda takes {r} cuBLAS's GEMM time (target <= 1.2x)")
+        if t.startswith("block"):
+            for b in ("cuda", "triton"):
+                for how in ("fused", "composed"):
+                    out.append(f"{t}: {b} {how} {ratio(t, 'eager_cl (cuDNN)', f'{b} {how}')} "
+                               f"eager channels_last (target >= 4x)")
         if (t, "triton") in by or (t, "cuda") in by:
             out.append(f"{t}: cuda vs triton {ratio(t, 'triton', 'cuda')} (>1: cuda faster)")
     return "\n".join(out)
