@@ -94,7 +94,7 @@ def _next_pow2(n):
 def _prune(configs, named_args, **kwargs):
     """Keep BLOCK_M == STAT_ROWS for the modes that write per-tile partials; drop configs whose
     BLOCK_N / BLOCK_K far exceed the problem (pure masking waste). fp64 (a correctness path,
-    for gradcheck) and the interpreter get one config, unbenchmarked."""
+    for gradcheck), the interpreter and EFFK_TRITON_AUTOTUNE=0 get one config, unbenchmarked."""
     args = {**named_args, **kwargs}
     if args["MODE"] in (STATS, BWD_A):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] == STAT_ROWS]
@@ -111,7 +111,15 @@ def _prune(configs, named_args, **kwargs):
         k_cap = 32  # fp32 "ieee" dots run on FMA units from registers: BLOCK_K=64 spills
     keep = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
     keep = keep or configs[:1]
-    return keep[-1:] if _INTERPRET else keep
+    return keep[-1:] if _INTERPRET or not _autotune() else keep
+
+
+def _autotune() -> bool:
+    """EFFK_TRITON_AUTOTUNE=0: one config per problem, unbenchmarked (as in the interpreter).
+    The autotuner times every kept config for each new (M, N, K, mode), ~1 s per key on a GPU,
+    and every test shape is a new key: the GPU test runs set it (bench/gpu_check.sh), while
+    test_every_config still compiles and checks each config. Read per key, not at import."""
+    return os.environ.get("EFFK_TRITON_AUTOTUNE", "1") != "0"
 
 
 @triton.jit

@@ -181,3 +181,23 @@ def test_argument_errors(device):
     with pytest.raises(ValueError, match="pwconv_bn_act_backward: grad_out must have shape"):
         torch.ops.effkernels_triton.pwconv_bn_act_backward(
             out[:, :2], *args[:4], mean, var, args[6], *args[7:])
+
+
+def test_autotune_off_keeps_one_config(monkeypatch):
+    """EFFK_TRITON_AUTOTUNE=0 (the GPU test runs): one config per problem, so the autotuner
+    benchmarks nothing; otherwise every fitting config is kept for it to time. Checked on the
+    pruning itself, outside the interpreter's own one-config rule."""
+    import triton
+    import triton.language as tl
+
+    monkeypatch.setattr(pw, "_INTERPRET", False)
+    monkeypatch.setattr(pw, "_FORCED_CONFIG", None)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
+                             num_stages=s) for bm, bn, bk, w, s in pw.CONFIGS]
+    args = dict(a_ptr=torch.empty(1, dtype=torch.float16), N=144, K_CHUNK=96, MODE=pw.FWD,
+                ACC=tl.float32)
+    monkeypatch.delenv("EFFK_TRITON_AUTOTUNE", raising=False)
+    assert len(pw._prune(configs, args)) > 1
+    monkeypatch.setenv("EFFK_TRITON_AUTOTUNE", "0")
+    kept = pw._prune(configs, args)
+    assert len(kept) == 1 and kept[0] in configs
