@@ -149,9 +149,7 @@ def measure(run: Run, small: bool) -> None:
         run.time(target, name, lambda ns=ns: ns.dwconv_bn_act_backward(
             go, x, w, g, b, mean, var, 1, 1, 1, ACT, True, eps))
 
-    def dweight():
-        return torch.ops.aten.convolution_backward(go, xi, w, None, [1, 1], [1, 1], [1, 1],
-                                                   False, [0, 0], c, [False, True, False])[1]
+    # PyTorch's weight gradient alone (output_mask), with cuDNN and with its native kernel.
     target = f"dweight alone C{c} {h}x{h} k3 N{n}"
     for label, xi, cudnn in (("cuDNN, channels_last", x, True),
                              ("native, NCHW (cuDNN off)", x.contiguous(), False)):
