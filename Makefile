@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test bench build deps test-python test-slow test-hardening test-triton ctest kernels-report clean
+.PHONY: test bench build deps test-python test-slow test-hardening test-triton ctest kernels-report gpu-prebuild clean
 
 deps: $(VENV)/.deps
 
@@ -54,6 +54,17 @@ ctest: deps
 kernels-report: build
 	$(PY) -m bench.kernels_report
 
+# Before a GPU session (bench/README.md): the extension built here for the GPU machine's Python
+# and torch (its image: Python 3.12, torch 2.11.0+cu130, sm_90) into .prebuilt/, which the
+# device tool carries; bench/gpu_check.sh uses it while csrc/ is unchanged.
+GPU_PYTHON_BASE ?= python3.12
+GPU_TORCH ?= torch==2.11.0
+GPU_VENV ?= .venv-gpu
+gpu-prebuild:
+	@test -x $(GPU_VENV)/bin/python || { $(GPU_PYTHON_BASE) -m venv $(GPU_VENV) && \
+	  $(GPU_VENV)/bin/python -m pip install -q $(GPU_TORCH) numpy ninja setuptools; }
+	bash bench/gpu_prebuild.sh $(GPU_VENV)/bin/python
+
 # Verify + time (bench/README.md), then the PNG plots and the Markdown report of the run from
 # its CSV (also after a WRONG result; the target still fails then).
 bench: build
@@ -61,4 +72,4 @@ bench: build
 	  $(PY) -m bench.report > /dev/null || rc=1; exit $$rc
 
 clean:
-	rm -rf build cmake-build effkernels/_C*.so
+	rm -rf build cmake-build effkernels/_C*.so .prebuilt
