@@ -3,20 +3,24 @@
 #   bench/gpu_check.sh OUTDIR
 # 1. the extension: a prebuilt one when it matches the sources (see below), else built there
 #    (its own torch/nvcc, sm_90);
-# 2. the cuda-marked tests (every op of the CUDA backend, forward and backward, every dtype,
-#    against the float64 reference; gradcheck; opcheck);
+# 2. the cuda-marked tests of the CUDA kernels and the reference (every op, forward and
+#    backward, every dtype, against the float64 reference; gradcheck; opcheck);
 # 3. bench.gpu_targets (issue 4's targets: copy bandwidth, dweight vs native/cuDNN, pointwise
-#    vs cuBLAS, the CUDA kernels vs the Triton kernels) and bench.run --targets (ours vs
-#    eager and torch.compile);
-# 4. the Triton tests, compiled for the GPU;
+#    vs cuBLAS, the CUDA kernels vs the Triton kernels, the block fused and composed), Nsight
+#    Compute over bench.gpu_profile, and bench.run --targets (ours vs eager and torch.compile);
+# 4. the Triton backend's tests, compiled for the GPU;
 # 5. (when GPU_CHECK_CPU=1) the CPU suite against that machine's torch.
 # Every step has its own time limit, so that the whole stays inside a device lease (about 8
-# minutes with the prebuilt extension). Logs and CSVs land in OUTDIR (8 files at most come back
-# from the device tool). Exit status: non-zero if the build or any test failed.
+# minutes with the prebuilt extension; GPU_CHECK_QUICK=1: about 3). The CSVs land in OUTDIR, the
+# logs packed into OUTDIR/logs.tgz at the end (the device tool returns 8 files at most; a run cut
+# short leaves them unpacked), with Triton's compile cache as OUTDIR/triton_cache.tgz: copied
+# into .prebuilt/, the next run starts from it. Exit status: non-zero if the build or any test
+# failed.
 #
-# Prebuilt extension: building there takes minutes of the lease. `bench/gpu_prebuild.sh`
-# builds the extension here against the GPU machine's torch and Python (2.11 / 3.12) into
-# .prebuilt/ with the sha256 of the sources; name .prebuilt in the device tool's `carry`.
+# Prebuilt extension: building there takes minutes of the lease. `make gpu-prebuild`
+# (bench/gpu_prebuild.sh) builds the extension here against the GPU machine's torch and Python
+# (2.11 / 3.12) into .prebuilt/ with the sha256 of the sources; name .prebuilt in the device
+# tool's `carry`.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -44,6 +48,13 @@ sources_sha() { find csrc -type f | LC_ALL=C sort | xargs sha256sum | sha256sum 
 # package from the source tree; effkernels.triton_kernels (installed from triton_kernels/)
 # is linked in place.
 [ -e effkernels/triton_kernels ] || ln -s ../triton_kernels effkernels/triton_kernels
+# Triton's compile cache from an earlier GPU run (its triton_cache.tgz, copied into .prebuilt/):
+# the kernels whose source and specialisation did not change are not compiled again.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+if [ -f .prebuilt/triton_cache.tgz ]; then
+  mkdir -p "$TRITON_CACHE_DIR" && tar xzf .prebuilt/triton_cache.tgz -C "$TRITON_CACHE_DIR" \
+    && echo "Triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) entries from .prebuilt/"
+fi
 loaded() { "$PY" -c "
 import effkernels
 from effkernels import _backend, _extension
@@ -125,6 +136,17 @@ if [ "${GPU_CHECK_CPU:-0}" = 1 ]; then
   [ $? -eq 0 ] || status=1
   tail -n 5 "$OUT/tests_cpu.log"
 fi
+
+step "pack: logs and Triton's cache (8 files at most come back from the device tool)"
+( cd "$OUT" && shopt -s nullglob && logs=(*.log *.txt) && [ ${#logs[@]} -gt 0 ] \
+    && tar czf logs.tgz "${logs[@]}" && rm -f "${logs[@]}" )
+if [ -d "$TRITON_CACHE_DIR" ]; then
+  tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" .
+  size=$(stat -c %s "$OUT/triton_cache.tgz")
+  # The device tool returns files up to 16 MiB.
+  [ "$size" -lt $((16 * 1024 * 1024)) ] || { echo "Triton cache too large ($size B)"; rm -f "$OUT/triton_cache.tgz"; }
+fi
+ls -la "$OUT"
 
 step "done: status $status"
 exit $status
