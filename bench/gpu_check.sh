@@ -42,7 +42,6 @@ step env
 
 step extension
 t0=$(date +%s)
-sources_sha() { find csrc -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1; }
 # No install: the GPU machine has no network, and its pip turns `pip install -e .` into
 # `setup.py develop`, which asks the network for build dependencies. The tests import the
 # package from the source tree; effkernels.triton_kernels (installed from triton_kernels/)
@@ -61,14 +60,18 @@ from effkernels import _backend, _extension
 assert _extension.loaded(), _extension.load_error
 print('CUDA kernels for', _backend.cuda_ops())
 assert _backend.cuda_ops(), 'no CUDA kernels registered'" >> "$OUT/setup.log" 2>&1; }
+ready=0
 prebuilt=$(ls .prebuilt/_C.*.so 2>/dev/null | head -n 1)
-if [ -n "$prebuilt" ] && [ "$(cat .prebuilt/SOURCES.sha256 2>/dev/null)" = "$(sources_sha)" ]; then
-  cp "$prebuilt" effkernels/ && loaded && echo "prebuilt extension $(basename "$prebuilt") loads" \
-    || { echo "prebuilt extension does not load here: building"; rm -f effkernels/_C.*.so; }
+if [ -n "$prebuilt" ] && [ "$(cat .prebuilt/SOURCES.sha256 2>/dev/null)" = "$(bash bench/gpu_sources_sha.sh)" ]; then
+  if cp "$prebuilt" effkernels/ && loaded; then
+    ready=1; echo "prebuilt extension $(basename "$prebuilt") loads"
+  else
+    echo "prebuilt extension does not load here: building"; rm -f effkernels/_C.*.so
+  fi
 else
   echo "no prebuilt extension for these sources: building"
 fi
-if ! loaded; then
+if [ $ready = 0 ]; then
   "$PY" setup.py build_ext --inplace >> "$OUT/setup.log" 2>&1
   rc=$?
   grep -E "effkernels build settings" -A7 "$OUT/setup.log"

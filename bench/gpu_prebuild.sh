@@ -9,8 +9,7 @@
 set -euo pipefail
 PY=${1:?usage: bench/gpu_prebuild.sh PYTHON}
 cd "$(dirname "$0")/.."
-sources_sha() { find csrc -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1; }
-sha=$(sources_sha)
+sha=$(bash bench/gpu_sources_sha.sh)
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} EFFK_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 \
   MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py build_ext --inplace
 suffix=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")

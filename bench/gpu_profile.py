@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from .gpu_targets import _bn
+
 CL = torch.channels_last
 
 
@@ -23,8 +25,7 @@ def cases(dev="cuda", dt=torch.float16):
     n, c, h = 64, 144, 56
     x = torch.randn(n, c, h, h, device=dev, dtype=dt).contiguous(memory_format=CL)
     w = (torch.randn(c, 1, 3, 3, device=dev) / 3).to(dt)
-    g, b = torch.rand(c, device=dev) + 0.5, torch.rand(c, device=dev) - 0.5
-    rm, rv = torch.rand(c, device=dev) - 0.5, torch.rand(c, device=dev) + 0.5
+    g, b, rm, rv = _bn(c, dev)
     go = torch.randn_like(x)
     xp = torch.randn(n, 24, h, h, device=dev, dtype=dt).contiguous(memory_format=CL)
     wp = (torch.randn(c, 24, 1, 1, device=dev) / 5).to(dt)

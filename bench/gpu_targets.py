@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import common
+from . import common, ops
 
 CL = torch.channels_last
 ACT = "relu6"
@@ -49,10 +49,8 @@ def _time(fn: Callable[[], object], device: str) -> tuple:
 
 
 def _bn(c, device):
-    g = torch.Generator().manual_seed(c)
-    t = [torch.rand(c, generator=g) * 0.4 + 0.2, torch.rand(c, generator=g) * 0.4 - 0.2,
-         torch.rand(c, generator=g) * 0.4 - 0.2, torch.rand(c, generator=g) + 0.5]
-    return [x.to(device) for x in t]
+    """(gamma, beta, running mean, running var) of c channels, as the op benchmarks draw them."""
+    return [t.to(device) for t in ops._bn(c)]
 
 
 def _eager_act(y):

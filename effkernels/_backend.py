@@ -15,9 +15,9 @@ triton. Those kernels are compiled and ptxas-checked on GPU-less build machines,
 per-element math is shared with the CPU kernels (csrc/include/effkernels). Their first GPU runs
 (an H200, 2026-11-30; bench/NOTES.md) passed 580 of the 581 `cuda`-marked tests outside the
 Triton backend's and found them no faster than the Triton kernels on the eval forwards and
-slower on the fused block, so "auto" does NOT choose them: it does only when the environment variable EFFK_CUDA_KERNELS=1 is
-set (read at each call). `set_backend("cuda")` / `backend("cuda")` always uses them where they
-exist.
+slower on the fused block, so "auto" does NOT choose them: it does only when the environment
+variable EFFK_CUDA_KERNELS=1 is set (read at each call). `set_backend("cuda")` /
+`backend("cuda")` always uses them where they exist.
 """
 from __future__ import annotations
 

@@ -55,7 +55,9 @@ def _divided_by_six_exactly(z, pytorchs, times_z):
 
 def _in_format_of(x, out):
     """`out` in x's memory format, as every op returns it. PyTorch's convolutions mostly keep
-    channels_last, but not all of them (float64 on CUDA, which cuDNN does not run)."""
+    channels_last, but not all of them (float64 on CUDA, which cuDNN does not run). Tested on
+    x's contiguity rather than by torch._prims_common.suggest_memory_format, which fails under
+    torch.jit tracing (the ONNX TorchScript export traces the reference)."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
             and not x.is_contiguous():
         return out.contiguous(memory_format=torch.channels_last)
