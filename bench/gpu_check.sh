@@ -123,7 +123,8 @@ fi
 step "Triton backend on the GPU (tests -m cuda -k triton, then tests/triton)"
 limit=$([ "$quick" = 1 ] && echo 40 || echo 100)
 # One pwconv config per problem: the autotuner would time every config for each test shape
-# (~1 s per new shape); tests/triton's test_every_config still checks each config.
+# (about 1 s per new shape by do_bench's defaults, not measured); tests/triton's
+# test_every_config still checks each config.
 export EFFK_TRITON_AUTOTUNE=0
 { timeout $limit "$PY" -m pytest tests -m cuda -k triton --ignore=tests/triton -v -rfE \
     --tb=short --durations=25 $xdist $tmo -p no:cacheprovider || echo "rc=$?"

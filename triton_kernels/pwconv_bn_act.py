@@ -116,7 +116,8 @@ def _prune(configs, named_args, **kwargs):
 
 def _autotune() -> bool:
     """EFFK_TRITON_AUTOTUNE=0: one config per problem, unbenchmarked (as in the interpreter).
-    The autotuner times every kept config for each new (M, N, K, mode), ~1 s per key on a GPU,
+    The autotuner times every kept config for each new (M, N, K, mode) (do_bench's defaults:
+    ~0.125 s per config, up to 8 configs, so about 1 s per key; an estimate, not measured),
     and every test shape is a new key: the GPU test runs set it (bench/gpu_check.sh), while
     test_every_config still compiles and checks each config. Read per key, not at import."""
     return os.environ.get("EFFK_TRITON_AUTOTUNE", "1") != "0"
