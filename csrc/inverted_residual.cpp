@@ -3,7 +3,9 @@
 // It serves training and every call that needs gradients; eval-mode calls without gradients go
 // to the fused single-kernel blocks (expanded tensor never in memory), the op
 // inverted_residual_inference (csrc/cpu/inverted_residual.cpp, csrc/cuda/inverted_residual.cu),
-// as effkernels.ops.inverted_residual routes them.
+// as effkernels.ops.inverted_residual routes them: on CPU tensors always, on CUDA tensors only
+// with EFFK_FUSED_BLOCK=1 (there the ops composed in Python are the faster; effkernels/
+// _backend.py).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/conv2d.h>

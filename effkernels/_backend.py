@@ -18,6 +18,16 @@ Triton backend's and found them no faster than the Triton kernels on the eval fo
 slower on the fused block, so "auto" does NOT choose them: it does only when the environment
 variable EFFK_CUDA_KERNELS=1 is set (read at each call). `set_backend("cuda")` /
 `backend("cuda")` always uses them where they exist.
+
+Eval-mode blocks (inverted_residual, training=False, no gradient recorded) on CUDA tensors run
+as the backend's own per-op kernels composed (pwconv_bn_act -> dwconv_bn_act -> [SE] ->
+pwconv_bn_act with the residual fused), on both the cuda and the triton backend, not as its
+fused block kernel: on an H200 (`python -m bench.gpu_targets`, fp16 channels_last N=64, the
+C24 t6 k3 56x56 block with skip, 2026-12-01) the cuda ops composed took 0.322 ms against
+1.450 ms for the fused CUDA kernel, the triton ops 0.245 ms against 0.809 ms for the fused
+Triton block (eager PyTorch channels_last: 0.330 ms). EFFK_FUSED_BLOCK=1 (read at each call)
+selects the fused kernels again. CPU tensors keep their fused blocks (the CPU kernel, and the
+Triton block in the interpreter).
 """
 from __future__ import annotations
 
@@ -78,6 +88,13 @@ def fused_inference(device_type: str) -> bool:
 def cuda_auto_enabled() -> bool:
     """Whether "auto" may pick the C++ CUDA kernels (EFFK_CUDA_KERNELS=1; see the docstring)."""
     return os.environ.get("EFFK_CUDA_KERNELS") == "1"
+
+
+@torch.compiler.assume_constant_result  # no environment read inside a compiled graph
+def fused_block_enabled() -> bool:
+    """Whether eval-mode blocks on CUDA tensors take the backend's fused block kernel rather
+    than its ops composed (EFFK_FUSED_BLOCK=1; see the docstring)."""
+    return os.environ.get("EFFK_FUSED_BLOCK") == "1"
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once, as a constant

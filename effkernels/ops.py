@@ -208,7 +208,8 @@ def _eval_direct(name: str, x, args_of, *, api_op: Optional[str] = None):
         impl = _resolve(x, api_op or name)
         if impl not in ("cpu", "cuda"):
             return None
-        if api_op is not None and not _backend.fused_inference(x.device.type):
+        if api_op is not None and (not _backend.fused_inference(x.device.type)
+                                   or _composes_block(impl, x.device.type)):
             return None
         out = _kernel_call(getattr(_cpp(), name), impl, *args)
         return out if api_op is not None else out[0]
@@ -425,14 +426,20 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
                                            dilation=dilation, act=act, se_act=se_act,
                                            se_gate=se_gate, skip=skip, training=training,
                                            momentum=momentum, eps=eps)
-    if (impl in ("cpu", "cuda") and not training
-            and not _needs_grad(x, expand, depthwise, se, project)
-            and _backend.fused_inference(x.device.type)):
-        # Inference: the fused block (csrc/cpu/inverted_residual.cpp, csrc/cuda/
-        # inverted_residual.cu), BatchNorm folded from the running statistics, the expanded
-        # activations never in memory; every dtype, with or without SE.
-        return _cpp().inverted_residual_inference(x, expand, depthwise, se, project, stride,
-                                                  dilation, act, se_act, se_gate, skip, eps)
+    if not training and not _needs_grad(x, expand, depthwise, se, project):
+        if _composes_block(impl, x.device.type):
+            # On a GPU the backend's ops composed are 3-4.5x faster than its fused block
+            # kernel (H200, fp16 N=64, `python -m bench.gpu_targets`, 2026-12-01: cuda 0.322
+            # vs 1.450 ms, triton 0.245 vs 0.809 ms); EFFK_FUSED_BLOCK=1 takes the fused one.
+            return _composed_inference(impl, x, expand, depthwise, se, project, stride,
+                                       dilation, act, se_act, se_gate, skip, eps)
+        if impl in ("cpu", "cuda") and _backend.fused_inference(x.device.type):
+            # Inference: the fused block (csrc/cpu/inverted_residual.cpp, csrc/cuda/
+            # inverted_residual.cu), BatchNorm folded from the running statistics, the
+            # expanded activations never in memory; every dtype, with or without SE.
+            return _cpp().inverted_residual_inference(x, expand, depthwise, se, project,
+                                                      stride, dilation, act, se_act, se_gate,
+                                                      skip, eps)
     # The C++ block (composed from the CPU or CUDA kernels) or the fused Triton block
     # (triton_kernels/inverted_residual.py: the expanded tensor is never written); both return
     # the batch statistics of each stage.
@@ -444,6 +451,43 @@ def inverted_residual(x: torch.Tensor, expand: Sequence[torch.Tensor],
         for i, (stage, count) in enumerate(zip(stages, counts)):
             _update_running(stage[3], stage[4], stats[2 * i], stats[2 * i + 1], count, momentum)
     return out
+
+
+def _composes_block(impl: str, device_type: str) -> bool:
+    """Whether an eval-mode block without gradients runs as backend `impl`'s ops composed
+    rather than its fused block kernel: on CUDA tensors unless EFFK_FUSED_BLOCK=1 (the fused
+    kernels are the slower there; effkernels/_backend.py's docstring has the numbers)."""
+    return (device_type == "cuda" and impl in ("cuda", "triton")
+            and not _backend.fused_block_enabled())
+
+
+def _composed_inference(impl: str, x, expand, depthwise, se, project, stride: int,
+                        dilation: int, act: str, se_act: str, se_gate: str, skip: bool,
+                        eps: float) -> torch.Tensor:
+    """The eval-mode block from backend `impl`'s pwconv_bn_act / dwconv_bn_act kernels: the
+    definition of reference.inverted_residual (and of the C++ composite block), SE by
+    reference.squeeze_excite in the depthwise output's dtype, the skip fused into the
+    project's epilogue as its residual."""
+    k = depthwise[0].shape[-1]
+    pad = dilation * (k - 1) // 2
+    if skip:  # the fused ops' check (the project's residual check would name another op)
+        size = tuple(_checks.conv_out_size(s, k, stride, pad, dilation) for s in x.shape[2:])
+        if stride != 1 or project[0].shape[0] != x.shape[1] or size != tuple(x.shape[2:]):
+            raise ValueError(f"inverted_residual: skip needs stride 1, Cout == Cin and an "
+                             f"output as large as x; got stride {stride}, Cin {x.shape[1]}, "
+                             f"Cout {project[0].shape[0]}, output {size[0]}x{size[1]} from "
+                             f"{x.shape[2]}x{x.shape[3]}")
+    h = x
+    if expand:
+        h = _call(impl, "pwconv_bn_act", h, *expand, None, act, False, eps)[0]
+    h = _call(impl, "dwconv_bn_act", h, *depthwise, stride, pad, dilation, act, False, eps)[0]
+    if se:
+        h = reference.squeeze_excite(h, *se, act=se_act, gate=se_gate)
+    out = _call(impl, "pwconv_bn_act", h, *project, x if skip else None, "identity", False,
+                eps)[0]
+    # Each op returns its input's format; an intermediate that is both formats (a 1x1 map,
+    # one hidden channel) may hand on the other one, so x's is restored here.
+    return reference._in_format_of(x, out)
 
 
 def _pack_current(entry, key, tensors) -> bool:

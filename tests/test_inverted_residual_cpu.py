@@ -406,17 +406,104 @@ def test_no_gradient():
         out.sum().backward()
 
 
-def test_compile_fullgraph():
-    x, block, kw = _args("k5_se_hsig", torch.float32, "channels_last")
+@pytest.mark.parametrize("composed", [False, True], ids=["fused", "composed"])
+def test_compile_fullgraph(composed, request):
+    """torch.compile(fullgraph=True) over the fused CPU block and over the composed path (what
+    CUDA tensors take), which is traced once."""
+    calls = request.getfixturevalue("compose_on_cpu") if composed else None
+    case = "dil2_k5_s2_se" if composed else "k5_se_hsig"
+    x, block, kw = _args(case, torch.float32, "channels_last")
     x, block = x.float(), _cast(block, torch.float32)
 
-    @torch.compile(fullgraph=True, backend="eager")
+    @torch.compile(fullgraph=True, backend="aot_eager" if composed else "eager")
     def f(x):
         return ops.inverted_residual(x, *block, **kw)
 
     with torch.no_grad():
-        assert_close(f(x), _ref(x.double(), _cast(block, torch.float64), kw), torch.float32,
-                     "compiled")
+        out = f(x)
+    if composed:
+        assert calls == ["cpu"]
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, _ref(x.double(), _cast(block, torch.float64), kw), torch.float32,
+                 "compiled")
+
+
+# ---- the composed eval path (what CUDA tensors take unless EFFK_FUSED_BLOCK=1) ---------------
+# On a GPU the backends' fused block kernels are slower than their ops composed, so eval-mode
+# blocks on CUDA tensors compose the ops (ops._composes_block). Its decision and the composition
+# are checked here on the CPU (the composition on the cpu backend's ops); tests/test_ops.py and
+# tests/test_cuda_kernels.py check both paths on a GPU, tests/triton the Triton composition.
+
+def _composed(x, block, kw, eps=1e-5):
+    return ops._composed_inference("cpu", x, *block, kw["stride"], kw["dilation"], kw["act"],
+                                   kw["se_act"], kw["se_gate"], kw["skip"], eps)
+
+
+def test_composes_block_on_cuda_tensors_unless_fused_block_set(monkeypatch):
+    monkeypatch.delenv("EFFK_FUSED_BLOCK", raising=False)
+    assert ops._composes_block("cuda", "cuda") and ops._composes_block("triton", "cuda")
+    # CPU tensors keep the fused blocks (the CPU kernel; the Triton one in the interpreter).
+    assert not ops._composes_block("cpu", "cpu") and not ops._composes_block("triton", "cpu")
+    monkeypatch.setenv("EFFK_FUSED_BLOCK", "1")
+    assert not ops._composes_block("cuda", "cuda") and not ops._composes_block("triton", "cuda")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided", "strided_cl"])
+def test_composed_fp32(case, layout):
+    """The composition against the float64 reference, output in x's (suggested) format."""
+    x64, block64, kw = _args(case, torch.float64, layout)
+    x = x64.float()
+    out = _composed(x, _cast(block64, torch.float32), kw)
+    assert out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+    assert_close(out, _ref(x64, block64, kw), torch.float32, "out")
+
+
+@pytest.mark.parametrize("case", ["k5_se_hsig", "no_expand_se_skip"])
+def test_composed_fp64_and_low_precision(case):
+    x, block, kw = _args(case, torch.float64, "channels_last")
+    ref = _ref(x, block, kw)
+    assert_close(_composed(x, block, kw), ref, torch.float64, "fp64")
+    for dtype in (torch.bfloat16, torch.float16):
+        xl, bl = x.to(dtype), _cast(block, dtype)
+        assert_lowp_close(_composed(xl, bl, kw), ref, _ref(xl, bl, kw), dtype, f"{dtype}")
+
+
+def test_composed_skip_error():
+    x, block, kw = _args("k5_se_hsig", torch.float32, "channels_last")
+    with pytest.raises(ValueError, match="inverted_residual: skip needs stride 1"):
+        _composed(x.float(), _cast(block, torch.float32), dict(kw, skip=True))
+
+
+@pytest.fixture
+def compose_on_cpu(monkeypatch):
+    """ops._composes_block answering yes for the cpu backend, as it does for CUDA tensors."""
+    monkeypatch.setattr(ops, "_composes_block", lambda impl, device_type: impl == "cpu")
+    calls = []
+    real = ops._composed_inference
+    monkeypatch.setattr(ops, "_composed_inference", lambda *a: calls.append(a[0]) or real(*a))
+    return calls
+
+
+def test_routing_to_composed(compose_on_cpu):
+    """Where _composes_block says so, eval calls without gradients take the composition: the
+    direct (below Autograd) call and the checked one alike; gradients and training do not."""
+    x, block, kw = _args("k5_se_hsig", torch.float32, "channels_last")
+    x, block = x.float(), _cast(block, torch.float32)
+    ref = _ref(x.double(), _cast(block, torch.float64), kw)
+    assert_close(ops.inverted_residual(x, *block, **kw), ref, torch.float32, "direct")
+    assert compose_on_cpu == ["cpu"]
+    out, names = _routed(x, block, kw)  # a dispatch mode: the checked path
+    assert compose_on_cpu == ["cpu", "cpu"]
+    assert "effkernels.inverted_residual_inference" not in names
+    assert {"effkernels.pwconv_bn_act", "effkernels.dwconv_bn_act"} <= set(names)
+    assert_close(out, ref, torch.float32, "checked")
+    block_g = [[t.clone().requires_grad_(i < 3) for i, t in enumerate(st)] for st in block]
+    block_g[2] = [t.clone().requires_grad_() for t in block[2]]
+    _routed(x, block_g, kw)
+    _routed(x, [[t.clone() for t in st] for st in block], kw, training=True)
+    assert compose_on_cpu == ["cpu", "cpu"]
 
 
 @pytest.mark.parametrize("what,match", [

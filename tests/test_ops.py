@@ -3,7 +3,11 @@ all gradients and the running statistics, in training and eval mode."""
 import pytest
 import torch
 
-from .helpers import DTYPES, backends_for, bn_params, conv_weight, gpu_backends_for, make_input
+import effkernels
+from effkernels import ops, reference
+
+from .helpers import (DTYPES, RecordOps, assert_close, assert_lowp_close, backends_for,
+                      bn_params, conv_weight, gpu_backends_for, make_input)
 from .opcase import check_op
 
 LAYOUTS = ["contiguous", "channels_last", "strided", "strided_cl"]
@@ -338,3 +342,54 @@ def test_acts_on_gpu(op, backend, act):
     for training in (True, False):
         check_op(op, *case(shapes[0], torch.float32, "channels_last", act, training,
                            device="cuda"), backend, torch.float32)
+
+
+# ---- the eval-mode block without gradients on a GPU: both paths ------------------------------
+# check_op's calls record gradients, so they take neither. By default CUDA tensors take the
+# backend's ops composed (its fused block kernel is the slower there: effkernels/_backend.py);
+# EFFK_FUSED_BLOCK=1 takes the fused kernel. (shape, dilation, skip): skip, stride 2 + SE, no
+# expand + SE + skip, dilation 2 without the skip, a 1x1 output map.
+IR_EVAL_CASES = [(IR_SHAPES[0], 1, None), (IR_SHAPES[1], 1, None), (IR_SHAPES[2], 1, None),
+                 (IR_SHAPES[0], 2, False),
+                 ((2, 8, 12, 2, 2, 2, 3, 2, True, ("hswish", "relu", "hsigmoid")), 1, None)]
+FUSED_OP = {"cuda": "effkernels.inverted_residual_inference",
+            "triton": "effkernels_triton.inverted_residual"}
+
+
+@pytest.mark.parametrize("backend", [b for b in gpu_backends_for("inverted_residual")
+                                     if b.values[0] in FUSED_OP])
+@pytest.mark.parametrize("fused_block", [False, True], ids=["composed", "EFFK_FUSED_BLOCK=1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_inverted_residual_inference_on_gpu(backend, fused_block, dtype, layout, monkeypatch):
+    if fused_block:
+        monkeypatch.setenv("EFFK_FUSED_BLOCK", "1")
+    else:
+        monkeypatch.delenv("EFFK_FUSED_BLOCK", raising=False)
+    # Half precision: not the relu6 block of IR_SHAPES[0] (see test_ops_on_gpu).
+    lowp = dtype in (torch.float16, torch.bfloat16)
+    for shape, dilation, skip in IR_EVAL_CASES:
+        if lowp and shape is IR_SHAPES[0]:
+            continue
+        tensors, kwargs = ir_case(shape, dtype, layout, training=False, device="cuda")
+        kwargs.update(dilation=dilation, skip=skip)
+        with torch.no_grad(), effkernels.backend(backend), RecordOps() as mode:
+            out = ops.inverted_residual(**tensors, **kwargs)
+        assert (FUSED_OP[backend] in mode.names) == fused_block, mode.names
+        assert (f"{FUSED_OP[backend].split('.')[0]}.pwconv_bn_act" in mode.names) \
+            != fused_block, mode.names
+        x = tensors["x"]
+        assert out.dtype == dtype and out.is_contiguous(
+            memory_format=torch._prims_common.suggest_memory_format(x))
+
+        def ref(cast=None):
+            t = {k: ([u.to(cast) for u in v] if isinstance(v, list) else v.to(cast))
+                 if cast else v for k, v in tensors.items()}
+            return reference.inverted_residual(**t, **kwargs)
+        if lowp:
+            assert_lowp_close(out, ref(torch.float64), ref(), dtype, f"{shape} out")
+        else:
+            assert_close(out, ref(torch.float64), dtype, f"{shape} out")
+        # Without a dispatch mode the call goes below Autograd where it can: same path, result.
+        with torch.no_grad(), effkernels.backend(backend):
+            assert torch.equal(ops.inverted_residual(**tensors, **kwargs), out)

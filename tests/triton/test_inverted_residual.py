@@ -16,7 +16,7 @@ import effkernels
 from effkernels import ops, reference
 from effkernels.triton_kernels import inverted_residual as ir
 
-from ..helpers import bn_params, conv_weight, make_input
+from ..helpers import RecordOps, assert_close, bn_params, conv_weight, make_input
 from ..opcase import check_op
 from ..test_ops import ir_case
 
@@ -95,6 +95,50 @@ def test_tile_loops(device, monkeypatch):
     shape = (2, 20, 20, 9, 10, 2, 3, 1, True, ("relu6", "relu", "sigmoid"))
     check_op("inverted_residual", *_case(shape, torch.float32, "channels_last", True, device),
              "triton", torch.float32)
+
+
+# Eval-mode blocks on CUDA tensors compose the Triton ops (faster than the fused block on a GPU;
+# effkernels/_backend.py) unless EFFK_FUSED_BLOCK=1: that composition here (on CPU tensors in
+# the interpreter), and on a GPU which path each setting takes.
+@pytest.mark.parametrize("shape,layout,training,dilation,skip", CASES,
+                         ids=[f"{s[:8]}{'-se' if s[8] else ''}-{lay}-d{d}"
+                              f"{'-noskip' if sk is False else ''}"
+                              for s, lay, _, d, sk in CASES])
+def test_composed_eval(shape, layout, training, dilation, skip, device):
+    """ops._composed_inference on the Triton ops against the float64 reference, in x's format
+    (every case of test_fp32, in eval)."""
+    tensors, kw = _case(shape, torch.float32, layout, False, device, dilation, skip)
+    x, e, d, se, p = (tensors[k] for k in ("x", "expand", "depthwise", "se", "project"))
+    if kw["skip"] is None:
+        kw["skip"] = kw["stride"] == 1 and x.shape[1] == p[0].shape[0]
+    out = ops._composed_inference("triton", x, e, d, se, p, kw["stride"], dilation, kw["act"],
+                                  kw["se_act"], kw["se_gate"], kw["skip"], 1e-5)
+    assert out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+    ref = reference.inverted_residual(
+        x.double(), *([t.double() for t in st] for st in (e, d, se, p)),
+        **{k: v for k, v in kw.items() if k != "training"})
+    assert_close(out, ref, torch.float32, "out")
+
+
+@pytest.mark.parametrize("fused_block", [False, True], ids=["default", "EFFK_FUSED_BLOCK=1"])
+def test_eval_block_path(device, fused_block, monkeypatch):
+    """ops.inverted_residual in eval without gradients: CPU tensors (the interpreter) take the
+    fused Triton block either way; CUDA tensors the Triton ops composed, unless
+    EFFK_FUSED_BLOCK=1. Both match the reference."""
+    if fused_block:
+        monkeypatch.setenv("EFFK_FUSED_BLOCK", "1")
+    else:
+        monkeypatch.delenv("EFFK_FUSED_BLOCK", raising=False)
+    x, exp, dw, se, proj = _tiny(device, False, torch.float32, shape=(2, 4, 6, 5))
+    with torch.no_grad(), effkernels.backend("triton"), RecordOps() as mode:
+        out = ops.inverted_residual(x, exp, dw, se, proj, act="hswish", se_gate="hsigmoid")
+    fused = device == "cpu" or fused_block
+    assert ("effkernels_triton.inverted_residual" in mode.names) == fused, mode.names
+    assert ("effkernels_triton.pwconv_bn_act" in mode.names) == (not fused), mode.names
+    ref = reference.inverted_residual(
+        x.double(), *([t.double() for t in st] for st in (exp, dw, se, proj)), act="hswish",
+        se_gate="hsigmoid")
+    assert_close(out, ref, torch.float32, "out")
 
 
 def _tiny(device, training, dtype=torch.float64, expand=True, se=True, shape=(1, 3, 4, 5)):
