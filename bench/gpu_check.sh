@@ -89,7 +89,7 @@ timeout 150 "$PY" -m pytest tests -m cuda -k "not triton" -q -rfEs --tb=short $x
 summary "$OUT/tests_cuda.log" 40
 
 step "GPU targets (bench.gpu_targets)"
-timeout 80 "$PY" -m bench.gpu_targets --dtype float16 --csv "$OUT/gpu_targets.csv" \
+timeout 110 "$PY" -m bench.gpu_targets --dtype float16 --csv "$OUT/gpu_targets.csv" \
   > "$OUT/gpu_targets.log" 2>&1
 tail -n 45 "$OUT/gpu_targets.log"
 
@@ -126,10 +126,11 @@ limit=$([ "$quick" = 1 ] && echo 40 || echo 100)
 # (about 1 s per new shape by do_bench's defaults, not measured); tests/triton's
 # test_every_config still checks each config.
 export EFFK_TRITON_AUTOTUNE=0
+# A step cut by its limit leaves -v's last line unfinished: the rc line gets a line of its own.
 { timeout $limit "$PY" -m pytest tests -m cuda -k triton --ignore=tests/triton -v -rfE \
-    --tb=short --durations=25 $xdist $tmo -p no:cacheprovider || echo "rc=$?"
+    --tb=short --durations=25 $xdist $tmo -p no:cacheprovider || printf '\nrc=%s\n' $?
   timeout $limit "$PY" -m pytest tests/triton -v -rfE --tb=short --durations=25 $xdist $tmo \
-    -p no:cacheprovider || echo "rc=$?"; } > "$OUT/tests_triton.log" 2>&1
+    -p no:cacheprovider || printf '\nrc=%s\n' $?; } > "$OUT/tests_triton.log" 2>&1
 grep -q "^rc=" "$OUT/tests_triton.log" && status=1
 summary "$OUT/tests_triton.log" 20
 

@@ -9,8 +9,9 @@
   the whole backward op: dx, dweight and the BN gradients; theirs the weight gradient alone);
 - the pointwise forward against cuBLAS's GEMM alone (ours also applies BN and the activation);
 - the C++ CUDA kernels against the Triton kernels, op by op (eval forward, training forward,
-  backward) at the same shapes, and the eval-mode block: each backend's fused kernel and its
-  three ops composed, against PyTorch eager.
+  backward) at the same shapes, and the eval-mode block: each backend's fused kernel, its
+  three ops composed and effkernels.ops.inverted_residual (the path users get), against
+  PyTorch eager.
 Shapes: issue 4's (N=64, channels_last). Times are medians of triton.testing's
 do_bench_cudagraph (CUDA-graph replay: GPU time without Python's launch overhead), or of
 do_bench where a graph cannot be captured (the `timer` column says which). Each op's output is
@@ -19,7 +20,9 @@ checked against PyTorch's (float32) before it is timed; a mismatch is printed as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -102,6 +105,34 @@ def _backends(device):
     return out
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """os.environ[name] = value inside the block (the C++ side reads some switches per call, so
+    a CUDA graph captured inside keeps the kernels chosen then)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def _dw_eval_rows(run: Run, target: str, backends, args, pad, ref, tol, moved) -> None:
+    """Each backend's eval-mode dwconv_bn_act; for cuda also its tiled kernel (EFFK_DW_DIRECT=0,
+    csrc/cuda/dw_host.cu), which the direct kernel replaced for these shapes."""
+    eps = 1e-5
+    for name, ns in backends.items():
+        def fn(ns=ns):
+            return ns.dwconv_bn_act(*args, 1, pad, 1, ACT, False, eps)[0]
+        run.time(target, name, fn, moved_bytes=moved, check=(fn, ref, tol))
+        if name == "cuda":
+            with _env("EFFK_DW_DIRECT", "0"):
+                run.time(target, "cuda tiled", fn, moved_bytes=moved, check=(fn, ref, tol))
+
+
 def measure(run: Run, small: bool) -> None:
     dev, dt = run.device, run.dtype
     backends = _backends(dev)
@@ -129,10 +160,23 @@ def measure(run: Run, small: bool) -> None:
     ref = eager_dw().float()
     target = f"dw fwd eval C{c} {h}x{h} k3 N{n}"
     run.time(target, "eager_cl (cuDNN)", eager_dw, moved_bytes=moved)
-    for name, ns in backends.items():
-        def fn(ns=ns):
-            return ns.dwconv_bn_act(x, w, g, b, rm, rv, 1, 1, 1, ACT, False, eps)[0]
-        run.time(target, name, fn, moved_bytes=moved, check=(fn, ref, tol))
+    _dw_eval_rows(run, target, backends, (x, w, g, b, rm, rv), 1, ref, tol, moved)
+
+    # --- depthwise k5 forward (eval), a MobileNetV3 / EfficientNet layer -----------------
+    c5, h5 = (16, 12) if small else (240, 28)
+    x5 = torch.randn(n, c5, h5, h5, device=dev, dtype=dt).contiguous(memory_format=CL)
+    w5 = (torch.randn(c5, 1, 5, 5, device=dev) / 5).to(dt)
+    g5, b5, rm5, rv5 = _bn(c5, dev)
+
+    def eager_dw5():
+        return _eager_act(F.batch_norm(F.conv2d(x5, w5, None, 1, 2, 1, c5), rm5, rv5,
+                                       g5.to(dt), b5.to(dt), False, 0.0, eps))
+
+    target = f"dw fwd eval C{c5} {h5}x{h5} k5 N{n}"
+    run.time(target, "eager_cl (cuDNN)", eager_dw5, moved_bytes=2 * x5.nbytes)
+    _dw_eval_rows(run, target, backends, (x5, w5, g5, b5, rm5, rv5), 2, eager_dw5().float(),
+                  tol, 2 * x5.nbytes)
+    del x5
 
     # --- depthwise training forward and backward ---------------------------------------
     target = f"dw fwd train C{c} {h}x{h} k3 N{n}"
@@ -219,8 +263,9 @@ def measure(run: Run, small: bool) -> None:
             gom, xm, wm, gm, bm, torch.zeros(cm, device=dev), torch.ones(cm, device=dev), 1, 1,
             ACT, True, eps))
 
-    # --- the eval-mode block (C24 t6 k3 56x56, skip): each backend's fused kernel, and its
-    # three ops composed (the fused kernels were the slower on the first GPU run) ---------
+    # --- the eval-mode block (C24 t6 k3 56x56, skip): each backend's fused kernel, its three
+    # ops composed, and effkernels.ops.inverted_residual (what users get: on CUDA tensors the
+    # ops composed, unless EFFK_FUSED_BLOCK=1, since the fused kernels were the slower) ------
     import effkernels
 
     cb, hid = (8, 48) if small else (24, 144)
@@ -248,19 +293,27 @@ def measure(run: Run, small: bool) -> None:
                 return ns.pwconv_bn_act(y, *pj, xb, "identity", False, eps)[0]
             run.time(target, f"{name} composed", composed, check=(composed, ref, tol))
 
-            def fused(name=name):
+            def fused(name=name, ns=ns):  # the op itself: ops.inverted_residual composes
+                if name == "triton":
+                    return ns.inverted_residual(xb, e, d, [], pj, 1, 1, ACT, "relu", "sigmoid",
+                                                True, False, eps)[0]
+                return ns.inverted_residual_inference(xb, e, d, [], pj, 1, 1, ACT, "relu",
+                                                      "sigmoid", True, eps)
+            run.time(target, f"{name} fused", fused, check=(fused, ref, tol))
+
+            def api(name=name):
                 with effkernels.backend(name):
                     return effkernels.ops.inverted_residual(xb, e, d, [], pj, act=ACT)
-            run.time(target, f"{name} fused", fused, check=(fused, ref, tol))
+            run.time(target, f"{name} ops.inverted_residual", api, check=(api, ref, tol))
 
 
 def table(rows: List[dict]) -> str:
-    lines = [f"{'target':<44} {'impl':<26} {'median ms':>10} {'GB/s':>8}  timer / check"]
+    lines = [f"{'target':<44} {'impl':<30} {'median ms':>10} {'GB/s':>8}  timer / check"]
     for r in rows:
         ms = f"{r['median_ms']:.4f}" if "median_ms" in r else "-"
         gbs = f"{r['GB_per_s']:.0f}" if "GB_per_s" in r else ""
         note = r.get("verified") or r.get("timer", "")
-        lines.append(f"{r['target']:<44} {r['impl']:<26} {ms:>10} {gbs:>8}  {note}")
+        lines.append(f"{r['target']:<44} {r['impl']:<30} {ms:>10} {gbs:>8}  {note}")
     return "\n".join(lines)
 
 
@@ -281,7 +334,8 @@ def summary(rows: List[dict]) -> str:
             ours = gbs.get((t, "cuda"))
             share = f"{ours / copy:.0%}" if ours and copy else "n/a"
             out.append(f"{t}: cuda at {share} of the copy bandwidth (target >= 80%); "
-                       f"{ratio(t, 'eager_cl (cuDNN)', 'cuda')} eager cuDNN (target >= 2x)")
+                       f"{ratio(t, 'eager_cl (cuDNN)', 'cuda')} eager cuDNN (target >= 2x); "
+                       f"{ratio(t, 'cuda tiled', 'cuda')} its tiled kernel")
         if t.startswith("dw bwd"):
             d = t.replace("dw bwd (dx, dw, dBN)", "dweight alone")
             for label, want in (("native, NCHW (cuDNN off)", "5x"),
@@ -296,7 +350,7 @@ def summary(rows: List[dict]) -> str:
             out.append(f"{t}: cuda takes {r} cuBLAS's GEMM time (target <= 1.2x)")
         if t.startswith("block"):
             for b in ("cuda", "triton"):
-                for how in ("fused", "composed"):
+                for how in ("fused", "composed", "ops.inverted_residual"):
                     out.append(f"{t}: {b} {how} {ratio(t, 'eager_cl (cuDNN)', f'{b} {how}')} "
                                f"eager channels_last (target >= 4x)")
         if (t, "triton") in by or (t, "cuda") in by:

@@ -199,7 +199,10 @@ def test_gpu_targets_script_dry_run(tmp_path):
             "mixconv bwd", "block fwd eval"} <= targets
     assert all(float(r["median_ms"]) > 0 and not r["verified"] for r in rows)
     checked = [r for r in rows if r["max_abs_err"]]
-    assert len(checked) == 5 and all(float(r["max_abs_err"]) < 1e-3 for r in checked)
+    assert len(checked) == 7 and all(float(r["max_abs_err"]) < 1e-3 for r in checked)
+    # The block: the fused kernel called as such, the ops composed, and the API's default path.
+    assert {"cpu fused", "cpu composed", "cpu ops.inverted_residual"} <= {
+        r["impl"] for r in rows if r["target"].startswith("block")}
     # The summary's ratios of rows that exist on a GPU, from made-up times.
     fake = [{"target": "copy 1 GiB", "impl": "torch copy_", "median_ms": 1.0, "GB_per_s": 2000},
             {"target": "dw fwd eval X", "impl": "cuda", "median_ms": 1.0, "GB_per_s": 1700},

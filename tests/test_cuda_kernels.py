@@ -48,13 +48,17 @@ def _mix(n, h, w, groups, stride, dil, dtype, layout="channels_last", act="silu"
 # (N, C, H, W, k, stride, dilation): every unrolled k at both strides, the staged path (k 1, 2,
 # 4, 11; k 9 at dilation 7, whose halo tile exceeds shared memory), channel counts that do and
 # do not fill 16-byte vectors (4 fp32 / 8 fp16 channels) and channel blocks (16), tiles cut by
-# the image border (H, W not multiples of 8 / 16).
+# the image border (H, W not multiples of 8 / 16). The eval forward of the vector-aligned shapes
+# takes the direct kernel (csrc/cuda/dw_direct.cuh: k 3/5/7/9 at both strides, dilated too,
+# output rows not a multiple of its 4 rows per thread); the rest takes the tiled one.
 DW_CUDA_SHAPES = [
     (2, 32, 19, 23, 3, 1, 1), (1, 24, 17, 33, 3, 2, 1), (2, 16, 14, 14, 5, 1, 1),
     (1, 40, 15, 15, 5, 2, 1), (2, 8, 12, 20, 7, 1, 1), (1, 13, 13, 11, 7, 2, 1),
     (2, 48, 9, 10, 9, 1, 1), (1, 7, 21, 21, 9, 2, 1), (2, 5, 8, 9, 1, 1, 1),
     (1, 6, 9, 9, 1, 2, 1), (2, 20, 16, 16, 11, 1, 1), (1, 17, 24, 23, 11, 2, 1),
     (2, 9, 18, 18, 3, 1, 3), (1, 12, 70, 70, 9, 1, 7), (1, 3, 6, 40, 3, 2, 2),
+    (1, 16, 19, 17, 9, 2, 1), (2, 24, 13, 15, 3, 2, 2), (1, 8, 11, 7, 5, 1, 2),
+    (1, 16, 18, 13, 7, 2, 1),
 ]
 
 
@@ -82,6 +86,16 @@ def test_dwconv_cuda_unaligned_and_nchw(layout):
     for dtype in (torch.float32, torch.float16):
         check_op("dwconv_bn_act", *_dw((2, 16, 13, 14, 3, 1, 1), dtype, layout), "cuda", dtype)
         check_op("dwconv_bn_act", *_dw((1, 24, 11, 9, 5, 2, 1), dtype, layout), "cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 32, 19, 23, 3, 1, 1), (1, 24, 17, 33, 5, 2, 1)], ids=str)
+def test_dwconv_cuda_tiled_eval_forward(shape, dtype, monkeypatch):
+    """EFFK_DW_DIRECT=0: the eval forward of vector-aligned shapes on the tiled kernel (the
+    direct kernel serves them by default), still correct."""
+    _need_cuda_kernels("dwconv_bn_act")
+    monkeypatch.setenv("EFFK_DW_DIRECT", "0")
+    check_op("dwconv_bn_act", *_dw(shape, dtype, training=False), "cuda", dtype)
 
 
 # (N, H, W, groups, stride, dilation): MixNet-like splits, groups that straddle channel blocks,
@@ -426,17 +440,31 @@ def test_inverted_residual_cuda_strided(case, layout):
     assert_close(_ir_fused(x, block, kw), _ir_ref(x.double(), block64, kw), torch.float32, "out")
 
 
-def test_inverted_residual_cuda_matches_cpu_and_routing():
-    """ops.inverted_residual on the cuda backend: eval without gradients -> the fused kernel
-    (same result as the CPU fused op), with gradients or training -> the composite."""
+@pytest.mark.parametrize("fused_block", [False, True], ids=["composed", "EFFK_FUSED_BLOCK=1"])
+def test_inverted_residual_cuda_matches_cpu_and_routing(fused_block, monkeypatch):
+    """ops.inverted_residual on the cuda backend: eval without gradients -> the CUDA ops
+    composed (the default: faster than the fused kernel on a GPU, effkernels/_backend.py) or,
+    with EFFK_FUSED_BLOCK=1, the fused kernel; either gives the CPU fused op's result. With
+    gradients or training -> the composite."""
     from .helpers import RecordOps, assert_close
 
     _need_fused_ir()
+    if fused_block:
+        monkeypatch.setenv("EFFK_FUSED_BLOCK", "1")
+    else:
+        monkeypatch.delenv("EFFK_FUSED_BLOCK", raising=False)
+    composed = []
+    real = ops._composed_inference
+    monkeypatch.setattr(ops, "_composed_inference", lambda *a: composed.append(a[0]) or real(*a))
     x, block64, kw = _ir_cuda_args("k5_se_s2", torch.float32, "channels_last")
     block = _cast_block(block64, torch.float32)
     with effkernels.backend("cuda"), RecordOps() as mode:
         out = ops.inverted_residual(x, *block, training=False, **kw)
-    assert "effkernels.inverted_residual_inference" in mode.names
+    assert ("effkernels.inverted_residual_inference" in mode.names) == fused_block
+    assert ("effkernels.pwconv_bn_act" in mode.names) != fused_block
+    with effkernels.backend("cuda"):  # no dispatch mode: the call below Autograd, same path
+        assert torch.equal(ops.inverted_residual(x, *block, training=False, **kw), out)
+    assert composed == ([] if fused_block else ["cuda", "cuda"])
     if effkernels.available_backends("cpu")["cpu"] == "available":
         cpu = _ir_fused(x.cpu(), [[t.cpu() for t in st] for st in block], kw)
         assert_close(out.cpu(), cpu, torch.float32, "cuda vs cpu fused")
@@ -444,7 +472,7 @@ def test_inverted_residual_cuda_matches_cpu_and_routing():
     with effkernels.backend("cuda"), RecordOps() as mode:
         out_g = ops.inverted_residual(x, *block_g, training=False, **kw)
     assert "effkernels.inverted_residual_inference" not in mode.names
-    assert_close(out_g.detach(), out, torch.float32, "composite vs fused")
+    assert_close(out_g.detach(), out, torch.float32, "composite vs eval path")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)

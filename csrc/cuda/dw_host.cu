@@ -7,7 +7,8 @@
 // (in_format); a dedicated NCHW kernel is not worth its build time while the models run
 // channels_last.
 //
-// Forward, eval:      one launch (kOut): conv, BN folded (fold_bn) + act in the epilogue.
+// Forward, eval:      one launch (kOut): conv, BN folded (fold_bn) + act in the epilogue; the
+//                     direct kernel where it fits (direct_fits), else the tiled one.
 // Forward, training:  (1) kStats: conv, per-tile (mean, M2) partials per channel, nothing
 //                     stored; (2) stats_combine: Chan's combination in float64, fixed order;
 //                     (3) kOut with the batch statistics. The conv is recomputed in (3) rather
@@ -24,6 +25,7 @@
 #include "dw_host.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include <ATen/ops/empty.h>
@@ -33,6 +35,8 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include "../cpu/cpu_common.h"
 #include "dw_params.h"
@@ -186,8 +190,51 @@ DwFwdParams<A> fwd_params(const at::Tensor& xc, const at::Tensor& wpack, const D
   return p;
 }
 
+// The direct kernel (dw_direct.cuh) serves the kOut passes of uniform k = 3/5/7/9 on 16-bit and
+// fp32 inputs with 16-byte channel vectors; EFFK_DW_DIRECT=0 (read per call) keeps them on the
+// tiled kernel, for A/B timing (bench.gpu_targets).
+template <typename A>
+bool direct_fits(const DwFwdParams<A>& p, const DwLayer& L) {
+  if constexpr (std::is_same_v<A, double>) {
+    return false;
+  } else {
+    const char* env = std::getenv("EFFK_DW_DIRECT");
+    return p.mode == kOut && p.x_vec && !L.table.defined() && unrolled(p.k) &&
+           p.N <= 65535 && cdiv(p.Ho, kDirectRows) <= 65535 && !(env && env[0] == '0');
+  }
+}
+
+template <int K, int S>
+void run_fwd_direct(const DwFwdParams<float>& p, cudaStream_t stream) {
+  switch (p.dtype) {
+    case kF16: launch_dw_fwd_direct<__half, K, S>(p, stream); break;
+    case kBF16: launch_dw_fwd_direct<__nv_bfloat16, K, S>(p, stream); break;
+    default: launch_dw_fwd_direct<float, K, S>(p, stream); break;
+  }
+}
+
+template <int S>
+void run_fwd_direct(const DwFwdParams<float>& p, cudaStream_t stream) {
+  switch (p.k) {
+    case 3: run_fwd_direct<3, S>(p, stream); break;
+    case 5: run_fwd_direct<5, S>(p, stream); break;
+    case 7: run_fwd_direct<7, S>(p, stream); break;
+    default: run_fwd_direct<9, S>(p, stream); break;
+  }
+}
+
 template <typename A>
 void launch_fwd_pass(const DwFwdParams<A>& p, const DwLayer& L, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<A, double>) {
+    if (direct_fits(p, L)) {
+      if (L.g.stride == 1) {
+        run_fwd_direct<1>(p, stream);
+      } else {
+        run_fwd_direct<2>(p, stream);
+      }
+      return;
+    }
+  }
   const Variant v = pick_variant<A>(L, /*forward=*/true);
   const int64_t tiles = p.N * p.tiles_h * p.tiles_w;
   if (L.g.stride == 1) {

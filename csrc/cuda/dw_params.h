@@ -127,10 +127,27 @@ struct BnDyParams {
   Act act;
 };
 
+// The direct forward kernel (dw_direct.cuh): one thread = one 16-byte vector of channels of T
+// (kDirectVec<T>) x kDirectRows output rows of one column; no shared memory.
+template <typename T>
+constexpr int kDirectVec = 16 / static_cast<int>(sizeof(T));
+constexpr int kDirectRows = 4;
+constexpr int kDirectThreads = 256;
+// Resident blocks per SM its register allocation must allow: the most without spills (sm_80,
+// sm_90; fp16/bf16 hold 8 channels x 4 rows of fp32 sums): 3 (<= 85 registers) for k <= 5,
+// 2 for k = 7, 9.
+template <int K>
+constexpr int direct_min_blocks() {
+  return K <= 5 ? 3 : 2;
+}
+
 // grid = (spatial tiles, channel blocks); smem = dynamic shared memory bytes.
 template <typename A, int K, int S>
 void launch_dw_fwd(const DwFwdParams<A>& p, int64_t tiles, int64_t cblocks, size_t smem,
                    cudaStream_t stream);
+// The direct kernel, kOut only: T the storage dtype (fp32, fp16, bf16), K in 3/5/7/9, uniform.
+template <typename T, int K, int S>
+void launch_dw_fwd_direct(const DwFwdParams<float>& p, cudaStream_t stream);
 template <typename A, int K, int S>
 void launch_dw_bwd_input(const DwBwdInputParams<A>& p, int64_t tiles, int64_t cblocks,
                          size_t smem, cudaStream_t stream);

@@ -242,6 +242,51 @@ __device__ __forceinline__ void epi_out(const PwGemmParams<T>& p, const A* Cs, i
   }
 }
 
+// The same with 16-byte vectors (p.out_vec): thread t owns the V columns j0 + (t % TPR) * V and
+// rows t / TPR + RPP * r, so TPR consecutive threads store one row's 128 bytes (fp16: a thread
+// stores 8 columns at once where epi_out stores 1).
+template <Act ACT, typename T, typename A>
+__device__ __forceinline__ void epi_out_vec(const PwGemmParams<T>& p, const A* Cs, int rows,
+                                            int64_t i0, int64_t j0) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T)), TPR = Cfg<T>::BN / V;
+  constexpr int RPP = kPwThreads / TPR;
+  static_assert(Cfg<T>::BN % V == 0 && kPwThreads % TPR == 0, "vector epilogue");
+  const int cv = threadIdx.x % TPR;
+  const int64_t j = j0 + cv * V;
+  if (j >= p.N) return;  // N % V == 0: the vector is whole
+  A sc[V], sh[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    sc[e] = A(1);
+    sh[e] = A(0);
+    if (p.gamma != nullptr) {
+      const BnAffine<A> f = fold_bn<A>(p.gamma[j + e], p.beta[j + e], p.mean[j + e],
+                                       p.var[j + e], p.eps);
+      sc[e] = f.scale;
+      sh[e] = f.shift;
+    }
+  }
+  T* out = static_cast<T*>(p.out);
+  for (int r = threadIdx.x / TPR; r < rows; r += RPP) {
+    const int64_t i = i0 + r;
+    A z[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) z[e] = Cs[r * Cfg<T>::CP + cv * V + e] * sc[e] + sh[e];
+    if (p.res != nullptr) {
+      T rv[V];
+      load_or_zero<V>(p.res + p.res_rows.off(i) + j, true, rv);
+#pragma unroll
+      for (int e = 0; e < V; ++e) z[e] += cvt_in<A>(rv[e]);
+    }
+    T o[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) o[e] = cvt_out<T>(act_forward<ACT>(z[e]));
+    uint4 raw;
+    memcpy(&raw, o, sizeof(raw));
+    *reinterpret_cast<uint4*>(out + i * p.ldo + j) = raw;
+  }
+}
+
 template <Act ACT, typename T, typename A>
 __device__ __forceinline__ void epi_bwd(const PwGemmParams<T>& p, const A* Cs, int rows,
                                         int64_t i0, int64_t j, int c, int rg, A mu, A is, A ga,
@@ -277,6 +322,10 @@ __device__ __forceinline__ void epilogue(const PwGemmParams<T>& p, int64_t i0, i
     return;
   }
   if (p.mode == kPwOut) {
+    if (p.out_vec) {
+      with_act(p.act, [&](auto a) { epi_out_vec<decltype(a)::value>(p, Cs, rows, i0, j0); });
+      return;
+    }
     if (!col_ok) return;
     A sc = A(1), sh = A(0);
     if (p.gamma != nullptr) {

@@ -93,6 +93,9 @@ struct PwGemmParams {
   PwRows res_rows;
   void* out;  // kPwOut: T [M][ldo]; kPwAcc: A [z][M][ldo] (out_zstride elements per z)
   int64_t ldo, out_zstride;
+  // kPwOut: 16-byte vectors of T along the columns of out (and of res, when there is one) are
+  // aligned and never cross column N (the host's vec_columns): the epilogue stores vectors.
+  bool out_vec;
   const T* go;  // kPwBwd: grad_out by pixel rows
   PwRows go_rows;
   A* y;         // kPwBwd: [M][N]

@@ -90,6 +90,16 @@ PwOperand operand(const void* p, const PwRows& rows, bool k_inner, int64_t inner
   return o;
 }
 
+// Whether the kPwOut epilogue may store 16-byte vectors of T (PwGemmParams::out_vec): the output
+// [M][ldo] and the residual rows (when `res`) are aligned, and no vector crosses column N.
+template <typename T>
+bool vec_columns(const void* out, int64_t ldo, int64_t N, const void* res,
+                 const PwRows& res_rows) {
+  constexpr int64_t V = 16 / static_cast<int64_t>(sizeof(T));
+  const bool out_ok = reinterpret_cast<uintptr_t>(out) % 16 == 0 && ldo % V == 0 && N % V == 0;
+  return out_ok && (res == nullptr || operand<T>(res, res_rows, true, N).vec);
+}
+
 // grad_weight: pixel rows per partial. Fixed by the problem size only (determinism), a multiple
 // of every tile's BK, grown to bound the partials' memory (2^24 elements) and the grid's z.
 int64_t grad_weight_chunk(int64_t M, int64_t Cout, int64_t Cin) {
@@ -142,6 +152,7 @@ void forward_impl(const PwProblem& pb, const at::Tensor& x, const at::Tensor& we
   p.var = var.data_ptr<A>();
   p.out = out.data_ptr();
   p.ldo = pb.Cout;
+  p.out_vec = vec_columns<T>(p.out, p.ldo, p.N, p.res, p.res_rows);
   launch_pw_gemm<T>(p, 1, stream);
 }
 
@@ -234,6 +245,7 @@ void backward_impl(const PwProblem& pb, const at::Tensor& grad_out, const at::Te
   q.act = Act::Identity;
   q.out = grad_x.data_ptr();  // fresh NHWC: dense [M][Cin]
   q.ldo = pb.Cin;
+  q.out_vec = vec_columns<T>(q.out, q.ldo, q.N, nullptr, PwRows{});
   launch_pw_gemm<T>(q, 1, stream);
 
   // (5) grad_weight[Cout][Cin] = sum_m dy[m][co] x[m][ci], one partial per pixel chunk:

@@ -1,0 +1,4 @@
+// Explicit instantiations of the direct depthwise forward kernel (dw_direct.cuh), stride 2.
+#include "dw_direct.cuh"
+
+EFFK_INSTANTIATE_DW_FWD_DIRECT_ALL(2)
