@@ -15,8 +15,9 @@ triton. Those kernels are compiled and ptxas-checked on GPU-less build machines,
 per-element math is shared with the CPU kernels (csrc/include/effkernels). Their first GPU runs
 (an H200, 2026-11-30; bench/NOTES.md) passed 580 of the 581 `cuda`-marked tests outside the
 Triton backend's and found them no faster than the Triton kernels on the eval forwards and
-slower on the fused block, so "auto" does NOT choose them: it does only when the environment
-variable EFFK_CUDA_KERNELS=1 is set (read at each call). `set_backend("cuda")` /
+slower on the fused block, so "auto" does NOT choose them, but for the ops of CUDA_FIRST_OPS
+(mixconv_bn_act: faster than Triton's forward and backward, see below); for every op when the
+environment variable EFFK_CUDA_KERNELS=1 is set (read at each call). `set_backend("cuda")` /
 `backend("cuda")` always uses them where they exist.
 
 Eval-mode blocks (inverted_residual, training=False, no gradient recorded) on CUDA tensors run
@@ -182,11 +183,20 @@ def backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def auto_order(device_type: str) -> tuple:
-    """The backends "auto" tries, in order, for tensors of `device_type`."""
+# The ops whose C++ CUDA kernels "auto" takes without EFFK_CUDA_KERNELS=1: GPU-verified (every
+# `cuda`-marked test passes) and faster than the Triton kernels forward and backward on an H200
+# (`python -m bench.gpu_targets`, fp16 N=64, 2026-12-01: mixconv C192 28x28 k3-9 eval forward
+# 0.135 vs 0.223 ms, backward 0.520 vs 1.519 ms).
+CUDA_FIRST_OPS = ("mixconv_bn_act",)
+
+
+def auto_order(device_type: str, op: Optional[str] = None) -> tuple:
+    """The backends "auto" tries, in order, for `op`'s tensors of `device_type`."""
     if device_type == "cpu":
         return ("cpu",)
-    return ("cuda", "triton") if cuda_auto_enabled() else ("triton",)
+    if cuda_auto_enabled() or op in CUDA_FIRST_OPS:
+        return ("cuda", "triton")
+    return ("triton",)
 
 
 def resolve(x: torch.Tensor, op: Optional[str] = None) -> str:
@@ -203,7 +213,7 @@ def resolve(x: torch.Tensor, op: Optional[str] = None) -> str:
         if why is not None:
             raise RuntimeError(f"effkernels backend {_current!r} cannot run this input: {why}")
         return _current
-    for name in auto_order(device_type):
+    for name in auto_order(device_type, op):
         if _why_not_cached(name, device_type, op) is None:
             return name
     return "reference"

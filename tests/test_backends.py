@@ -97,14 +97,20 @@ print("ok")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
-def test_auto_does_not_pick_unverified_cuda_kernels(monkeypatch):
-    """The C++ CUDA kernels are not GPU-verified yet: "auto" picks them for CUDA tensors only
-    with EFFK_CUDA_KERNELS=1 (an explicit backend("cuda") always may)."""
+def test_auto_picks_cuda_kernels_only_where_faster(monkeypatch):
+    """"auto" picks the C++ CUDA kernels for CUDA tensors of the ops where they are GPU-verified
+    and faster than Triton's (CUDA_FIRST_OPS: mixconv_bn_act), for every op with
+    EFFK_CUDA_KERNELS=1 (an explicit backend("cuda") always may)."""
+    order = effkernels._backend.auto_order
     monkeypatch.delenv("EFFK_CUDA_KERNELS", raising=False)
-    assert effkernels._backend.auto_order("cuda") == ("triton",)
+    assert effkernels._backend.CUDA_FIRST_OPS == ("mixconv_bn_act",)
+    for op in (None, "dwconv_bn_act", "pwconv_bn_act", "inverted_residual"):
+        assert order("cuda", op) == ("triton",), op
+    assert order("cuda", "mixconv_bn_act") == ("cuda", "triton")
     monkeypatch.setenv("EFFK_CUDA_KERNELS", "1")
-    assert effkernels._backend.auto_order("cuda") == ("cuda", "triton")
-    assert effkernels._backend.auto_order("cpu") == ("cpu",)
+    for op in (None, "dwconv_bn_act", "mixconv_bn_act"):
+        assert order("cuda", op) == ("cuda", "triton"), op
+    assert order("cpu") == ("cpu",) and order("cpu", "mixconv_bn_act") == ("cpu",)
 
 
 def test_cuda_backend_claims_only_ops_with_kernels():
