@@ -31,19 +31,18 @@ same bits on every run.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
-from torch._prims_common import suggest_memory_format
 
 from effkernels import _checks
 
 from . import batchnorm
 from .activation import CODES, act_backward, act_forward
+from .host import acc_dtype, channels_innermost, in_format, on_input_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -365,27 +364,6 @@ def _launch_split(n, ho, n_wb, n_cb, rows, wb_per):
     return n * n_rg * n_wg * n_cb, n_rg, n_wg
 
 
-def _channels_innermost(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its channel stride is 1 (NHWC and its channel/column slices), else one
-    channels_last copy."""
-    if t.stride(1) == 1 or t.shape[1] == 1:
-        return t
-    return t.contiguous(memory_format=torch.channels_last)
-
-
-def _in_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    fmt = suggest_memory_format(like)
-    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
-
-
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _packed_weight(weight: torch.Tensor, block_c: int) -> torch.Tensor:
     """(C, 1, k, k) -> [cdiv(C, block_c), k*k, block_c] in x's dtype, channels zero-padded:
     per channel block, one contiguous vector per tap (see _weight_block)."""
@@ -413,6 +391,7 @@ def _check_stats(op, name, t, channels, x):
                          f"{x.device}; got {got}")
 
 
+@on_input_device
 def forward(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor,
             bn_bias: torch.Tensor, running_mean: Optional[torch.Tensor],
             running_var: Optional[torch.Tensor], stride: int, padding: int, dilation: int,
@@ -429,7 +408,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor,
     _checks.act(op, "act", act)
     n, c, h, w, k, ho, wo = _geometry(x, weight, stride, padding, dilation)
     _checks.training_count(op, n * ho * wo, training)
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x)
     sd = batchnorm.stat_dtype(x)
 
     out = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device,
@@ -443,39 +422,39 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor,
         mean = torch.zeros(c, dtype=sd, device=x.device)
         var = torch.zeros(c, dtype=sd, device=x.device)
     if x.numel() == 0 or out.numel() == 0:
-        return _in_format(out, x), mean, var
+        return in_format(out, x), mean, var
 
-    xc = _channels_innermost(x)
+    xc = channels_innermost(x)
     bw, bc, warps = _tile(c, wo)
     wp = _packed_weight(weight, bc)
     n_cb, n_wb = _cdiv(c, bc), _cdiv(wo, bw)
     geo = (c, h, w, ho, wo, xc.stride(0), xc.stride(2), xc.stride(3), padding, dilation)
     meta = dict(K=k, STRIDE=stride, ACT=CODES[act], BLOCK_W=bw, BLOCK_C=bc, num_warps=warps,
                 num_stages=NUM_STAGES)
-    with _device_ctx(x):
-        if training:
-            # Pass 1: per-program (mean, M2, count) partials; no y is stored.
-            rows, wb_per = _split(n, ho, n_wb, c, True, x.numel())
-            grid, n_rg, n_wg = _launch_split(n, ho, n_wb, n_cb, rows, wb_per)
-            parts = n * n_rg * n_wg
-            pmean = torch.empty((parts, c), dtype=acc, device=x.device)
-            pm2 = torch.empty_like(pmean)
-            pcnt = torch.empty((parts,), dtype=acc, device=x.device)
-            _dw_fwd_kernel[(grid,)](
-                xc, wp, pmean, pmean, out, pmean, pm2, pcnt, *geo, rows, wb_per, n_rg, n_wg,
-                n_cb, STATS=True, **meta)
-            bmean, bvar = batchnorm.combine_partials(pmean, pm2, pcnt)
-            mean, var = bmean.to(sd), bvar.to(sd)
-        scale, shift = batchnorm.fold(bn_weight, bn_bias, mean, var, eps)
-        # Output pass: act(y * scale + shift).
-        rows, wb_per = _split(n, ho, n_wb, c, False, x.numel())
+    if training:
+        # Pass 1: per-program (mean, M2, count) partials; no y is stored.
+        rows, wb_per = _split(n, ho, n_wb, c, True, x.numel())
         grid, n_rg, n_wg = _launch_split(n, ho, n_wb, n_cb, rows, wb_per)
+        parts = n * n_rg * n_wg
+        pmean = torch.empty((parts, c), dtype=acc, device=x.device)
+        pm2 = torch.empty_like(pmean)
+        pcnt = torch.empty((parts,), dtype=acc, device=x.device)
         _dw_fwd_kernel[(grid,)](
-            xc, wp, scale, shift, out, scale, scale, scale, *geo, rows, wb_per, n_rg, n_wg, n_cb,
-            STATS=False, **meta)
-    return _in_format(out, x), mean, var
+            xc, wp, pmean, pmean, out, pmean, pm2, pcnt, *geo, rows, wb_per, n_rg, n_wg,
+            n_cb, STATS=True, **meta)
+        bmean, bvar = batchnorm.combine_partials(pmean, pm2, pcnt)
+        mean, var = bmean.to(sd), bvar.to(sd)
+    scale, shift = batchnorm.fold(bn_weight, bn_bias, mean, var, eps)
+    # Output pass: act(y * scale + shift).
+    rows, wb_per = _split(n, ho, n_wb, c, False, x.numel())
+    grid, n_rg, n_wg = _launch_split(n, ho, n_wb, n_cb, rows, wb_per)
+    _dw_fwd_kernel[(grid,)](
+        xc, wp, scale, shift, out, scale, scale, scale, *geo, rows, wb_per, n_rg, n_wg, n_cb,
+        STATS=False, **meta)
+    return in_format(out, x), mean, var
 
 
+@on_input_device
 def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
              bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor,
              var: torch.Tensor, stride: int, padding: int, dilation: int, act: str,
@@ -497,7 +476,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     if tuple(grad_out.shape) != (n, c, ho, wo):
         raise ValueError(f"{op}: grad_out must have shape {(n, c, ho, wo)}; got "
                          f"{tuple(grad_out.shape)}")
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x)
     sd = batchnorm.stat_dtype(x)
 
     grad_x = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device,
@@ -511,10 +490,10 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         grad_weight.zero_()
         grad_gamma.zero_()
         grad_beta.zero_()
-        return _in_format(grad_x, x), grad_weight, grad_gamma, grad_beta
+        return in_format(grad_x, x), grad_weight, grad_gamma, grad_beta
 
-    xc = _channels_innermost(x)
-    goc = _channels_innermost(grad_out)
+    xc = channels_innermost(x)
+    goc = channels_innermost(grad_out)
     mean_s, var_s = mean.to(sd), var.to(sd)
     scale, shift = batchnorm.fold(bn_weight, bn_bias, mean_s, var_s, eps)
     count = n * ho * wo
@@ -528,54 +507,53 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     meta = dict(K=k, STRIDE=stride, ACT=CODES[act], BLOCK_W=bw, BLOCK_C=bc, num_warps=warps,
                 num_stages=NUM_STAGES)
     dy = torch.empty((n, ho, wo, c), dtype=acc, device=x.device)
-    with _device_ctx(x):
-        # Kernel A: partial sums of g and g*xhat (+ kernel B's dy in eval, which has no
-        # batch terms: one launch).
-        rows, wb_per = _split(n, ho, n_wb, c, True, x.numel())
+    # Kernel A: partial sums of g and g*xhat (+ kernel B's dy in eval, which has no
+    # batch terms: one launch).
+    rows, wb_per = _split(n, ho, n_wb, c, True, x.numel())
+    grid, n_rg, n_wg = _launch_split(n, ho, n_wb, n_cb, rows, wb_per)
+    psg = torch.empty((n * n_rg * n_wg, c), dtype=acc, device=x.device)
+    psgx = torch.empty_like(psg)
+    tensors = (xc, wp, goc, scale, shift, mean_s, invstd)
+    _dw_bwd_dy_kernel[(grid,)](
+        *tensors, ca, cb, cc, dy, psg, psgx, *geo, rows, wb_per, n_rg, n_wg, n_cb,
+        SUMS=True, WRITE_DY=not training, **meta)
+    sum_g = psg.sum(0, dtype=torch.float64)
+    sum_gx = psgx.sum(0, dtype=torch.float64)
+    if training:
+        ca, cb, cc, invstd = batchnorm.backward_coeffs(bn_weight, mean_s, var_s, eps, sum_g,
+                                                       sum_gx, count, True)
+        # Kernel B: dy = a*g + b*xhat + c with the batch terms.
+        rows, wb_per = _split(n, ho, n_wb, c, False, x.numel())
         grid, n_rg, n_wg = _launch_split(n, ho, n_wb, n_cb, rows, wb_per)
-        psg = torch.empty((n * n_rg * n_wg, c), dtype=acc, device=x.device)
-        psgx = torch.empty_like(psg)
-        tensors = (xc, wp, goc, scale, shift, mean_s, invstd)
         _dw_bwd_dy_kernel[(grid,)](
             *tensors, ca, cb, cc, dy, psg, psgx, *geo, rows, wb_per, n_rg, n_wg, n_cb,
-            SUMS=True, WRITE_DY=not training, **meta)
-        sum_g = psg.sum(0, dtype=torch.float64)
-        sum_gx = psgx.sum(0, dtype=torch.float64)
-        if training:
-            ca, cb, cc, invstd = batchnorm.backward_coeffs(bn_weight, mean_s, var_s, eps, sum_g,
-                                                           sum_gx, count, True)
-            # Kernel B: dy = a*g + b*xhat + c with the batch terms.
-            rows, wb_per = _split(n, ho, n_wb, c, False, x.numel())
-            grid, n_rg, n_wg = _launch_split(n, ho, n_wb, n_cb, rows, wb_per)
-            _dw_bwd_dy_kernel[(grid,)](
-                *tensors, ca, cb, cc, dy, psg, psgx, *geo, rows, wb_per, n_rg, n_wg, n_cb,
-                SUMS=False, WRITE_DY=True, **meta)
+            SUMS=False, WRITE_DY=True, **meta)
 
-        # Kernel C: dx and the dweight partials.
-        bwi, bci, _ = _tile(c, _cdiv(w, stride))
-        bc3 = min(bc, bci)
-        bw3 = min(max(bw, bwi), _pow2(max(wo, _cdiv(w, stride))))
-        n_cb3 = _cdiv(c, bc3)
-        # Partials [programs, k*k, C] kept to about an eighth of x's bytes, and enough
-        # programs for the GPU (the interpreter: one per image and channel block).
-        budget = max(1, (x.numel() * x.element_size()) // 8 // (k * k * c * dy.element_size()))
-        rows = ho if _INTERPRET else max(1, min(8, ho // max(1, _cdiv(8 * 132, n * n_cb3))))
-        while rows < ho and n * _cdiv(ho, rows) > budget:
-            rows *= 2
-        n_rg = max(_cdiv(ho, rows), _cdiv(h, rows * stride))
-        pdw = torch.empty((n * n_rg, k * k, c), dtype=acc, device=x.device)
-        dx = grad_x
-        _dw_bwd_input_kernel[(n * n_rg * n_cb3,)](
-            xc, wp if bc3 == bc else _packed_weight(weight, bc3), dy, dx, pdw, c, h, w, ho, wo,
-            xc.stride(0), xc.stride(2), xc.stride(3),
-            padding, dilation, rows, n_rg, n_cb3, _cdiv(_cdiv(w, stride), bw3), _cdiv(wo, bw3),
-            K=k, STRIDE=stride, BLOCK_W=bw3, BLOCK_C=bc3, num_warps=warps,
-            num_stages=NUM_STAGES)
-        dw = pdw.sum(0, dtype=torch.float64)  # [k*k, C]
+    # Kernel C: dx and the dweight partials.
+    bwi, bci, _ = _tile(c, _cdiv(w, stride))
+    bc3 = min(bc, bci)
+    bw3 = min(max(bw, bwi), _pow2(max(wo, _cdiv(w, stride))))
+    n_cb3 = _cdiv(c, bc3)
+    # Partials [programs, k*k, C] kept to about an eighth of x's bytes, and enough
+    # programs for the GPU (the interpreter: one per image and channel block).
+    budget = max(1, (x.numel() * x.element_size()) // 8 // (k * k * c * dy.element_size()))
+    rows = ho if _INTERPRET else max(1, min(8, ho // max(1, _cdiv(8 * 132, n * n_cb3))))
+    while rows < ho and n * _cdiv(ho, rows) > budget:
+        rows *= 2
+    n_rg = max(_cdiv(ho, rows), _cdiv(h, rows * stride))
+    pdw = torch.empty((n * n_rg, k * k, c), dtype=acc, device=x.device)
+    dx = grad_x
+    _dw_bwd_input_kernel[(n * n_rg * n_cb3,)](
+        xc, wp if bc3 == bc else _packed_weight(weight, bc3), dy, dx, pdw, c, h, w, ho, wo,
+        xc.stride(0), xc.stride(2), xc.stride(3),
+        padding, dilation, rows, n_rg, n_cb3, _cdiv(_cdiv(w, stride), bw3), _cdiv(wo, bw3),
+        K=k, STRIDE=stride, BLOCK_W=bw3, BLOCK_C=bc3, num_warps=warps,
+        num_stages=NUM_STAGES)
+    dw = pdw.sum(0, dtype=torch.float64)  # [k*k, C]
     grad_weight.copy_(dw.t().reshape(c, 1, k, k))
     grad_gamma.copy_(sum_gx)
     grad_beta.copy_(sum_g)
-    return _in_format(grad_x, x), grad_weight, grad_gamma, grad_beta
+    return in_format(grad_x, x), grad_weight, grad_gamma, grad_beta
 
 
 # ---- ahead-of-time compile specs (make kernels-report) --------------------------------------

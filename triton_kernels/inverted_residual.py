@@ -66,7 +66,6 @@ from typing import List, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch._prims_common import suggest_memory_format
 
 from .. import _checks
 from .. import reference as _reference
@@ -75,6 +74,7 @@ from . import batchnorm
 from . import dwconv_bn_act as _dw
 from . import pwconv_bn_act as _pw
 from .activation import CODES, act_forward
+from .host import channels_innermost, in_format, on_input_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -280,14 +280,6 @@ def _blocks(cin: int, mid: int, cout: int, pixels: int):
     return bp, bci, bh, bco, cfg["num_warps"]
 
 
-def _channels_innermost(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its channel stride is 1 (channels_last and its slices), else one
-    channels_last copy."""
-    if t.stride(1) == 1 or t.shape[1] == 1:
-        return t
-    return t.contiguous(memory_format=torch.channels_last)
-
-
 def _check(op, x, expand, depthwise, se, project, stride, dilation, act, se_act, se_gate, skip,
            training, n_stage):
     """Shapes, dtypes, devices of the block's tensors; returns (mid, cout, k, pad)."""
@@ -417,6 +409,7 @@ def _composed(x, expand, depthwise, se, project, stride, dilation, act, se_act, 
     return out, stats + [mean, var]
 
 
+@on_input_device
 def forward(x: torch.Tensor, expand: Sequence[torch.Tensor], depthwise: Sequence[torch.Tensor],
             se: Sequence[torch.Tensor], project: Sequence[torch.Tensor], stride: int,
             dilation: int, act: str, se_act: str, se_gate: str, skip: bool, training: bool,
@@ -442,7 +435,7 @@ def forward(x: torch.Tensor, expand: Sequence[torch.Tensor], depthwise: Sequence
     sd = batchnorm.stat_dtype(x)
     acc = _acc(x)
     dev = x.device
-    xc = _channels_innermost(x)
+    xc = channels_innermost(x)
     out = _like(x, (n, cout, ho, wo))
     bp, bci, bh, bco, warps = _blocks(cin, mid, cout, ho * wo)
     we = expand[0].reshape(mid, cin).t().contiguous() if expand else xc
@@ -459,77 +452,72 @@ def forward(x: torch.Tensor, expand: Sequence[torch.Tensor], depthwise: Sequence
         mean, var = batchnorm.combine_partials(p0, p1, counts)
         return mean.to(sd), var.to(sd)
 
-    with _dw._device_ctx(x):
-        scale_e = shift_e = None
-        if expand:
-            if training:
-                n_t = _cdiv(h * w, bp)
-                p0 = torch.empty((n * n_t, mid), dtype=sd, device=dev)
-                p1 = torch.empty_like(p0)
-                _ir_expand_stats_kernel[(n * n_t, _cdiv(mid, bh))](
-                    xc, we, p0, p1, cin, mid, h, w, n_t, *xs, ACC=acc, UPCAST=upcast,
-                    BLOCK_P=bp, BLOCK_CI=bci, BLOCK_H=bh, num_warps=warps,
-                    num_stages=NUM_STAGES)
-                mean, var = combined(p0, p1, _tile_counts(n, h * w, bp, dev))
-            else:
-                mean, var = running(expand)
-            stats += [mean, var]
-            scale_e, shift_e = batchnorm.fold(expand[1], expand[2], mean, var, eps)
-
-        n_t = _cdiv(ho * wo, bp)
-        counts = _tile_counts(n, ho * wo, bp, dev)
-        vecs = dict(scale_e=scale_e, shift_e=shift_e, scale_d=None, shift_d=None, gate=None,
-                    scale_p=None, shift_p=None)
-
-        def launch(mode, grid_c, part0=None, part1=None, dst=None):
-            stand_in = wd  # never read: the mode's constexprs skip it
-            v = [t if t is not None else stand_in for t in vecs.values()]
-            o = dst if dst is not None else stand_in
-            os_ = (o.stride(0), o.stride(2), o.stride(3), o.stride(1)) if dst is not None \
-                else (0, 0, 0, 0)
-            _ir_kernel[(n * n_t, grid_c)](
-                xc, we, wd, wp, *v, o, part0 if part0 is not None else stand_in,
-                part1 if part1 is not None else stand_in,
-                cin, mid, cout, h, w, ho, wo, pad, dilation, n_t, *xs, *os_,
-                K=k, STRIDE=stride, ACT=CODES[act], MODE=mode, HAS_EXPAND=bool(expand),
-                HAS_SE=vecs["gate"] is not None, HAS_RES=bool(skip) and mode == OUT, ACC=acc,
-                UPCAST=upcast, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_H=bh, BLOCK_CO=bco,
-                num_warps=warps, num_stages=NUM_STAGES)
-
+    scale_e = shift_e = None
+    if expand:
         if training:
+            n_t = _cdiv(h * w, bp)
             p0 = torch.empty((n * n_t, mid), dtype=sd, device=dev)
             p1 = torch.empty_like(p0)
-            launch(DSTATS, _cdiv(mid, bh), p0, p1)
-            mean, var = combined(p0, p1, counts)
+            _ir_expand_stats_kernel[(n * n_t, _cdiv(mid, bh))](
+                xc, we, p0, p1, cin, mid, h, w, n_t, *xs, ACC=acc, UPCAST=upcast,
+                BLOCK_P=bp, BLOCK_CI=bci, BLOCK_H=bh, num_warps=warps,
+                num_stages=NUM_STAGES)
+            mean, var = combined(p0, p1, _tile_counts(n, h * w, bp, dev))
         else:
-            mean, var = running(depthwise)
+            mean, var = running(expand)
         stats += [mean, var]
-        vecs["scale_d"], vecs["shift_d"] = batchnorm.fold(depthwise[1], depthwise[2], mean, var,
-                                                          eps)
-        if se:
-            p0 = torch.empty((n * n_t, mid), dtype=sd, device=dev)
-            launch(POOL, _cdiv(mid, bh), p0)
-            pooled = (p0.view(n, n_t, mid).sum(1, dtype=torch.float64) / (ho * wo)).to(sd)
-            vecs["gate"] = _se_gate(pooled, se, se_act, se_gate).contiguous()
-        n_cob = _cdiv(cout, bco)
-        if training:
-            p0 = torch.empty((n * n_t, cout), dtype=sd, device=dev)
-            p1 = torch.empty_like(p0)
-            launch(PSTATS, n_cob, p0, p1)
-            mean, var = combined(p0, p1, counts)
-        else:
-            mean, var = running(project)
-        stats += [mean, var]
-        vecs["scale_p"], vecs["shift_p"] = batchnorm.fold(project[1], project[2], mean, var, eps)
-        launch(OUT, n_cob, dst=out)
+        scale_e, shift_e = batchnorm.fold(expand[1], expand[2], mean, var, eps)
+
+    n_t = _cdiv(ho * wo, bp)
+    counts = _tile_counts(n, ho * wo, bp, dev)
+    vecs = dict(scale_e=scale_e, shift_e=shift_e, scale_d=None, shift_d=None, gate=None,
+                scale_p=None, shift_p=None)
+
+    def launch(mode, grid_c, part0=None, part1=None, dst=None):
+        stand_in = wd  # never read: the mode's constexprs skip it
+        v = [t if t is not None else stand_in for t in vecs.values()]
+        o = dst if dst is not None else stand_in
+        os_ = (o.stride(0), o.stride(2), o.stride(3), o.stride(1)) if dst is not None \
+            else (0, 0, 0, 0)
+        _ir_kernel[(n * n_t, grid_c)](
+            xc, we, wd, wp, *v, o, part0 if part0 is not None else stand_in,
+            part1 if part1 is not None else stand_in,
+            cin, mid, cout, h, w, ho, wo, pad, dilation, n_t, *xs, *os_,
+            K=k, STRIDE=stride, ACT=CODES[act], MODE=mode, HAS_EXPAND=bool(expand),
+            HAS_SE=vecs["gate"] is not None, HAS_RES=bool(skip) and mode == OUT, ACC=acc,
+            UPCAST=upcast, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_H=bh, BLOCK_CO=bco,
+            num_warps=warps, num_stages=NUM_STAGES)
+
+    if training:
+        p0 = torch.empty((n * n_t, mid), dtype=sd, device=dev)
+        p1 = torch.empty_like(p0)
+        launch(DSTATS, _cdiv(mid, bh), p0, p1)
+        mean, var = combined(p0, p1, counts)
+    else:
+        mean, var = running(depthwise)
+    stats += [mean, var]
+    vecs["scale_d"], vecs["shift_d"] = batchnorm.fold(depthwise[1], depthwise[2], mean, var,
+                                                      eps)
+    if se:
+        p0 = torch.empty((n * n_t, mid), dtype=sd, device=dev)
+        launch(POOL, _cdiv(mid, bh), p0)
+        pooled = (p0.view(n, n_t, mid).sum(1, dtype=torch.float64) / (ho * wo)).to(sd)
+        vecs["gate"] = _se_gate(pooled, se, se_act, se_gate).contiguous()
+    n_cob = _cdiv(cout, bco)
+    if training:
+        p0 = torch.empty((n * n_t, cout), dtype=sd, device=dev)
+        p1 = torch.empty_like(p0)
+        launch(PSTATS, n_cob, p0, p1)
+        mean, var = combined(p0, p1, counts)
+    else:
+        mean, var = running(project)
+    stats += [mean, var]
+    vecs["scale_p"], vecs["shift_p"] = batchnorm.fold(project[1], project[2], mean, var, eps)
+    launch(OUT, n_cob, dst=out)
     return out, stats
 
 
-def _in_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    fmt = suggest_memory_format(like)
-    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
-
-
+@on_input_device
 def backward(grad_out: torch.Tensor, x: torch.Tensor, expand: Sequence[torch.Tensor],
              depthwise: Sequence[torch.Tensor], se: Sequence[torch.Tensor],
              project: Sequence[torch.Tensor], stats: Sequence[torch.Tensor], stride: int,
@@ -578,7 +566,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, expand: Sequence[torch.Ten
         dgate = (dh32 * a.to(sd)).sum((2, 3))
         dpooled, grad_se = _se_backward(dgate, saved, se, se_act, se_gate)
         da = dh32 * gate[:, :, None, None] + dpooled[:, :, None, None] / (ho * wo)
-        da = _in_format(da.to(x.dtype), a)
+        da = in_format(da.to(x.dtype), a)
         del dh32, dgate
     else:
         da = dh
@@ -595,7 +583,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, expand: Sequence[torch.Ten
         gx, grad_expand = de, []
     if skip:
         gx = gx + gres
-    return _in_format(gx, x), grad_expand, [gwd, ggd, gbd], grad_se, [gwp, ggp, gbp]
+    return in_format(gx, x), grad_expand, [gwd, ggd, gbd], grad_se, [gwp, ggp, gbp]
 
 
 # ---- ahead-of-time compile specs (make kernels-report) --------------------------------------

@@ -51,12 +51,12 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch._prims_common import suggest_memory_format
 
 from effkernels import _checks
 
 from . import batchnorm
 from .activation import CODES, act_backward, act_forward
+from .host import channels_innermost, in_format, on_input_device
 
 # Tile configurations (one list): the launcher picks one per layer shape (_pick_config; cached)
 # instead of timing them, because the block table and packed weights depend on BLOCK_C.
@@ -566,22 +566,9 @@ def _pow2_align(*values) -> int:
     return a
 
 
-def _channels_innermost(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its channels are innermost (stride 1); else one channels_last copy."""
-    if t.stride(1) == 1 or t.shape[1] == 1:
-        return t
-    return t.contiguous(memory_format=torch.channels_last)
-
-
 def _nhw_strides(t: torch.Tensor):
     """(N, H, W) strides; a size-1 dim's stride is arbitrary in torch: use 0 (never used)."""
     return tuple(t.stride(d) if t.shape[d] > 1 else 0 for d in (0, 2, 3))
-
-
-def _in_format(out_nhwc: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    fmt = suggest_memory_format(like)
-    return out_nhwc if out_nhwc.is_contiguous(memory_format=fmt) else \
-        out_nhwc.contiguous(memory_format=fmt)
 
 
 def _pack(weights, lay: _Layout, acc_dtype) -> torch.Tensor:
@@ -637,6 +624,7 @@ class _Geometry:
                     num_stages=self.num_stages)
 
 
+@on_input_device
 def forward(x: torch.Tensor, weights: List[torch.Tensor], bn_weight: torch.Tensor,
             bn_bias: torch.Tensor, running_mean: Optional[torch.Tensor],
             running_var: Optional[torch.Tensor], stride: int, dilation: int, act: str,
@@ -661,8 +649,8 @@ def forward(x: torch.Tensor, weights: List[torch.Tensor], bn_weight: torch.Tenso
         mean = torch.zeros(c, dtype=sd, device=x.device)
         var = torch.zeros(c, dtype=sd, device=x.device)
     if x.numel() == 0:
-        return _in_format(out, x), mean, var
-    xin = _channels_innermost(x)
+        return in_format(out, x), mean, var
+    xin = channels_innermost(x)
     geo = _Geometry(xin, weights, stride, dilation)
     wpack = _pack(weights, geo.lay, sd)
     grid = (geo.n_rows * geo.n_cb,)
@@ -680,7 +668,7 @@ def forward(x: torch.Tensor, weights: List[torch.Tensor], bn_weight: torch.Tenso
         mean64, var64 = batchnorm.combine_partials(part[0], part[1], counts)
         mean, var = mean64.to(sd), var64.to(sd)
     conv_pass(False, out, mean, var)
-    return _in_format(out, x), mean, var
+    return in_format(out, x), mean, var
 
 
 def _check_backward(grad_out, x, weights, bn_weight, bn_bias, mean, var, stride, dilation, act,
@@ -703,6 +691,7 @@ def _check_backward(grad_out, x, weights, bn_weight, bn_bias, mean, var, stride,
                          f"{tuple(grad_out.shape)}")
 
 
+@on_input_device
 def backward(grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor],
              bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor,
              var: torch.Tensor, stride: int, dilation: int, act: str, training: bool,
@@ -714,12 +703,12 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor
     grad_x = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device,
                          memory_format=torch.channels_last)
     if x.numel() == 0:
-        return (_in_format(grad_x, x), [torch.zeros_like(wt) for wt in weights],
+        return (in_format(grad_x, x), [torch.zeros_like(wt) for wt in weights],
                 torch.zeros_like(bn_weight), torch.zeros_like(bn_bias))
     sd = batchnorm.stat_dtype(x)
     dev = x.device
-    xin = _channels_innermost(x)
-    gin = _channels_innermost(grad_out)
+    xin = channels_innermost(x)
+    gin = channels_innermost(grad_out)
     sg = _nhw_strides(gin)
     geo = _Geometry(xin, weights, stride, dilation, extra_strides=sg)
     sg_a = tuple(s // geo.align for s in sg)
@@ -767,7 +756,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor
     dsum = dpart.sum(0).to(x.dtype)  # chunks summed in a fixed order: deterministic
     grad_w = [dsum.index_select(0, idx).view(wt.shape)
               for idx, wt in zip(geo.lay.group_src, weights)]
-    return _in_format(grad_x, x), grad_w, grad_gamma, grad_beta
+    return in_format(grad_x, x), grad_w, grad_gamma, grad_beta
 
 
 # ---- ahead-of-time compile specs ---------------------------------------------------------------

@@ -55,6 +55,7 @@ from .. import _checks
 from .._registration import _like
 from . import batchnorm
 from .activation import CODES, act_backward, act_forward
+from .host import on_input_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -363,6 +364,7 @@ def _upcast(x):
     return _INTERPRET and x.dtype == torch.bfloat16
 
 
+@on_input_device
 def forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, act, training,
             eps):
     """(out, mean, var): out = act(BN(conv1x1(x)) [+ residual]) in x's memory format; mean/var
@@ -415,6 +417,7 @@ def _dw_chunk(P, cout, cin):
     return triton.cdiv(triton.cdiv(P, chunks), DW_CHUNK_QUANTUM) * DW_CHUNK_QUANTUM
 
 
+@on_input_device
 def backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, residual, act, training, eps):
     """(grad_x, grad_weight, grad_bn_weight, grad_bn_bias, grad_residual), each in its input's
     dtype (grad_residual: empty when there is no residual). y = conv(x) is recomputed."""
