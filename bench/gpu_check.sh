@@ -10,6 +10,7 @@
 #    Compute over bench.gpu_profile, and bench.run --targets (ours vs eager and torch.compile);
 # 4. the Triton backend's tests, compiled for the GPU;
 # 5. (when GPU_CHECK_CPU=1) the CPU suite against that machine's torch.
+# GPU_CHECK_TRITON_LIMIT: seconds for each of step 4's two suites (default 100; quick: 40).
 # Every step has its own time limit, so that the whole stays inside a device lease (about 8
 # minutes with the prebuilt extension; GPU_CHECK_QUICK=1: about 3). The CSVs land in OUTDIR, the
 # logs packed into OUTDIR/logs.tgz at the end (the device tool returns 8 files at most; a run cut
@@ -121,7 +122,7 @@ fi
 # (seconds each; more for the block's), so the step is long. -v names every result as it comes,
 # so that a step cut by its time limit still says what passed and what was still running.
 step "Triton backend on the GPU (tests -m cuda -k triton, then tests/triton)"
-limit=$([ "$quick" = 1 ] && echo 40 || echo 100)
+limit=${GPU_CHECK_TRITON_LIMIT:-$([ "$quick" = 1 ] && echo 40 || echo 100)}  # seconds per suite
 # One pwconv config per problem: the autotuner would time every config for each test shape
 # (about 1 s per new shape by do_bench's defaults, not measured); tests/triton's
 # test_every_config still checks each config.

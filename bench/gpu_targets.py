@@ -51,6 +51,17 @@ def _time(fn: Callable[[], object], device: str) -> tuple:
         return do_bench(fn, rep=60, return_mode="median"), "launch"
 
 
+EAGER_BWD = "eager_cl (autograd)"
+
+
+def _eager_backward(forward, inputs, grad_out) -> Callable[[], object]:
+    """The backward of PyTorch eager's forward(*inputs) (training mode) for grad_out: every
+    input's gradient, the graph kept for the next call."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = forward(*leaves)
+    return lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+
+
 def _bn(c, device):
     """(gamma, beta, running mean, running var) of c channels, as the op benchmarks draw them."""
     return [t.to(device) for t in ops._bn(c)]
@@ -190,6 +201,10 @@ def measure(run: Run, small: bool) -> None:
     for name, ns in backends.items():
         run.time(target, name, lambda ns=ns: ns.dwconv_bn_act_backward(
             go, x, w, g, b, mean, var, 1, 1, 1, ACT, True, eps))
+    run.time(target, EAGER_BWD, _eager_backward(
+        lambda xr, wr, gr, br: _eager_act(F.batch_norm(F.conv2d(xr, wr, None, 1, 1, 1, c), None,
+                                                       None, gr, br, True, 0.0, eps)),
+        (x, w, g.to(dt), b.to(dt)), go))
 
     # PyTorch's weight gradient alone (output_mask), with cuDNN and with its native kernel.
     target = f"dweight alone C{c} {h}x{h} k3 N{n}"
@@ -236,6 +251,10 @@ def measure(run: Run, small: bool) -> None:
     for name, ns in backends.items():
         run.time(target, name, lambda ns=ns: ns.pwconv_bn_act_backward(
             gop, xp, wp, gp, bp, meanp, varp, None, ACT, True, eps))
+    run.time(target, EAGER_BWD, _eager_backward(
+        lambda xr, wr, gr, br: _eager_act(F.batch_norm(F.conv2d(xr, wr), None, None, gr, br,
+                                                       True, 0.0, eps)),
+        (xp, wp, gp.to(dt), bp.to(dt)), gop))
 
     # --- mixconv (MixNet-M-like: 4 groups, k 3/5/7/9) -----------------------------------
     cm, hm = (16, 10) if small else (192, 28)
@@ -353,6 +372,10 @@ def summary(rows: List[dict]) -> str:
                 for how in ("fused", "composed", "ops.inverted_residual"):
                     out.append(f"{t}: {b} {how} {ratio(t, 'eager_cl (cuDNN)', f'{b} {how}')} "
                                f"eager channels_last (target >= 4x)")
+        if (t, EAGER_BWD) in by:
+            for b in ("cuda", "triton"):
+                out.append(f"{t}: {b} {ratio(t, EAGER_BWD, b)} PyTorch eager's backward "
+                           f"(>1: {b} faster)")
         if (t, "triton") in by or (t, "cuda") in by:
             out.append(f"{t}: cuda vs triton {ratio(t, 'triton', 'cuda')} (>1: cuda faster)")
     return "\n".join(out)
