@@ -6,11 +6,12 @@
 # 2. the cuda-marked tests of the CUDA kernels and the reference (every op, forward and
 #    backward, every dtype, against the float64 reference; gradcheck; opcheck);
 # 3. bench.gpu_targets (issue 4's targets: copy bandwidth, dweight vs native/cuDNN, pointwise
-#    vs cuBLAS, the CUDA kernels vs the Triton kernels, the block fused and composed), Nsight
+#    vs cuBLAS, the CUDA kernels vs the Triton kernels and eager's backward, the block fused and
+#    composed, its training step), Nsight
 #    Compute over bench.gpu_profile, and bench.run --targets (ours vs eager and torch.compile);
 # 4. the Triton backend's tests, compiled for the GPU;
 # 5. (when GPU_CHECK_CPU=1) the CPU suite against that machine's torch.
-# GPU_CHECK_TRITON_LIMIT: seconds for each of step 4's two suites (default 100; quick: 40).
+# GPU_CHECK_TRITON_LIMIT: seconds for each of step 4's two suites (default 80; quick: 40).
 # Every step has its own time limit, so that the whole stays inside a device lease (about 8
 # minutes with the prebuilt extension; GPU_CHECK_QUICK=1: about 3). The CSVs land in OUTDIR, the
 # logs packed into OUTDIR/logs.tgz at the end (the device tool returns 8 files at most; a run cut
@@ -90,9 +91,9 @@ timeout 150 "$PY" -m pytest tests -m cuda -k "not triton" -q -rfEs --tb=short $x
 summary "$OUT/tests_cuda.log" 40
 
 step "GPU targets (bench.gpu_targets)"
-timeout 110 "$PY" -m bench.gpu_targets --dtype float16 --csv "$OUT/gpu_targets.csv" \
+timeout 150 "$PY" -m bench.gpu_targets --dtype float16 --csv "$OUT/gpu_targets.csv" \
   > "$OUT/gpu_targets.log" 2>&1
-tail -n 45 "$OUT/gpu_targets.log"
+tail -n 32 "$OUT/gpu_targets.log"  # the summary (the rows: gpu_targets.csv)
 
 quick=${GPU_CHECK_QUICK:-0}  # 1: no Nsight Compute, no bench.run, a shorter Triton step
 step "Nsight Compute: the target cases' kernels (bench.gpu_profile)"
@@ -122,7 +123,7 @@ fi
 # (seconds each; more for the block's), so the step is long. -v names every result as it comes,
 # so that a step cut by its time limit still says what passed and what was still running.
 step "Triton backend on the GPU (tests -m cuda -k triton, then tests/triton)"
-limit=${GPU_CHECK_TRITON_LIMIT:-$([ "$quick" = 1 ] && echo 40 || echo 100)}  # seconds per suite
+limit=${GPU_CHECK_TRITON_LIMIT:-$([ "$quick" = 1 ] && echo 40 || echo 80)}  # seconds per suite
 # One pwconv config per problem: the autotuner would time every config for each test shape
 # (about 1 s per new shape by do_bench's defaults, not measured); tests/triton's
 # test_every_config still checks each config.

@@ -72,8 +72,15 @@ def _eager_act(y):
 
 
 class Run:
-    def __init__(self, device: str, dtype: torch.dtype):
+    def __init__(self, device: str, dtype: torch.dtype,
+                 on_row: Optional[Callable[[dict], None]] = None):
         self.device, self.dtype, self.rows = device, dtype, []
+        self.on_row = on_row  # called with each row as it is measured
+
+    def _add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
 
     def time(self, target: str, impl: str, fn: Callable[[], object], *,
              moved_bytes: Optional[int] = None, check: Optional[tuple] = None) -> Optional[float]:
@@ -87,7 +94,7 @@ class Run:
                 row["max_abs_err"] = f"{err:.3g}"
                 if not err <= atol:  # NaN fails too
                     row["verified"] = f"WRONG (max abs err {err:.3g} > {atol})"
-                    self.rows.append(row)
+                    self._add(row)
                     return None
             ms, timer = _time(fn, self.device)
             row.update(median_ms=ms, timer=timer)
@@ -95,7 +102,7 @@ class Run:
                 row["GB_per_s"] = moved_bytes / ms / 1e6
         except Exception as e:  # noqa: BLE001 - report and go on
             row["verified"] = f"ERROR {type(e).__name__}: {e}"[:160]
-        self.rows.append(row)
+        self._add(row)
         return row.get("median_ms")
 
 
@@ -325,6 +332,43 @@ def measure(run: Run, small: bool) -> None:
                     return effkernels.ops.inverted_residual(xb, e, d, [], pj, act=ACT)
             run.time(target, f"{name} ops.inverted_residual", api, check=(api, ref, tol))
 
+    # --- the block's training step (forward with batch statistics + backward): what
+    # ops.inverted_residual does on each backend (triton: its fused block; cuda: the C++
+    # composite of its ops), each backend's ops composed in Python, and eager ------------
+    target = f"block train step C{cb} t6 k3 {h}x{h} N{n}"
+    gob = torch.randn_like(xb)
+
+    def step(forward):
+        """forward(x, expand, depthwise, project) and the gradients of x and of every stage's
+        weight, bn_weight, bn_bias (the running statistics updated in place on each call)."""
+        xr = xb.detach().requires_grad_()
+        stages = [[t.detach().clone().requires_grad_(i < 3) for i, t in enumerate(st)]
+                  for st in (e, d, pj)]
+        leaves = [xr] + [t for st in stages for t in st[:3]]
+        return lambda: torch.autograd.grad(forward(xr, *stages), leaves, gob)
+
+    def eager_train(xr, e_, d_, p_):
+        def bn(y, s):
+            return F.batch_norm(y, s[3], s[4], s[1], s[2], True, 0.1, eps)
+        y = _eager_act(bn(F.conv2d(xr, e_[0]), e_))
+        y = _eager_act(bn(F.conv2d(y, d_[0], None, 1, 1, 1, hid), d_))
+        return bn(F.conv2d(y, p_[0]), p_) + xr
+    run.time(target, EAGER_BWD, step(eager_train))
+    for name in backends:
+        def api_train(xr, e_, d_, p_, name=name):
+            with effkernels.backend(name):
+                return effkernels.ops.inverted_residual(xr, e_, d_, [], p_, act=ACT,
+                                                        training=True)
+        run.time(target, f"{name} ops.inverted_residual", step(api_train))
+
+        def composed_train(xr, e_, d_, p_, name=name):
+            with effkernels.backend(name):
+                y = effkernels.ops.pwconv_bn_act(xr, *e_, act=ACT, training=True)
+                y = effkernels.ops.dwconv_bn_act(y, *d_, act=ACT, training=True)
+                return effkernels.ops.pwconv_bn_act(y, *p_, act="identity", residual=xr,
+                                                    training=True)
+        run.time(target, f"{name} composed", step(composed_train))
+
 
 def table(rows: List[dict]) -> str:
     lines = [f"{'target':<44} {'impl':<30} {'median ms':>10} {'GB/s':>8}  timer / check"]
@@ -367,15 +411,18 @@ def summary(rows: List[dict]) -> str:
             a, b = by.get((t, "cuda")), by.get((t, "cuBLAS GEMM alone"))
             r = f"{a / b:.2f}x" if a and b else "n/a"
             out.append(f"{t}: cuda takes {r} cuBLAS's GEMM time (target <= 1.2x)")
-        if t.startswith("block"):
+        if t.startswith("block fwd"):
             for b in ("cuda", "triton"):
                 for how in ("fused", "composed", "ops.inverted_residual"):
                     out.append(f"{t}: {b} {how} {ratio(t, 'eager_cl (cuDNN)', f'{b} {how}')} "
                                f"eager channels_last (target >= 4x)")
         if (t, EAGER_BWD) in by:
-            for b in ("cuda", "triton"):
-                out.append(f"{t}: {b} {ratio(t, EAGER_BWD, b)} PyTorch eager's backward "
-                           f"(>1: {b} faster)")
+            impls = [f"{b} {how}" for b in ("cuda", "triton")
+                     for how in ("ops.inverted_residual", "composed")] \
+                if t.startswith("block train") else ["cuda", "triton"]
+            for b in impls:
+                out.append(f"{t}: {b} {ratio(t, EAGER_BWD, b)} PyTorch eager's "
+                           f"{'step' if t.startswith('block') else 'backward'} (>1: ours faster)")
         if (t, "triton") in by or (t, "cuda") in by:
             out.append(f"{t}: cuda vs triton {ratio(t, 'triton', 'cuda')} (>1: cuda faster)")
     return "\n".join(out)
@@ -392,12 +439,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.gpu_targets: no CUDA device here", file=sys.stderr)
         return 2
-    run = Run(args.device, getattr(torch, args.dtype))
-    print(f"== {common.device_name(args.device)}; {common.versions()}; {args.dtype}",
-          flush=True)
-    measure(run, args.small)
-    print(table(run.rows))
-    print(summary(run.rows))
+    # Each row goes to the CSV (and the log) as it is measured: a run cut by its time limit
+    # keeps what it measured.
     path = Path(args.csv) if args.csv else (
         common.RESULTS / "targets" / f"{args.device}-{common.now()[:10]}.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -410,8 +453,18 @@ def main(argv=None) -> int:
         wr = csv.DictWriter(f, fieldnames=keys)
         if new:
             wr.writeheader()
-        for r in run.rows:
-            wr.writerow({**stamp, **r})
+
+        def on_row(row):
+            wr.writerow({**stamp, **row})
+            f.flush()
+            print(table([row]).splitlines()[1], flush=True)
+
+        run = Run(args.device, getattr(torch, args.dtype), on_row)
+        print(f"== {common.device_name(args.device)}; {common.versions()}; {args.dtype}",
+              flush=True)
+        print(table([]), flush=True)  # the header; the rows come as they are measured
+        measure(run, args.small)
+    print(summary(run.rows))
     print(f"wrote {path}")
     return 1 if any("verified" in r for r in run.rows) else 0
 

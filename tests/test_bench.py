@@ -196,7 +196,7 @@ def test_gpu_targets_script_dry_run(tmp_path):
     targets = {r["target"].split(" C")[0].split(" 8->")[0] for r in rows}
     assert {"copy 1 GiB", "dw fwd eval", "dw fwd train", "dw bwd (dx, dw, dBN)",
             "dweight alone", "pw fwd eval", "pw fwd train", "pw bwd", "mixconv fwd eval",
-            "mixconv bwd", "block fwd eval"} <= targets
+            "mixconv bwd", "block fwd eval", "block train step"} <= targets
     assert all(float(r["median_ms"]) > 0 and not r["verified"] for r in rows)
     checked = [r for r in rows if r["max_abs_err"]]
     assert len(checked) == 7 and all(float(r["max_abs_err"]) < 1e-3 for r in checked)
