@@ -7,8 +7,8 @@
 #    backward, every dtype, against the float64 reference; gradcheck; opcheck);
 # 3. bench.gpu_targets (issue 4's targets: copy bandwidth, dweight vs native/cuDNN, pointwise
 #    vs cuBLAS, the CUDA kernels vs the Triton kernels and eager's backward, the block fused and
-#    composed, its training step), Nsight
-#    Compute over bench.gpu_profile, and bench.run --targets (ours vs eager and torch.compile);
+#    composed, its training step), Nsight Compute over bench.gpu_profile, and bench.run
+#    --targets (ours vs eager and torch.compile);
 # 4. the Triton backend's tests, compiled for the GPU;
 # 5. (when GPU_CHECK_CPU=1) the CPU suite against that machine's torch.
 # GPU_CHECK_TRITON_LIMIT: seconds for each of step 4's two suites (default 80; quick: 40).
