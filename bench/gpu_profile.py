@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .gpu_targets import _bn
+from .gpu_targets import _bn, _env
 
 CL = torch.channels_last
 
@@ -32,13 +32,18 @@ def cases(dev="cuda", dt=torch.float16):
     block = effkernels.nn.InvertedResidual(24, 24, 1, 6, act="relu6").to(dev, dt).eval()
     block = block.to(memory_format=CL)
 
-    def block_fwd():
+    def block_fwd():  # the cuda ops composed (EFFK_FUSED_BLOCK unset)
         with torch.no_grad(), effkernels.backend("cuda"):
             return block(xp)
+
+    def dw_fwd_eval_tiled():  # the tiled kernel the direct one replaced (read per call)
+        with _env("EFFK_DW_DIRECT", "0"):
+            return ops.dwconv_bn_act(x, w, g, b, rm, rv, 1, 1, 1, "relu6", False, 1e-5)
 
     return {
         "dw_fwd_eval": lambda: ops.dwconv_bn_act(x, w, g, b, rm, rv, 1, 1, 1, "relu6", False,
                                                  1e-5),
+        "dw_fwd_eval_tiled": dw_fwd_eval_tiled,
         "dw_bwd": lambda: ops.dwconv_bn_act_backward(go, x, w, g, b, rm, rv, 1, 1, 1, "relu6",
                                                      True, 1e-5),
         "pw_fwd_eval": lambda: ops.pwconv_bn_act(xp, wp, g, b, rm, rv, None, "relu6", False,
