@@ -140,7 +140,8 @@ def _env(name: str, value: str):
 
 def _dw_eval_rows(run: Run, target: str, backends, args, pad, ref, tol, moved) -> None:
     """Each backend's eval-mode dwconv_bn_act; for cuda also its tiled kernel (EFFK_DW_DIRECT=0,
-    csrc/cuda/dw_host.cu), which the direct kernel replaced for these shapes."""
+    csrc/cuda/dw_host.cu), which the direct kernel replaced for these shapes; for triton each of
+    its tile configs forced (BLOCK_W x BLOCK_C; its default row is one of them)."""
     eps = 1e-5
     for name, ns in backends.items():
         def fn(ns=ns):
@@ -149,6 +150,16 @@ def _dw_eval_rows(run: Run, target: str, backends, args, pad, ref, tol, moved) -
         if name == "cuda":
             with _env("EFFK_DW_DIRECT", "0"):
                 run.time(target, "cuda tiled", fn, moved_bytes=moved, check=(fn, ref, tol))
+        if name == "triton":  # each tile config of triton_kernels/dwconv_bn_act.py, forced
+            from effkernels.triton_kernels import dwconv_bn_act as tdw
+
+            for i, cfg in enumerate(tdw.CONFIGS):
+                tdw._FORCED_CONFIG = i
+                try:
+                    run.time(target, f"triton {cfg['BLOCK_W']}x{cfg['BLOCK_C']}", fn,
+                             moved_bytes=moved, check=(fn, ref, tol))
+                finally:
+                    tdw._FORCED_CONFIG = None
 
 
 def measure(run: Run, small: bool) -> None:
