@@ -138,10 +138,12 @@ def _env(name: str, value: str):
             os.environ[name] = old
 
 
-def _dw_eval_rows(run: Run, target: str, backends, args, pad, ref, tol, moved) -> None:
+def _dw_eval_rows(run: Run, target: str, backends, args, pad, ref, tol, moved,
+                  triton_configs: bool = False) -> None:
     """Each backend's eval-mode dwconv_bn_act; for cuda also its tiled kernel (EFFK_DW_DIRECT=0,
-    csrc/cuda/dw_host.cu), which the direct kernel replaced for these shapes; for triton each of
-    its tile configs forced (BLOCK_W x BLOCK_C; its default row is one of them)."""
+    csrc/cuda/dw_host.cu), which the direct kernel replaced for these shapes; with
+    triton_configs, Triton's with each of its tile configs forced (BLOCK_W x BLOCK_C; its
+    default row is one of them)."""
     eps = 1e-5
     for name, ns in backends.items():
         def fn(ns=ns):
@@ -150,7 +152,7 @@ def _dw_eval_rows(run: Run, target: str, backends, args, pad, ref, tol, moved) -
         if name == "cuda":
             with _env("EFFK_DW_DIRECT", "0"):
                 run.time(target, "cuda tiled", fn, moved_bytes=moved, check=(fn, ref, tol))
-        if name == "triton":  # each tile config of triton_kernels/dwconv_bn_act.py, forced
+        if name == "triton" and triton_configs:  # each tile config, forced
             from effkernels.triton_kernels import dwconv_bn_act as tdw
 
             for i, cfg in enumerate(tdw.CONFIGS):
@@ -189,7 +191,8 @@ def measure(run: Run, small: bool) -> None:
     ref = eager_dw().float()
     target = f"dw fwd eval C{c} {h}x{h} k3 N{n}"
     run.time(target, "eager_cl (cuDNN)", eager_dw, moved_bytes=moved)
-    _dw_eval_rows(run, target, backends, (x, w, g, b, rm, rv), 1, ref, tol, moved)
+    _dw_eval_rows(run, target, backends, (x, w, g, b, rm, rv), 1, ref, tol, moved,
+                  triton_configs=True)
 
     # --- depthwise k5 forward (eval), a MobileNetV3 / EfficientNet layer -----------------
     c5, h5 = (16, 12) if small else (240, 28)
