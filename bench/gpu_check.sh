@@ -148,7 +148,10 @@ step "pack: logs and Triton's cache (8 files at most come back from the device t
 ( cd "$OUT" && shopt -s nullglob && logs=(*.log *.txt) && [ ${#logs[@]} -gt 0 ] \
     && tar czf logs.tgz "${logs[@]}" && rm -f "${logs[@]}" )
 if [ -d "$TRITON_CACHE_DIR" ]; then
-  tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" .
+  # A cache hit reads the metadata (.json), the cubin and the launcher (.so) only: the
+  # intermediate IRs and the source are two thirds of the bytes.
+  tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" --exclude='*.ptx' --exclude='*.ttir' \
+    --exclude='*.ttgir' --exclude='*.llir' --exclude='*.source' .
   size=$(stat -c %s "$OUT/triton_cache.tgz")
   # The device tool returns files up to 16 MiB.
   [ "$size" -lt $((16 * 1024 * 1024)) ] || { echo "Triton cache too large ($size B)"; rm -f "$OUT/triton_cache.tgz"; }
