@@ -20,26 +20,6 @@
 
 namespace effkernels::cuda {
 
-// One 16-byte vector of T, converted to fp32.
-template <typename T>
-__device__ __forceinline__ void load_vec_f32(const T* p, float (&o)[kDirectVec<T>]) {
-  const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
-  T t[kDirectVec<T>];
-  memcpy(t, &r, sizeof(r));
-#pragma unroll
-  for (int i = 0; i < kDirectVec<T>; ++i) o[i] = cvt_in<float>(t[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store_vec(T* p, const float (&v)[kDirectVec<T>]) {
-  T t[kDirectVec<T>];
-#pragma unroll
-  for (int i = 0; i < kDirectVec<T>; ++i) t[i] = cvt_out<T>(v[i]);
-  uint4 r;
-  memcpy(&r, t, sizeof(r));
-  *reinterpret_cast<uint4*>(p) = r;
-}
-
 // grid = (ceil(Wo * C / V / kDirectThreads), ceil(Ho / kDirectRows), N).
 template <typename T, int K, int S>
 __global__ void __launch_bounds__(kDirectThreads, direct_min_blocks<K>())
@@ -79,7 +59,7 @@ __global__ void __launch_bounds__(kDirectThreads, direct_min_blocks<K>())
         const int64_t ih = ih0 + r * S + kh * p.dil;
         if (ih < 0 || ih >= p.H) continue;
         float xv[V];
-        load_vec_f32<T>(xn + ih * p.x_sh + iw * p.x_sw, xv);
+        load_n<V>(xn + ih * p.x_sh + iw * p.x_sw, true, V, xv);
 #pragma unroll
         for (int i = 0; i < V; ++i) acc[r][i] += xv[i] * wv[i];
       }
@@ -99,7 +79,7 @@ __global__ void __launch_bounds__(kDirectThreads, direct_min_blocks<K>())
   T* out = static_cast<T*>(p.out) + ((n * p.Ho + ho0) * p.Wo + wo) * p.C + c0;
 #pragma unroll
   for (int r = 0; r < R; ++r)
-    if (ho0 + r < p.Ho) store_vec<T>(out + r * p.Wo * p.C, acc[r]);
+    if (ho0 + r < p.Ho) store_n<V>(out + r * p.Wo * p.C, true, V, acc[r]);
 }
 
 template <typename T, int K, int S>

@@ -278,12 +278,9 @@ __device__ __forceinline__ void epi_out_vec(const PwGemmParams<T>& p, const A* C
 #pragma unroll
       for (int e = 0; e < V; ++e) z[e] += cvt_in<A>(rv[e]);
     }
-    T o[V];
 #pragma unroll
-    for (int e = 0; e < V; ++e) o[e] = cvt_out<T>(act_forward<ACT>(z[e]));
-    uint4 raw;
-    memcpy(&raw, o, sizeof(raw));
-    *reinterpret_cast<uint4*>(out + i * p.ldo + j) = raw;
+    for (int e = 0; e < V; ++e) z[e] = act_forward<ACT>(z[e]);
+    store_n<V>(out + i * p.ldo + j, true, V, z);
   }
 }
 
