@@ -91,6 +91,17 @@ def depthwise(op: str, x: torch.Tensor, weight: torch.Tensor, channels: int, str
                   f"kernel's reach {reach} (k={k}, dilation={dilation})")
 
 
+def skip(op: str, x: torch.Tensor, cout: int, k: int, stride: int, padding: int,
+         dilation: int) -> None:
+    """A block's skip connection adds x to its output: same channels, same size (csrc/
+    op_checks.cpp has the C++ twin)."""
+    size = tuple(conv_out_size(s, k, stride, padding, dilation) for s in x.shape[2:])
+    if stride != 1 or cout != x.shape[1] or size != tuple(x.shape[2:]):
+        _fail(op, f"skip needs stride 1, Cout == Cin and an output as large as x; got stride "
+                  f"{stride}, Cin {x.shape[1]}, Cout {cout}, output {size[0]}x{size[1]} from "
+                  f"{x.shape[2]}x{x.shape[3]}")
+
+
 def training_count(op: str, count: int, training: bool) -> None:
     if training and count == 1:
         _fail(op, f"expected more than 1 value per channel when training; got {count}")

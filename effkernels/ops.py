@@ -471,12 +471,7 @@ def _composed_inference(impl: str, x, expand, depthwise, se, project, stride: in
     k = depthwise[0].shape[-1]
     pad = dilation * (k - 1) // 2
     if skip:  # the fused ops' check (the project's residual check would name another op)
-        size = tuple(_checks.conv_out_size(s, k, stride, pad, dilation) for s in x.shape[2:])
-        if stride != 1 or project[0].shape[0] != x.shape[1] or size != tuple(x.shape[2:]):
-            raise ValueError(f"inverted_residual: skip needs stride 1, Cout == Cin and an "
-                             f"output as large as x; got stride {stride}, Cin {x.shape[1]}, "
-                             f"Cout {project[0].shape[0]}, output {size[0]}x{size[1]} from "
-                             f"{x.shape[2]}x{x.shape[3]}")
+        _checks.skip("inverted_residual", x, project[0].shape[0], k, stride, pad, dilation)
     h = x
     if expand:
         h = _call(impl, "pwconv_bn_act", h, *expand, None, act, False, eps)[0]

@@ -327,9 +327,8 @@ def _check(op, x, expand, depthwise, se, project, stride, dilation, act, se_act,
             _checks.tensor(op, f"se[{i}]", t, len(shape), like=x)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{op}: se[{i}] must have shape {shape}; got {tuple(t.shape)}")
-    if skip and (stride != 1 or cout != cin):
-        raise ValueError(f"{op}: skip needs stride 1 and Cout == Cin; got stride {stride}, Cin "
-                         f"{cin}, Cout {cout}")
+    if skip:
+        _checks.skip(op, x, cout, k, stride, pad, dilation)
     return mid, cout, k, pad
 
 

@@ -293,6 +293,10 @@ def test_argument_errors(device):
     op = torch.ops.effkernels_triton.inverted_residual
     with pytest.raises(ValueError, match="inverted_residual: skip needs stride 1"):
         op(x, exp, dw, se, proj, 2, 1, "relu6", "relu", "sigmoid", True, True, 1e-5)
+    # An even kernel at stride 1 shrinks the map by one: the skip cannot be added.
+    even = [torch.randn_like(dw[0][..., :2, :2])] + dw[1:]
+    with pytest.raises(ValueError, match=r"skip needs .* an output as large as x; got stride 1"):
+        op(x, exp, even, se, proj, 1, 1, "relu6", "relu", "sigmoid", True, True, 1e-5)
     bad = [proj[0][:, :3]] + proj[1:]
     with pytest.raises(ValueError, match=r"inverted_residual: project weight must have shape"):
         op(x, exp, dw, se, bad, 1, 1, "relu6", "relu", "sigmoid", True, True, 1e-5)
