@@ -25,12 +25,15 @@ constexpr const char* kOp = "inverted_residual";
 
 Stats call_pw(const at::Tensor& x, at::TensorList p, const OptTensor& residual,
               c10::string_view act, bool training, double eps) {
+  using PwResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("effkernels::pwconv_bn_act", "")
-                       .typed<Stats(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const OptTensor&, const OptTensor&,
-                                    const OptTensor&, c10::string_view, bool, double)>();
-  return op.call(x, p[0], p[1], p[2], p[3], p[4], residual, act, training, eps);
+                       .typed<PwResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, const OptTensor&, const OptTensor&,
+                                       const OptTensor&, c10::string_view, bool, double)>();
+  // conv_out (the fourth result) lives on in the op's autograd node, not here.
+  const PwResult r = op.call(x, p[0], p[1], p[2], p[3], p[4], residual, act, training, eps);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
 Stats call_dw(const at::Tensor& x, at::TensorList p, int64_t stride, int64_t dilation,

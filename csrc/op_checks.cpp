@@ -282,8 +282,9 @@ PwProblem check_pwconv_backward(const char* op, const at::Tensor& grad_out, cons
                                 const at::Tensor& weight, const at::Tensor& bn_weight,
                                 const at::Tensor& bn_bias, const at::Tensor& mean,
                                 const at::Tensor& var, const std::optional<at::Tensor>& residual,
-                                c10::string_view act, bool training, double eps) {
-  const PwProblem pb = check_pwconv_common(op, x, weight, residual, act, training, eps);
+                                c10::string_view act, bool training, double eps,
+                                const std::optional<at::Tensor>& conv_out) {
+  PwProblem pb = check_pwconv_common(op, x, weight, residual, act, training, eps);
   check_float_input(op, "grad_out", grad_out, 4);
   check_same(op, "grad_out", grad_out, x);
   EFFK_CHECK(op, grad_out.sizes() == at::IntArrayRef({pb.N, pb.Cout, pb.H, pb.W}),
@@ -293,6 +294,19 @@ PwProblem check_pwconv_backward(const char* op, const at::Tensor& grad_out, cons
                 /*training=*/true);
   check_pw_stat(op, "mean", mean, x, pb.Cout);
   check_pw_stat(op, "var", var, x, pb.Cout);
+  // conv_out: the forward's y, or nothing (None or empty: the backward recomputes it).
+  pb.has_conv_out = conv_out.has_value() && conv_out->defined() && conv_out->numel() > 0;
+  if (pb.has_conv_out) {
+    const at::Tensor& y = *conv_out;
+    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    EFFK_CHECK(op, y.device() == x.device() && y.scalar_type() == acc &&
+                       y.sizes() == at::IntArrayRef({pb.N, pb.Cout, pb.H, pb.W}) &&
+                       y.is_contiguous(at::MemoryFormat::ChannelsLast),
+               "conv_out must be the forward's (N, Cout, H, W) = (", pb.N, ", ", pb.Cout, ", ",
+               pb.H, ", ", pb.W, ") channels_last ", acc, " tensor on ", x.device(),
+               ", or None; got ", y.scalar_type(), " of shape ", y.sizes(), " and strides ",
+               y.strides(), " on ", y.device());
+  }
   return pb;
 }
 

@@ -4,6 +4,10 @@
 // Autograd (forward op -> *_backward op) and fake kernels are registered in Python
 // (effkernels/_registration.py). The ops are functional: in training mode they return the batch
 // mean and biased variance they normalised with, and the caller updates the running statistics.
+// pwconv_bn_act's conv_out: y = conv1x1(x) in the statistics' dtype (fp32; fp64 for fp64 x),
+// (N, Cout, H, W) channels_last, where the backend keeps it for the backward (the CPU kernels in
+// training: the backward then runs two GEMMs rather than three), else an empty (0,) tensor;
+// the backward recomputes y when it is None or empty.
 #include <torch/library.h>
 
 TORCH_LIBRARY(effkernels, m) {
@@ -20,12 +24,12 @@ TORCH_LIBRARY(effkernels, m) {
   m.def(
       "pwconv_bn_act(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
       "Tensor? running_mean, Tensor? running_var, Tensor? residual, str act, bool training, "
-      "float eps) -> (Tensor out, Tensor mean, Tensor var)");
+      "float eps) -> (Tensor out, Tensor mean, Tensor var, Tensor conv_out)");
   m.def(
       "pwconv_bn_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, "
       "Tensor bn_bias, Tensor mean, Tensor var, Tensor? residual, str act, bool training, "
-      "float eps) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bn_weight, "
-      "Tensor grad_bn_bias, Tensor grad_residual)");
+      "float eps, Tensor? conv_out=None) -> (Tensor grad_x, Tensor grad_weight, "
+      "Tensor grad_bn_weight, Tensor grad_bn_bias, Tensor grad_residual)");
 
   m.def(
       "mixconv_bn_act(Tensor x, Tensor[] weights, Tensor bn_weight, Tensor bn_bias, "

@@ -43,18 +43,20 @@ def dwconv_bn_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bn_weigh
 def pwconv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
                   residual: Optional[Tensor], act: str, training: bool, eps: float
-                  ) -> Tuple[Tensor, Tensor, Tensor]:
-    return _pw.forward(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, act,
-                       training, eps)
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    out, mean, var = _pw.forward(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                 residual, act, training, eps)
+    return out, mean, var, mean.new_empty((0,))  # no conv_out: the backward recomputes y
 
 
 @torch.library.custom_op(f"{NAMESPACE}::pwconv_bn_act_backward", mutates_args=())
 def pwconv_bn_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor,
                            bn_bias: Tensor, mean: Tensor, var: Tensor,
-                           residual: Optional[Tensor], act: str, training: bool, eps: float
+                           residual: Optional[Tensor], act: str, training: bool, eps: float,
+                           conv_out: Optional[Tensor] = None
                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _pw.backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, residual, act,
-                        training, eps)
+                        training, eps, conv_out)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::mixconv_bn_act", mutates_args=())

@@ -316,7 +316,7 @@ def pwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
                                        momentum=momentum, eps=eps)
     bn_weight, bn_bias = _affine(bn_weight, bn_bias, cout, x)
     out, mean, var = _call(impl, op, x, weight, bn_weight, bn_bias, running_mean, running_var,
-                           residual, act, training, eps)
+                           residual, act, training, eps)[:3]
     if training:
         _update_running(running_mean, running_var, mean, var, count, momentum)
     return out

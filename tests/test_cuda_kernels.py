@@ -260,7 +260,7 @@ def test_opcheck_pwconv_cuda(training, dtype):
     res = make_input((2, 21, 7, 9), dtype, "contiguous", "cuda", requires_grad=True)
     args = (x, w, g, b, rm, rv, res, "hswish", training, 1e-5)
     torch.library.opcheck(torch.ops.effkernels.pwconv_bn_act.default, args)
-    out, mean, var = torch.ops.effkernels.pwconv_bn_act(*args)
+    out, mean, var, _ = torch.ops.effkernels.pwconv_bn_act(*args)
     bargs = (torch.randn_like(out), x.detach(), w.detach(), g.detach(), b.detach(), mean, var,
              res.detach(), "hswish", training, 1e-5)
     torch.library.opcheck(torch.ops.effkernels.pwconv_bn_act_backward.default, bargs)

@@ -40,7 +40,7 @@ def _mix_args(dtype=torch.float64, training=True, layout="contiguous"):
 
 def _backward_args(fwd_args, op, extra_before_params):
     """Arguments of op's *_backward: (grad_out, x, weight(s), bn_w, bn_b, mean, var, ...)."""
-    out, mean, var = op(*fwd_args)
+    out, mean, var = op(*fwd_args)[:3]
     grad = torch.randn_like(out)
     x, w, g, b = (a.detach() if isinstance(a, torch.Tensor) else [t.detach() for t in a]
                   for a in fwd_args[:4])
@@ -64,6 +64,11 @@ def test_opcheck_pwconv(training, residual):
     res = args[6].detach() if residual else None
     bargs = _backward_args(args, torch.ops.effkernels.pwconv_bn_act, (res, *args[7:]))
     torch.library.opcheck(torch.ops.effkernels.pwconv_bn_act_backward.default, bargs)
+    # With the forward's conv_out (y; empty in eval), as autograd passes it.
+    conv_out = torch.ops.effkernels.pwconv_bn_act(*args)[3].detach()
+    assert conv_out.numel() == (args[0].numel() if training else 0)
+    torch.library.opcheck(torch.ops.effkernels.pwconv_bn_act_backward.default,
+                          (*bargs, conv_out))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -187,11 +187,8 @@ def test_pwconv_every_panel_shape(backend, cout):
                  backend, torch.float32)
 
 
-# Training keeps the statistics' GEMM result and makes the output from it where the GEMM costs
-# more than a pass over it (pwconv_bn_act.cpp keep_conv_output: fp32/fp64 with >= 64 input
-# channels or a result within 16 MiB, kept in `out` itself; bf16/fp16 with >= 32, in a fp32
-# temporary); otherwise it runs the GEMM again: 8 input channels in bf16/fp16 here, and the
-# 17 MB fp32 case below.
+# Training keeps the statistics' GEMM result y = conv1x1(x) (the op's conv_out: fp32, fp64 for
+# fp64) and makes the output from it; the backward reads it instead of running the GEMM again.
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -203,11 +200,59 @@ def test_pwconv_training_keeps_conv_output(backend, dtype, layout):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_pwconv_training_recomputes_large_output(backend):
+def test_pwconv_training_large_output(backend):
+    # A 17 MB y, beyond the L2 and most of the L3.
     # silu: smooth, so that none of the 4.3M pre-activations' fp32 rounding crosses a kink
     check_op("pwconv_bn_act", *pw_case((1, 8, 64, 260, 260, True), torch.float32,
                                        "channels_last", "silu", training=True),
              backend, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 24, 100, 56, 56, True), (3, 160, 96, 7, 7, False),
+                                   (1, 3, 17, 5, 3, True)], ids=str)
+def test_pwconv_backward_from_conv_out(shape, dtype):
+    """The CPU forward's conv_out is y = conv1x1(x) in the statistics' dtype, channels_last
+    (empty in eval); the backward given it returns the bits of the backward that recomputes y
+    (the same tiles and blocks: many tiles, a partial last panel here)."""
+    if effkernels.available_backends("cpu")["cpu"] != "available":
+        pytest.skip("the C++ extension is not built")
+    n, cin, cout, h, w, res = shape
+    x = make_input((n, cin, h, w), dtype, "strided_cl")
+    weight = conv_weight((cout, cin, 1, 1), dtype)
+    g, b, rm, rv = bn_params(cout)
+    r = make_input((n, cout, h, w), dtype, "channels_last") if res else None
+    op = torch.ops.effkernels
+    out, mean, var, y = op.pwconv_bn_act(x, weight, g, b, rm, rv, r, "hswish", True, 1e-5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert y.dtype == acc and y.shape == (n, cout, h, w)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double(), torch.nn.functional.conv2d(x.double(), weight.double()),
+                               rtol=1e-5 if acc == torch.float32 else 1e-12, atol=1e-5)
+    go = torch.randn_like(out)
+    recomputed = op.pwconv_bn_act_backward(go, x, weight, g, b, mean, var, r, "hswish", True,
+                                           1e-5)
+    read = op.pwconv_bn_act_backward(go, x, weight, g, b, mean, var, r, "hswish", True, 1e-5, y)
+    for name, p, q in zip(("grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias",
+                           "grad_residual"), recomputed, read):
+        assert torch.equal(p, q), name
+    assert op.pwconv_bn_act(x, weight, g, b, rm, rv, r, "hswish", False, 1e-5)[3].numel() == 0
+
+
+def test_pwconv_backward_conv_out_errors():
+    """A conv_out that is not the forward's (format, dtype, shape) is refused, naming it."""
+    if effkernels.available_backends("cpu")["cpu"] != "available":
+        pytest.skip("the C++ extension is not built")
+    x = make_input((2, 8, 5, 5), torch.float32)
+    weight = conv_weight((4, 8, 1, 1), torch.float32)
+    g, b, _, _ = bn_params(4)
+    op = torch.ops.effkernels
+    out, mean, var, y = op.pwconv_bn_act(x, weight, g, b, None, None, None, "relu", True, 1e-5)
+    for bad in (y.contiguous(), y.double(), y[:1]):
+        with pytest.raises(RuntimeError, match=r"pwconv_bn_act_backward: conv_out must be the "
+                                               r"forward's \(N, Cout, H, W\) = \(2, 4, 5, 5\)"):
+            op.pwconv_bn_act_backward(torch.randn_like(out), x, weight, g, b, mean, var, None,
+                                      "relu", True, 1e-5, bad)
 
 
 def _block_diagonal_case(dtype, training, layout="channels_last", groups=((20, 60), (20, 60))):

@@ -418,11 +418,14 @@ def _dw_chunk(P, cout, cin):
 
 
 @on_input_device
-def backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, residual, act, training, eps):
+def backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, residual, act, training, eps,
+             conv_out=None):
     """(grad_x, grad_weight, grad_bn_weight, grad_bn_bias, grad_residual), each in its input's
-    dtype (grad_residual: empty when there is no residual). y = conv(x) is recomputed."""
+    dtype (grad_residual: empty when there is no residual). y = conv(x) is recomputed: a given
+    conv_out (the C++ CPU forward's) is checked, not used."""
     op = "pwconv_bn_act_backward"
     cout, out_shape = _check_common(op, x, weight, residual)
+    _checks.conv_out(op, conv_out, x, cout)
     _checks.tensor(op, "grad_out", grad_out, 4, like=x)
     if tuple(grad_out.shape) != out_shape:
         raise ValueError(f"{op}: grad_out must have shape {out_shape}; got "

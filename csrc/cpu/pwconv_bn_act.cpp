@@ -17,13 +17,13 @@
 // applied to the fp32 results. Elsewhere bf16 is converted to fp32 per tile. The backward's
 // dx and grad_weight GEMMs read the fp32 dy and stay fp32.
 //
-// Training: the batch statistics are needed before the first output is written, so the forward
-// runs the GEMM twice (recompute rather than store): a statistics pass (unscaled W; two-pass
-// moments of the fp32/fp64 accumulators through ChannelStats, one chunk per pixel tile), then
-// the eval pass with the batch statistics folded in. The statistics never see fp16/bf16
-// values, but the output is (sum_k x w*scale) + (beta - mean*scale): fine unless
-// |mean| >> std, where (y - mean) would cancel more gracefully.
-//
+// Training: the batch statistics are needed before the first output is written: a statistics
+// pass runs the GEMM (unscaled W; two-pass moments of the fp32/fp64 accumulators through
+// ChannelStats, one chunk per pixel tile) and keeps y = x @ W (the op's conv_out), then the
+// output is act(y * scale + shift). The backward reads that y instead of running the GEMM again
+// (given conv_out; without it, e.g. for an eval-mode forward, it recomputes y). The statistics
+// never see fp16/bf16 values.
+
 // Determinism: the tiles depend on M only; every output element is one FMA chain over k in a
 // fixed order whatever the panel shape, block or thread; every reduction (BN statistics,
 // gradient sums, grad_weight over pixel chunks) combines fixed partials in a fixed order. So
@@ -599,27 +599,15 @@ void eval_pass(const Problem& pb, const Rows<const T>& xr, const at::Tensor& out
       kr);
 }
 
-// Training keeps y = x @ W from the statistics' GEMM and makes the output from it (apply_pass)
-// rather than running the GEMM again, where the GEMM costs more than writing and reading y:
-// with at least kKeepConvMinCin input channels, or y within kKeepConvMaxBytes (in-process A/B
-// on an AMD EPYC, N=8: 576->96 14x14 0.53x the time, 24->144 56x56 (14 MB) 0.86x, but 16->96
-// 112x112 (38 MB) 1.12x). bf16/fp16 keep y in a fp32 temporary of twice the output's bytes
-// and their GEMM may be the 2x-rate bf16 one: from kKeepConvMinCinLowp input channels only
-// (bf16 A/B: 576->96 0.60x, 32->192 28x28 0.93x; 24->144 56x56 1.13x, 16->96 112x112 N=1 1.06x).
-constexpr int64_t kKeepConvMinCin = 64;
-constexpr int64_t kKeepConvMinCinLowp = 32;
-constexpr int64_t kKeepConvMaxBytes = int64_t(16) << 20;
+// Training keeps y = x @ W from the statistics' GEMM, in the op's conv_out result (acc dtype,
+// dense NHWC), and makes the output from it (apply_pass) rather than running the GEMM again;
+// the backward reads it rather than running the GEMM a third time. (For the forward alone,
+// keeping y paid from 64 input channels or a y within 16 MiB: in-process A/B on an AMD EPYC,
+// N=8, 576->96 14x14 0.53x the time, 24->144 56x56 0.86x, but 16->96 112x112 (38 MB) 1.12x;
+// with the backward's GEMM saved too it pays everywhere.)
 
-template <class T, class A>
-bool keep_conv_output(const Problem& pb) {
-  if (!pb.training || pb.M == 0 || pb.Cout == 0) return false;
-  if constexpr (!std::is_same_v<T, A>) return pb.Cin >= kKeepConvMinCinLowp;
-  return pb.Cin >= kKeepConvMinCin ||
-         pb.M * pb.Cout * static_cast<int64_t>(sizeof(A)) <= kKeepConvMaxBytes;
-}
-
-// out = act(y * scale + shift (+ residual)) from the kept y (M x Cout, dense; may be `out`'s
-// own memory: each block of rows is scaled into a scratch copy before its outputs are written).
+// out = act(y * scale + shift (+ residual)) from the kept y (M x Cout, dense): each block of
+// rows is scaled into a scratch copy, then goes through the eval epilogue.
 template <class T, class A>
 void apply_pass(const Problem& pb, const A* y, const at::Tensor& out, const A* scale,
                 const A* shift, const std::optional<at::Tensor>& residual, Isa isa) {
@@ -648,7 +636,7 @@ void apply_pass(const Problem& pb, const A* y, const at::Tensor& out, const A* s
 }
 
 template <class T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const Problem& pb, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual) {
@@ -660,16 +648,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const Isa isa = cpu_isa();
 
   std::vector<A> mean(static_cast<size_t>(pb.Cout), A(0)), var(mean);
-  at::Tensor mean_t, var_t, y_keep;
-  A* y = nullptr;  // y = x @ W kept by the statistics' pass (keep_conv_output)
-  if (keep_conv_output<T, A>(pb)) {
-    if constexpr (std::is_same_v<T, A>) {
-      y = out.data_ptr<A>();  // dense NHWC: M x Cout
-    } else {
-      y_keep = at::empty({pb.M, pb.Cout}, x.options().dtype(acc));
-      y = y_keep.data_ptr<A>();
-    }
-  }
+  at::Tensor mean_t, var_t;
+  // y = x @ W, kept by the statistics' pass in training (dense NHWC: M x Cout).
+  const at::Tensor conv_out = pb.training
+                                  ? empty_nhwc({pb.N, pb.Cout, pb.H, pb.W}, x.options().dtype(acc))
+                                  : at::empty({0}, x.options().dtype(acc));
+  A* y = pb.training ? conv_out.data_ptr<A>() : nullptr;
   if (pb.training) {
     if (pb.M > 0) batch_stats<T, A>(pb, xr, weight, isa, mean, var, y);
     mean_t = stat_tensor(mean);
@@ -680,13 +664,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     std::copy_n(mean_t.const_data_ptr<A>(), pb.Cout, mean.begin());
     std::copy_n(var_t.const_data_ptr<A>(), pb.Cout, var.begin());
   }
-  if (pb.M == 0 || pb.Cout == 0) return {in_format(out, output_format(x)), mean_t, var_t};
+  if (pb.M == 0 || pb.Cout == 0)
+    return {in_format(out, output_format(x)), mean_t, var_t, conv_out};
 
   std::vector<A> scale, shift;
   fold_pw<A>(pb, bn_weight, bn_bias, mean.data(), var.data(), scale, shift);
   if (y != nullptr) {
     apply_pass<T, A>(pb, y, out, scale.data(), shift.data(), residual, isa);
-    return {in_format(out, output_format(x)), mean_t, var_t};
+    return {in_format(out, output_format(x)), mean_t, var_t, conv_out};
   }
   with_gemm_operand<T, A>(isa, [&](auto operand) {
     using In = decltype(operand);
@@ -695,7 +680,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     eval_pass<T, A, In>(pb, xr, out, shift.data(), residual, isa, plan, wp,
                         panel_k_ranges<T>(weight, plan.gemm.NR));
   });
-  return {in_format(out, output_format(x)), mean_t, var_t};
+  return {in_format(out, output_format(x)), mean_t, var_t, conv_out};
 }
 
 // ---- backward --------------------------------------------------------------------------------
@@ -751,7 +736,8 @@ template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const Problem& pb, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean_in,
-    const at::Tensor& var_in, const std::optional<at::Tensor>& residual) {
+    const at::Tensor& var_in, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& conv_out) {
   using A = acc_type<T>;
   const at::ScalarType acc = stat_dtype(x);
   const bool has_res = residual.has_value() && residual->defined();
@@ -780,8 +766,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const A* vd = var.const_data_ptr<A>();
   for (int64_t c = 0; c < pb.Cout; ++c) invstd[c] = inv_std<A>(vd[c], static_cast<A>(pb.eps));
 
-  // Pass 1: recompute y = conv(x) tile by tile; xhat, grad_residual and per-tile sums of g and
-  // g * xhat.
+  // Pass 1: y = conv(x) tile by tile (the forward's conv_out, or recomputed); xhat,
+  // grad_residual and per-tile sums of g and g * xhat.
   const at::Tensor xi = channels_innermost(x);
   const Rows<const T> xr = rows_of<const T>(xi);
   at::Tensor xhat_buf = at::empty({pb.M, pb.Cout}, acc_opts);  // then dy
@@ -809,10 +795,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   with_gemm_operand<T, A>(isa, [&](auto operand) {
     using In = decltype(operand);
     const auto [gemm, tp] = plan_tiles<A, In>(isa, pb.M, pb.Cin, pb.Cout, /*chunk_tiles=*/true);
-    const ConvPanels<T, A, In> wp(weight, isa, gemm.NR, nullptr);
     sums = at::zeros({2, tp.ntiles, pb.Cout}, acc_opts);
     A* sum_g = sums.data_ptr<A>();
     A* sum_gx = sum_g + tp.ntiles * pb.Cout;
+    if (pb.has_conv_out) {
+      // The same tiles and panel blocks the GEMM would hand over, so the same sums' bits.
+      const A* y = conv_out->const_data_ptr<A>();
+      parallel_items(tp.ntiles, 1, [&](const auto& next) {
+        for (int64_t t = 0; next(t);) {
+          const int64_t row0 = t * tp.tile_rows, rows = std::min(tp.tile_rows, pb.M - row0);
+          for (int64_t j = 0; j < tp.npanels; ++j) {
+            BwdEpilogueArgs<T, A> e = for_block(base, y + row0 * pb.Cout + j * gemm.NR,
+                                                gemm.NR, row0, rows, j, pb.Cout);
+            e.ldc = pb.Cout;
+            e.sum_g = sum_g + t * pb.Cout;
+            e.sum_gx = sum_gx + t * pb.Cout;
+            epilogue(e);
+          }
+        }
+      });
+      return;
+    }
+    const ConvPanels<T, A, In> wp(weight, isa, gemm.NR, nullptr);
     tiled_gemm(
         tp, xr, wp, gemm, prefetch,
         [&](int64_t t, int64_t row0, int64_t rows, int64_t j, const A* block) {
@@ -1043,7 +1047,7 @@ at::Tensor pwconv_bn_act_packed(const at::Tensor& x, const at::Tensor& packed,
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
@@ -1060,12 +1064,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& residual, c10::string_view act,
-    bool training, double eps) {
+    bool training, double eps, const std::optional<at::Tensor>& conv_out) {
   const Problem pb = check_pwconv_backward(kBwdOp, grad_out, x, weight, bn_weight, bn_bias, mean,
-                                           var, residual, act, training, eps);
+                                           var, residual, act, training, eps, conv_out);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBwdOp, [&] {
     return backward_impl<scalar_t>(pb, grad_out, x, weight, bn_weight, bn_bias, mean, var,
-                                   residual);
+                                   residual, conv_out);
   });
 }
 

@@ -269,7 +269,8 @@ void backward_impl(const PwProblem& pb, const at::Tensor& grad_out, const at::Te
                     stream);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
+// conv_out (the fourth result) is empty: the CUDA backward recomputes y (csrc/ops.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
@@ -294,17 +295,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
       forward_impl<T>(pb, x, weight, bn_weight, bn_bias, residual, mean, var, out);
     });
   }
-  return {in_format(out, output_format(x)), mean, var};
+  return {in_format(out, output_format(x)), mean, var, at::empty({0}, x.options().dtype(acc))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean,
     const at::Tensor& var, const std::optional<at::Tensor>& residual, c10::string_view act,
-    bool training, double eps) {
+    bool training, double eps, const std::optional<at::Tensor>& conv_out) {
   constexpr const char* op = "pwconv_bn_act_backward";
+  // A given conv_out is checked, then unused: the GEMM recomputes y.
   const PwProblem pb = check_pwconv_backward(op, grad_out, x, weight, bn_weight, bn_bias, mean,
-                                             var, residual, act, training, eps);
+                                             var, residual, act, training, eps, conv_out);
   const c10::cuda::CUDAGuard guard(x.device());
   const bool has_res = residual.has_value() && residual->defined();
   at::Tensor grad_x = empty_nhwc({pb.N, pb.Cin, pb.H, pb.W}, x.options());

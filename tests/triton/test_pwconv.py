@@ -110,7 +110,7 @@ def test_opcheck(training, residual, device):
         if args[i] is not None:
             args[i] = args[i].requires_grad_()
     torch.library.opcheck(torch.ops.effkernels_triton.pwconv_bn_act.default, tuple(args))
-    out, mean, var = torch.ops.effkernels_triton.pwconv_bn_act(*args)
+    out, mean, var, _ = torch.ops.effkernels_triton.pwconv_bn_act(*args)
     d = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     bargs = (torch.randn_like(out), *d[:4], mean, var, d[6], *d[7:])
     torch.library.opcheck(torch.ops.effkernels_triton.pwconv_bn_act_backward.default, bargs)
@@ -136,7 +136,7 @@ def test_deterministic(dtype, device):
     args = _pw_args(device, dtype, True, True, shape=(n, cin, h, w), cout=cout)
     runs = []
     for _ in range(2):
-        out, mean, var = torch.ops.effkernels_triton.pwconv_bn_act(*args)
+        out, mean, var, _ = torch.ops.effkernels_triton.pwconv_bn_act(*args)
         grad = torch.linspace(-1, 1, out.numel(), device=device).view(out.shape).to(dtype)
         grads = torch.ops.effkernels_triton.pwconv_bn_act_backward(
             grad, *args[:4], mean, var, args[6], *args[7:])
@@ -150,7 +150,7 @@ def test_empty(training, device):
     for shape, cout in (((0, 5, 3, 4), 6), ((2, 5, 0, 4), 6), ((2, 0, 3, 4), 6),
                         ((2, 5, 3, 4), 0)):
         args = _pw_args(device, torch.float32, training, True, shape=shape, cout=cout)
-        out, mean, var = torch.ops.effkernels_triton.pwconv_bn_act(*args)
+        out, mean, var, _ = torch.ops.effkernels_triton.pwconv_bn_act(*args)
         assert out.shape == (shape[0], cout, shape[2], shape[3])
         assert mean.shape == var.shape == (cout,)
         if shape[1] == 0 and out.numel():  # y = 0: the output is act(BN(0) + residual)
@@ -177,10 +177,17 @@ def test_argument_errors(device):
     bad[7] = "gelu"
     with pytest.raises(ValueError, match="pwconv_bn_act: act must be one of"):
         torch.ops.effkernels_triton.pwconv_bn_act(*bad)
-    out, mean, var = torch.ops.effkernels_triton.pwconv_bn_act(*args)
+    out, mean, var, conv_out = torch.ops.effkernels_triton.pwconv_bn_act(*args)
+    assert conv_out.numel() == 0  # Triton keeps no y: its backward recomputes it
     with pytest.raises(ValueError, match="pwconv_bn_act_backward: grad_out must have shape"):
         torch.ops.effkernels_triton.pwconv_bn_act_backward(
             out[:, :2], *args[:4], mean, var, args[6], *args[7:])
+    # A given conv_out is checked like the C++ backward's (then recomputed, not read).
+    wrong = torch.empty(out.shape, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match=r"pwconv_bn_act_backward: conv_out must be the "
+                                         r"forward's \(2, 6, 5, 7\) channels_last"):
+        torch.ops.effkernels_triton.pwconv_bn_act_backward(
+            torch.ones_like(out), *args[:4], mean, var, args[6], *args[7:], wrong)
 
 
 def test_autotune_off_keeps_one_config(monkeypatch):

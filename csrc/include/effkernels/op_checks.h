@@ -81,6 +81,7 @@ struct PwProblem {
   Act act;
   bool training;
   double eps;
+  bool has_conv_out = false;  // backward: the forward's y was given (check_pwconv_backward)
 };
 
 // x, residual (shape (N, Cout, H, W)), act and eps of a pointwise conv with Cout outputs whose
@@ -100,7 +101,8 @@ PwProblem check_pwconv_backward(const char* op, const at::Tensor& grad_out, cons
                                 const at::Tensor& weight, const at::Tensor& bn_weight,
                                 const at::Tensor& bn_bias, const at::Tensor& mean,
                                 const at::Tensor& var, const std::optional<at::Tensor>& residual,
-                                c10::string_view act, bool training, double eps);
+                                c10::string_view act, bool training, double eps,
+                                const std::optional<at::Tensor>& conv_out);
 
 // inverted_residual_inference: the block as the fused backends see it (hidden C channels; pad
 // = dilation * (k - 1) / 2).
