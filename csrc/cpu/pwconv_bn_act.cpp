@@ -254,10 +254,22 @@ Plan<A, In> plan_tiles(Isa isa, int64_t M, int64_t K, int64_t ncols, bool chunk_
 // its GEMM reads for a tile whose x values are all finite: the same bits as the full K.
 // A pack with col_scale() (WeightPanels, Bf16PairPanels) supplies the kernel's per-column
 // factors (null when folded into the panels); a plain packing function has none.
-template <class S, class A, class In, class Pack, class Prepare, class Consume>
-void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
+template <class Src>
+struct RowElem {  // a row source's element type: S of Rows<const S>; void for a fill source
+  using type = void;
+};
+template <class S>
+struct RowElem<Rows<const S>> {
+  using type = S;
+};
+
+template <class Src, class A, class In, class Pack, class Prepare, class Consume>
+void tiled_gemm(const TilePlan& p, const Src& src, const Pack& pack,
                 const GemmPlan<A, In>& gemm, const Prepare& prepare, const Consume& consume,
                 const PanelK& kr = {}) {
+  using S = typename RowElem<Src>::type;
+  // A source with fill(row0, rows, dst, ld) makes its rows on demand (DyRows), per tile.
+  constexpr bool kFill = std::is_void_v<S>;
   constexpr int64_t kStep = kPackedStep<A, In>;
   const int64_t Kp = round_up(p.K, kStep);
   const A* col_scale = nullptr;
@@ -290,7 +302,7 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
       const int64_t rows_pad = round_up(rows, p.MR);
       const In* a = nullptr;
       int64_t lda = 0;
-      if constexpr (std::is_same_v<S, In>) {
+      if constexpr (!kFill && std::is_same_v<S, In>) {
         if (src.at.flat && row0 + rows_pad <= p.M) {
           a = src.row(row0);
           lda = src.at.step;
@@ -299,13 +311,14 @@ void tiled_gemm(const TilePlan& p, const Rows<const S>& src, const Pack& pack,
       if (a == nullptr) {
         if (!copy) copy = thread_scratch<In>(2, rows_alloc * ldp);
         if (t != copied) {
+          if constexpr (kFill) src.fill(row0, rows, copy, ldp);
           In* d = copy;
           for (int64_t r = 0; r < rows_pad; ++r, d += ldp) {
-            if (r < rows) {
+            if (r >= rows) {
+              std::fill(d, d + p.K, In(0));
+            } else if constexpr (!kFill) {
               const S* s = src.row(row0 + r);
               for (int64_t k = 0; k < p.K; ++k) d[k] = static_cast<In>(s[k]);
-            } else {
-              std::fill(d, d + p.K, In(0));
             }
           }
           copied = t;
@@ -403,10 +416,11 @@ FwdEpilogueFn<T> select_fwd_epilogue(Isa isa, Act act, bool res) {
 }
 
 // Backward, first pass, on a block of y = conv(x): xhat = (y - mean) * invstd,
-// z = gamma * xhat + beta (+ residual), g = grad_out * act'(z). Stores xhat (fp32/fp64) and g as
-// grad_residual, and adds this block's rows to the tile's sums of g and g * xhat. (g itself is
-// not stored: the second pass recomputes it from xhat, which costs a read of grad_out instead of
-// a write and a read of an fp32 M x Cout buffer.)
+// z = gamma * xhat + beta (+ residual), g = grad_out * act'(z). Stores g as grad_residual, xhat
+// (fp32/fp64) unless xhat is null (y itself is kept: the forward's conv_out), and adds this
+// block's rows to the tile's sums of g and g * xhat. (g itself is not stored: the second pass
+// recomputes it, which costs a read of grad_out instead of a write and a read of an fp32
+// M x Cout buffer.)
 template <class T, class A>
 struct BwdEpilogueArgs {
   const A* c;
@@ -414,12 +428,12 @@ struct BwdEpilogueArgs {
   const A *mean, *invstd, *gamma, *beta;  // per output channel
   Rows<const T> grad_out, res;
   Rows<T> grad_res;
-  A* xhat;  // [M][ld]
+  A* xhat;  // [M][ld], or null: not stored
   int64_t ld;
   A *sum_g, *sum_gx;  // this tile's partial sums, per output channel
 };
 
-template <Act ACT, bool RES, class T, class A>
+template <Act ACT, bool RES, bool STORE_XHAT, class T, class A>
 EFFK_INLINE void bwd_epilogue_row(int64_t n, const A* __restrict y, const A* __restrict mean,
                                   const A* __restrict invstd, const A* __restrict gamma,
                                   const A* __restrict beta, const T* __restrict grad_out,
@@ -431,7 +445,7 @@ EFFK_INLINE void bwd_epilogue_row(int64_t n, const A* __restrict y, const A* __r
     A z = gamma[l] * xh + beta[l];
     if constexpr (RES) z += static_cast<A>(res[l]);
     const A g = act_backward<ACT>(static_cast<A>(grad_out[l]), z);
-    xhat_out[l] = xh;
+    if constexpr (STORE_XHAT) xhat_out[l] = xh;
     if constexpr (RES) grad_res[l] = static_cast<T>(g);
     sum_g[l] += g;
     sum_gx[l] += g * xh;
@@ -439,28 +453,48 @@ EFFK_INLINE void bwd_epilogue_row(int64_t n, const A* __restrict y, const A* __r
 }
 
 // Backward, second pass, pixel rows [m0, m1): g as in the first pass (the same expression on the
-// same stored xhat: the same bits), then dy = a * g + b * xhat + c in place of xhat.
+// same xhat: the same bits), then dy = a * g + b * xhat + c, from the stored xhat (in place of
+// it: y null) or from y (the forward's conv_out: xhat recomputed as the first pass does) into
+// dst, whose first row is row m0's.
 template <class T, class A>
 struct DyPassArgs {
   int64_t m0, m1, n;
-  A* xhat;  // [M][ld]: xhat in, dy out
-  int64_t ld;
+  const A* y;  // [M][ldy], or null
+  int64_t ldy;
+  const A *mean, *invstd;  // per output channel (with y)
+  A* dst;                  // [m1 - m0][ldd]: xhat in (without y), dy out
+  int64_t ldd;
   Rows<const T> grad_out, res;
   const A *gamma, *beta, *a, *b, *c;  // per output channel
 };
+
+template <Act ACT, bool RES, class T, class A>
+EFFK_INLINE A dy_value(A xh, T grad_out, const T* res, A gamma, A beta, A a, A b, A c) {
+  A z = gamma * xh + beta;
+  if constexpr (RES) z += static_cast<A>(*res);
+  return bn_dy(a, b, c, act_backward<ACT>(static_cast<A>(grad_out), z), xh);
+}
 
 template <Act ACT, bool RES, class T, class A>
 EFFK_INLINE void dy_row(int64_t n, A* __restrict xhat_dy, const T* __restrict grad_out,
                         const T* __restrict res, const A* __restrict gamma,
                         const A* __restrict beta, const A* __restrict a, const A* __restrict b,
                         const A* __restrict c) {
-  for (int64_t l = 0; l < n; ++l) {
-    const A xh = xhat_dy[l];
-    A z = gamma[l] * xh + beta[l];
-    if constexpr (RES) z += static_cast<A>(res[l]);
-    const A g = act_backward<ACT>(static_cast<A>(grad_out[l]), z);
-    xhat_dy[l] = bn_dy(a[l], b[l], c[l], g, xh);
-  }
+  for (int64_t l = 0; l < n; ++l)
+    xhat_dy[l] = dy_value<ACT, RES>(xhat_dy[l], grad_out[l], res + l, gamma[l], beta[l], a[l],
+                                    b[l], c[l]);
+}
+
+template <Act ACT, bool RES, class T, class A>
+EFFK_INLINE void dy_row_from_y(int64_t n, const A* __restrict y, const A* __restrict mean,
+                               const A* __restrict invstd, A* __restrict dy,
+                               const T* __restrict grad_out, const T* __restrict res,
+                               const A* __restrict gamma, const A* __restrict beta,
+                               const A* __restrict a, const A* __restrict b,
+                               const A* __restrict c) {
+  for (int64_t l = 0; l < n; ++l)
+    dy[l] = dy_value<ACT, RES>((y[l] - mean[l]) * invstd[l], grad_out[l], res + l, gamma[l],
+                               beta[l], a[l], b[l], c[l]);
 }
 
 template <class T, Act ACT, bool RES>
@@ -469,9 +503,35 @@ struct DyPass {
   using Args = DyPassArgs<T, A>;
   template <Isa>
   static void run(const Args& e) {
-    for (int64_t m = e.m0; m < e.m1; ++m)
-      dy_row<ACT, RES>(e.n, e.xhat + m * e.ld, e.grad_out.row(m),
-                       RES ? e.res.row(m) : nullptr, e.gamma, e.beta, e.a, e.b, e.c);
+    for (int64_t m = e.m0; m < e.m1; ++m) {
+      A* dst = e.dst + (m - e.m0) * e.ldd;
+      const T* res = RES ? e.res.row(m) : nullptr;
+      if (e.y != nullptr) {
+        dy_row_from_y<ACT, RES>(e.n, e.y + m * e.ldy, e.mean, e.invstd, dst, e.grad_out.row(m),
+                                res, e.gamma, e.beta, e.a, e.b, e.c);
+      } else {
+        dy_row<ACT, RES>(e.n, dst, e.grad_out.row(m), res, e.gamma, e.beta, e.a, e.b, e.c);
+      }
+    }
+  }
+};
+
+template <class T, class A>
+using DyPassFn = void (*)(const DyPassArgs<T, A>&);
+
+// dy rows made on demand from the forward's y (DyPass), never stored whole: the grad_x and
+// grad_weight GEMMs take them tile by tile (tiled_gemm's fill, grad_weight_gemm's chunks).
+template <class T, class A>
+struct DyRows {
+  DyPassFn<T, A> pass;
+  DyPassArgs<T, A> base;  // everything but the rows and dst
+  void fill(int64_t row0, int64_t rows, A* dst, int64_t ld) const {
+    DyPassArgs<T, A> e = base;
+    e.m0 = row0;
+    e.m1 = row0 + rows;
+    e.dst = dst;
+    e.ldd = ld;
+    pass(e);
   }
 };
 
@@ -484,11 +544,18 @@ struct BwdEpilogue {
     const int64_t c0 = e.col0;
     for (int64_t r = 0; r < e.rows; ++r) {
       const int64_t p = e.row0 + r;
-      bwd_epilogue_row<ACT, RES>(e.ncols, e.c + r * e.ldc, e.mean + c0, e.invstd + c0,
-                                 e.gamma + c0, e.beta + c0, e.grad_out.row(p) + c0,
-                                 RES ? e.res.row(p) + c0 : nullptr, e.xhat + p * e.ld + c0,
-                                 RES ? e.grad_res.row(p) + c0 : nullptr, e.sum_g + c0,
-                                 e.sum_gx + c0);
+      auto row = [&](auto store_xhat) {
+        bwd_epilogue_row<ACT, RES, decltype(store_xhat)::value>(
+            e.ncols, e.c + r * e.ldc, e.mean + c0, e.invstd + c0, e.gamma + c0, e.beta + c0,
+            e.grad_out.row(p) + c0, RES ? e.res.row(p) + c0 : nullptr,
+            e.xhat ? e.xhat + p * e.ld + c0 : nullptr, RES ? e.grad_res.row(p) + c0 : nullptr,
+            e.sum_g + c0, e.sum_gx + c0);
+      };
+      if (e.xhat != nullptr) {
+        row(std::true_type{});
+      } else {
+        row(std::false_type{});
+      }
     }
   }
 };
@@ -690,9 +757,11 @@ constexpr int64_t kGradWeightChunk = 256;  // pixel rows per grad_weight partial
 // grad_weight[co][ci] = sum_m dy[m][co] * x[m][ci]: a GEMM with the pixels as the reduction,
 // rows = output channels (dy^T of a chunk, transposed once per chunk), panels = x's input
 // channels (rows of x copied). Partials per fixed chunk of pixels are summed in chunk order.
-template <class T, class A>
-void grad_weight_gemm(const Problem& pb, const Rows<const T>& xr, const A* dy, Isa isa,
-                      A* grad_w) {
+// dy_rows(m0, rows, scratch) -> the chunk's dense dy rows (row stride Cout): stored ones, or
+// made into scratch (DyRows).
+template <class T, class A, class DyRowsFn>
+void grad_weight_gemm(const Problem& pb, const Rows<const T>& xr, const DyRowsFn& dy_rows,
+                      Isa isa, A* grad_w) {
   const GemmPlan<A> gemm = plan_gemm<A>(isa, pb.Cin);
   const int NR = gemm.NR;
   const int64_t cin_pad = round_up(pb.Cin, NR), cout_pad = round_up(pb.Cout, gemm.MR);
@@ -711,8 +780,8 @@ void grad_weight_gemm(const Problem& pb, const Rows<const T>& xr, const A* dy, I
       const int64_t ch = item / npanels, j = item % npanels;
       const int64_t m0 = ch * chunk, rows = std::min(chunk, pb.M - m0);
       if (ch != transposed) {
-        transpose({dy + m0 * pb.Cout, pb.Cout, rows, pb.Cout, nullptr, dyt, ldt, rows,
-                   cout_pad});
+        const A* dy = dy_rows(m0, rows, thread_scratch<A>(2, chunk * pb.Cout));
+        transpose({dy, pb.Cout, rows, pb.Cout, nullptr, dyt, ldt, rows, cout_pad});
         transposed = ch;
       }
       rows_to_panels<T, A>([&](int64_t k) { return xr.row(m0 + k); }, 1, rows, pb.Cin, NR, j,
@@ -770,7 +839,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   // grad_residual and per-tile sums of g and g * xhat.
   const at::Tensor xi = channels_innermost(x);
   const Rows<const T> xr = rows_of<const T>(xi);
-  at::Tensor xhat_buf = at::empty({pb.M, pb.Cout}, acc_opts);  // then dy
+  // xhat, then dy in its place; with conv_out neither is stored (DyRows makes dy from y).
+  at::Tensor xhat_buf = pb.has_conv_out ? at::Tensor() : at::empty({pb.M, pb.Cout}, acc_opts);
   at::Tensor sums;  // [2][tiles][Cout]: the tiles' sums of g and g * xhat
   const at::Tensor go_i = channels_innermost(grad_out);
   at::Tensor res_i;
@@ -785,7 +855,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     base.res = rows_of<const T>(res_i);
     base.grad_res = dense_rows<T>(grad_res.data_ptr<T>(), pb.Cout);
   }
-  base.xhat = xhat_buf.data_ptr<A>();
+  base.xhat = pb.has_conv_out ? nullptr : xhat_buf.data_ptr<A>();
   base.ld = pb.Cout;
   const BwdEpilogueFn<T> epilogue = select_bwd_epilogue<T>(isa, pb.act, has_res);
   auto prefetch = [&](int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
@@ -851,37 +921,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     cb[c] = k.b;
     cc[c] = k.c;
   }
-  // Pass 2: dy in place of xhat.
-  A* dy = xhat_buf.data_ptr<A>();
-  const auto dy_pass = select_act_res<DyPass, T>(isa, pb.act, has_res);
-  at::parallel_for(0, pb.M, std::max<int64_t>(1, 32768 / pb.Cout), [&](int64_t m0, int64_t m1) {
-    dy_pass({m0, m1, pb.Cout, dy, pb.Cout, base.grad_out, base.res, base.gamma, base.beta,
-             ca.data(), cb.data(), cc.data()});
-  });
-
+  if (pb.Cin == 0) return finish();
   // grad_x = dy @ W: the forward machinery with panels over input channels and a plain store.
-  if (pb.Cin > 0) {
-    const auto [gx, tx] = plan_tiles<A>(isa, pb.M, pb.Cout, pb.Cin, /*chunk_tiles=*/false);
-    const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
-    const T* w = weight.const_data_ptr<T>();
-    // B[k = co][col = ci]: rows of W, copied.
-    auto wt_panels = [&](int64_t j0, int64_t j1, A* dst) {
-      rows_to_panels<T, A>([&](int64_t k) { return w + k * s0; }, s1, pb.Cout, pb.Cin, gx.NR,
-                           j0, j1, dst);
-    };
-    const std::vector<A> zero(static_cast<size_t>(pb.Cin), A(0));
-    FwdEpilogueArgs<T, A> xbase{};
-    xbase.shift = zero.data();
-    xbase.out = dense_rows<T>(grad_x.data_ptr<T>(), pb.Cin);
-    const FwdEpilogueFn<T> store = select_fwd_epilogue<T>(isa, Act::Identity, false);
-    auto prefetch = [&](int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
-      prefetch_block(xbase.out, row0, rows, col0, ncols, /*write=*/true);
-    };
-    tiled_gemm(tx, dense_rows<const A>(dy, pb.Cout), wt_panels, gx, prefetch,
-               [&](int64_t, int64_t row0, int64_t rows, int64_t j, const A* block) {
-                 store(for_block(xbase, block, gx.NR, row0, rows, j, pb.Cin));
-               });
-    grad_weight_gemm<T, A>(pb, xr, dy, isa, grad_w.data_ptr<A>());
+  const auto [gx, tx] = plan_tiles<A>(isa, pb.M, pb.Cout, pb.Cin, /*chunk_tiles=*/false);
+
+  // Pass 2: dy. Stored, in place of xhat or (from conv_out) into a buffer; or, from conv_out,
+  // made tile by tile inside the GEMMs, never stored, where the grad_x GEMM takes each tile
+  // once (one column group; else each group would make it again).
+  const DyPassFn<T, A> dy_pass = select_act_res<DyPass, T>(isa, pb.act, has_res);
+  DyPassArgs<T, A> dy_args{0, 0, pb.Cout, nullptr, pb.Cout, base.mean, base.invstd, nullptr,
+                           pb.Cout, base.grad_out, base.res, base.gamma, base.beta, ca.data(),
+                           cb.data(), cc.data()};
+  if (pb.has_conv_out) dy_args.y = conv_out->const_data_ptr<A>();
+  const DyRows<T, A> dy_rows{dy_pass, dy_args};
+  at::Tensor dy_buf;
+  A* dy = nullptr;
+  if (!pb.has_conv_out || tx.col_items > 1) {
+    dy_buf = pb.has_conv_out ? at::empty({pb.M, pb.Cout}, acc_opts) : xhat_buf;
+    dy = dy_buf.data_ptr<A>();
+    at::parallel_for(0, pb.M, std::max<int64_t>(1, 32768 / pb.Cout),
+                     [&](int64_t m0, int64_t m1) {
+                       dy_rows.fill(m0, m1 - m0, dy + m0 * pb.Cout, pb.Cout);
+                     });
+  }
+
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
+  const T* w = weight.const_data_ptr<T>();
+  // B[k = co][col = ci]: rows of W, copied.
+  auto wt_panels = [&](int64_t j0, int64_t j1, A* dst) {
+    rows_to_panels<T, A>([&](int64_t k) { return w + k * s0; }, s1, pb.Cout, pb.Cin, gx.NR,
+                         j0, j1, dst);
+  };
+  const std::vector<A> zero(static_cast<size_t>(pb.Cin), A(0));
+  FwdEpilogueArgs<T, A> xbase{};
+  xbase.shift = zero.data();
+  xbase.out = dense_rows<T>(grad_x.data_ptr<T>(), pb.Cin);
+  const FwdEpilogueFn<T> store = select_fwd_epilogue<T>(isa, Act::Identity, false);
+  auto prefetch_out = [&](int64_t row0, int64_t rows, int64_t col0, int64_t ncols) {
+    prefetch_block(xbase.out, row0, rows, col0, ncols, /*write=*/true);
+  };
+  auto store_block = [&](int64_t, int64_t row0, int64_t rows, int64_t j, const A* block) {
+    store(for_block(xbase, block, gx.NR, row0, rows, j, pb.Cin));
+  };
+  if (dy != nullptr) {
+    tiled_gemm(tx, dense_rows<const A>(dy, pb.Cout), wt_panels, gx, prefetch_out, store_block);
+    grad_weight_gemm<T, A>(
+        pb, xr, [&](int64_t m0, int64_t, A*) -> const A* { return dy + m0 * pb.Cout; }, isa,
+        grad_w.data_ptr<A>());
+  } else {
+    tiled_gemm(tx, dy_rows, wt_panels, gx, prefetch_out, store_block);
+    grad_weight_gemm<T, A>(
+        pb, xr,
+        [&](int64_t m0, int64_t rows, A* scratch) -> const A* {
+          dy_rows.fill(m0, rows, scratch, pb.Cout);
+          return scratch;
+        },
+        isa, grad_w.data_ptr<A>());
   }
   return finish();
 }

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <functional>
 #include <map>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -256,13 +257,16 @@ void test_dwconv() {
 }
 
 void test_pwconv() {
-  auto pw = op<Fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                   const OptT&, const OptT&, const OptT&, c10::string_view, bool, double)>(
-      "effkernels::pwconv_bn_act");
+  // The forward's fourth result, conv_out (y, in training), goes to the backward as autograd
+  // passes it.
+  auto pw = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
+      const OptT&, const OptT&, c10::string_view, bool, double)>("effkernels::pwconv_bn_act");
   auto pw_bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, c10::string_view,
-      bool, double)>("effkernels::pwconv_bn_act_backward");
+      bool, double, const OptT&)>("effkernels::pwconv_bn_act_backward");
+  at::Tensor conv_out;
   const int64_t Cin = 19, Cout = 19;
   auto rm = torch::randn({Cout}) * 0.2, rv = torch::rand({Cout}) + 0.5;
   std::vector<at::Tensor> leaves = {
@@ -272,11 +276,16 @@ void test_pwconv() {
   compare(
       "pwconv", leaves,
       [&](const std::vector<at::Tensor>& l, const std::string& act, bool tr) {
-        return pw.call(l[0], l[1], l[2], l[3], rm, rv, l[4], act, tr, 1e-5);
+        auto r = pw.call(l[0], l[1], l[2], l[3], rm, rv, l[4], act, tr, 1e-5);
+        conv_out = std::get<3>(r);
+        if (conv_out.numel() != (tr ? l[0].size(0) * 19 * 7 * 5 : 0))
+          throw std::runtime_error("pwconv: conv_out of " + std::to_string(conv_out.numel()) +
+                                   " elements");
+        return Fwd{std::get<0>(r), std::get<1>(r), std::get<2>(r)};
       },
       [&](const at::Tensor& g, const Fwd& f, const std::string& act, bool tr) {
         auto r = pw_bwd.call(g, leaves[0], leaves[1], leaves[2], leaves[3], std::get<1>(f),
-                             std::get<2>(f), leaves[4], act, tr, 1e-5);
+                             std::get<2>(f), leaves[4], act, tr, 1e-5, conv_out);
         return std::vector<at::Tensor>{std::get<0>(r), std::get<1>(r), std::get<2>(r),
                                        std::get<3>(r), std::get<4>(r)};
       },
