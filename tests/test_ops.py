@@ -210,11 +210,13 @@ def test_pwconv_training_large_output(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 24, 100, 56, 56, True), (3, 160, 96, 7, 7, False),
-                                   (1, 3, 17, 5, 3, True)], ids=str)
+                                   (1, 3, 17, 5, 3, True), (1, 64, 48, 3, 6, True)], ids=str)
 def test_pwconv_backward_from_conv_out(shape, dtype):
     """The CPU forward's conv_out is y = conv1x1(x) in the statistics' dtype, channels_last
     (empty in eval); the backward given it returns the bits of the backward that recomputes y
-    (the same tiles and blocks: many tiles, a partial last panel here)."""
+    (the same tiles and blocks: many tiles, a partial last panel here). dy is made inside the
+    GEMMs, or stored first where the grad_x GEMM splits its columns over the threads (the
+    18-pixel case on 2 threads)."""
     if effkernels.available_backends("cpu")["cpu"] != "available":
         pytest.skip("the C++ extension is not built")
     n, cin, cout, h, w, res = shape
