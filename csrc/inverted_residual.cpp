@@ -7,6 +7,7 @@
 // with EFFK_FUSED_BLOCK=1 (there the ops composed in Python are the faster; effkernels/
 // _backend.py).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/mean.h>
@@ -30,9 +31,11 @@ Stats call_pw(const at::Tensor& x, at::TensorList p, const OptTensor& residual,
                        .findSchemaOrThrow("effkernels::pwconv_bn_act", "")
                        .typed<PwResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, const OptTensor&, const OptTensor&,
-                                       const OptTensor&, c10::string_view, bool, double)>();
-  // conv_out (the fourth result) lives on in the op's autograd node, not here.
-  const PwResult r = op.call(x, p[0], p[1], p[2], p[3], p[4], residual, act, training, eps);
+                                       const OptTensor&, c10::string_view, bool, double, bool)>();
+  // conv_out (the fourth result) lives on in the op's autograd node, not here; it is kept
+  // only where a backward may read it.
+  const PwResult r = op.call(x, p[0], p[1], p[2], p[3], p[4], residual, act, training, eps,
+                             at::GradMode::is_enabled());
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 

@@ -6,8 +6,9 @@
 // mean and biased variance they normalised with, and the caller updates the running statistics.
 // pwconv_bn_act's conv_out: y = conv1x1(x) in the statistics' dtype (fp32; fp64 for fp64 x),
 // (N, Cout, H, W) channels_last, where the backend keeps it for the backward (the CPU kernels in
-// training: the backward then runs two GEMMs rather than three), else an empty (0,) tensor;
-// the backward recomputes y when it is None or empty.
+// training with keep_conv_out: the backward then runs two GEMMs rather than three), else an
+// empty (0,) tensor; the backward recomputes y when it is None or empty. Callers that will not
+// differentiate pass keep_conv_out=False (effkernels.ops does).
 #include <torch/library.h>
 
 TORCH_LIBRARY(effkernels, m) {
@@ -24,7 +25,8 @@ TORCH_LIBRARY(effkernels, m) {
   m.def(
       "pwconv_bn_act(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
       "Tensor? running_mean, Tensor? running_var, Tensor? residual, str act, bool training, "
-      "float eps) -> (Tensor out, Tensor mean, Tensor var, Tensor conv_out)");
+      "float eps, bool keep_conv_out=True) -> (Tensor out, Tensor mean, Tensor var, "
+      "Tensor conv_out)");
   m.def(
       "pwconv_bn_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, "
       "Tensor bn_bias, Tensor mean, Tensor var, Tensor? residual, str act, bool training, "

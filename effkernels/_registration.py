@@ -50,14 +50,15 @@ def _dw_bwd_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, pad
 
 def _pw_fake_for(namespace: str):
     """pwconv_bn_act's fake: (out, mean, var, conv_out). conv_out is y = conv1x1(x) where the
-    backend keeps it for the backward -- the C++ CPU kernels in training (csrc/cpu/
-    pwconv_bn_act.cpp): (N, Cout, H, W) channels_last in the statistics' dtype -- else empty."""
+    backend keeps it for the backward -- the C++ CPU kernels in training with keep_conv_out
+    (csrc/cpu/pwconv_bn_act.cpp): (N, Cout, H, W) channels_last in the statistics' dtype --
+    else empty."""
     def fake(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, act, training,
-             eps):
+             eps, keep_conv_out=True):
         n, _, h, w = x.shape
         cout = weight.shape[0]
         torch._check(weight.shape[1] == x.shape[1], lambda: "pwconv_bn_act: weight must have Cin")
-        if training and namespace == "effkernels" and x.device.type == "cpu":
+        if training and keep_conv_out and namespace == "effkernels" and x.device.type == "cpu":
             conv_out = x.new_empty((n, h, w, cout), dtype=_stat_dtype(x)).permute(0, 3, 1, 2)
         else:
             conv_out = x.new_empty((0,), dtype=_stat_dtype(x))
@@ -205,7 +206,8 @@ def _mix_backward(ctx, grad_out, _grad_mean, _grad_var):
 
 
 def _pw_setup(ctx, inputs, output):
-    _setup(ctx, inputs, output, residual=inputs[6], n_params=7)
+    # inputs[7:10]: act, training, eps (the backward's params); inputs[10]: keep_conv_out
+    _setup(ctx, inputs[:10], output, residual=inputs[6], n_params=7)
 
 
 def _pw_backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_out):
@@ -216,7 +218,7 @@ def _pw_backward(ctx, grad_out, _grad_mean, _grad_var, _grad_conv_out):
     dx, dw, dg, db, dres = _backward_op(ctx, "pwconv_bn_act")(
         grad_out, x, weight, bn_weight, bn_bias, mean, var, residual, *ctx.params, ctx.conv_out)
     return (dx, dw, dg, db, None, None, dres if residual is not None else None) + \
-        (None,) * len(ctx.params)
+        (None,) * (len(ctx.needs_input_grad) - 7)  # act, training, eps, keep_conv_out
 
 
 def _refuse_double_backward(qualname):

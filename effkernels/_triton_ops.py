@@ -42,8 +42,8 @@ def dwconv_bn_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bn_weigh
 @torch.library.custom_op(f"{NAMESPACE}::pwconv_bn_act", mutates_args=())
 def pwconv_bn_act(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                  residual: Optional[Tensor], act: str, training: bool, eps: float
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  residual: Optional[Tensor], act: str, training: bool, eps: float,
+                  keep_conv_out: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     out, mean, var = _pw.forward(x, weight, bn_weight, bn_bias, running_mean, running_var,
                                  residual, act, training, eps)
     return out, mean, var, mean.new_empty((0,))  # no conv_out: the backward recomputes y

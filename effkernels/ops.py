@@ -315,8 +315,11 @@ def pwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
                                        act=act, residual=residual, training=training,
                                        momentum=momentum, eps=eps)
     bn_weight, bn_bias = _affine(bn_weight, bn_bias, cout, x)
+    # The CPU kernels keep y = conv1x1(x) for the backward (conv_out) only where one may run.
+    keep = training and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bn_weight, bn_bias, residual))
     out, mean, var = _call(impl, op, x, weight, bn_weight, bn_bias, running_mean, running_var,
-                           residual, act, training, eps)[:3]
+                           residual, act, training, eps, keep)[:3]
     if training:
         _update_running(running_mean, running_var, mean, var, count, momentum)
     return out

@@ -61,6 +61,7 @@ def test_opcheck_dwconv(training, dtype):
 def test_opcheck_pwconv(training, residual):
     args = _pw_args(torch.float64, training, residual)
     torch.library.opcheck(torch.ops.effkernels.pwconv_bn_act.default, args)
+    torch.library.opcheck(torch.ops.effkernels.pwconv_bn_act.default, (*args, False))
     res = args[6].detach() if residual else None
     bargs = _backward_args(args, torch.ops.effkernels.pwconv_bn_act, (res, *args[7:]))
     torch.library.opcheck(torch.ops.effkernels.pwconv_bn_act_backward.default, bargs)

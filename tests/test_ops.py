@@ -239,6 +239,36 @@ def test_pwconv_backward_from_conv_out(shape, dtype):
                            "grad_residual"), recomputed, read):
         assert torch.equal(p, q), name
     assert op.pwconv_bn_act(x, weight, g, b, rm, rv, r, "hswish", False, 1e-5)[3].numel() == 0
+    # keep_conv_out=False (no backward to come): y not returned, the same results.
+    out2, mean2, var2, y2 = op.pwconv_bn_act(x, weight, g, b, rm, rv, r, "hswish", True, 1e-5,
+                                             False)
+    assert y2.numel() == 0
+    assert torch.equal(out2, out) and torch.equal(mean2, mean) and torch.equal(var2, var)
+
+
+def test_pwconv_keeps_conv_out_only_for_a_backward(monkeypatch):
+    """effkernels.ops asks the CPU op for conv_out in training only where autograd will run a
+    backward (grad mode on and a tensor that requires grad)."""
+    if effkernels.available_backends("cpu")["cpu"] != "available":
+        pytest.skip("the C++ extension is not built")
+    seen = []
+    real = ops._call
+
+    def spy(impl, name, *args):
+        result = real(impl, name, *args)
+        if name == "pwconv_bn_act":
+            seen.append(result[3].numel() > 0)
+        return result
+    monkeypatch.setattr(ops, "_call", spy)
+    x = make_input((2, 8, 5, 6), torch.float32, "channels_last")
+    weight = conv_weight((12, 8, 1, 1), torch.float32)
+    g, b, rm, rv = bn_params(12)
+    with effkernels.backend("cpu"):
+        ops.pwconv_bn_act(x, weight, g, b, rm, rv, training=True)
+        ops.pwconv_bn_act(x, weight.requires_grad_(), g, b, rm, rv, training=True)
+        with torch.no_grad():
+            ops.pwconv_bn_act(x, weight, g, b, rm, rv, training=True)
+    assert seen == [False, True, False]
 
 
 def test_pwconv_backward_conv_out_errors():

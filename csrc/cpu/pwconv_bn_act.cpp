@@ -673,8 +673,8 @@ void eval_pass(const Problem& pb, const Rows<const T>& xr, const at::Tensor& out
 // N=8, 576->96 14x14 0.53x the time, 24->144 56x56 0.86x, but 16->96 112x112 (38 MB) 1.12x;
 // with the backward's GEMM saved too it pays everywhere.)
 
-// out = act(y * scale + shift (+ residual)) from the kept y (M x Cout, dense): each block of
-// rows is scaled into a scratch copy, then goes through the eval epilogue.
+// out = act(y * scale + shift (+ residual)) from the kept y (M x Cout, dense; may be `out`'s
+// own memory: each block of rows is scaled into a scratch copy before its outputs are written).
 template <class T, class A>
 void apply_pass(const Problem& pb, const A* y, const at::Tensor& out, const A* scale,
                 const A* shift, const std::optional<at::Tensor>& residual, Isa isa) {
@@ -706,7 +706,8 @@ template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const Problem& pb, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual) {
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
+    bool keep_conv_out) {
   using A = acc_type<T>;
   const at::ScalarType acc = stat_dtype(x);
   at::Tensor out = empty_nhwc({pb.N, pb.Cout, pb.H, pb.W}, x.options());
@@ -716,11 +717,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
 
   std::vector<A> mean(static_cast<size_t>(pb.Cout), A(0)), var(mean);
   at::Tensor mean_t, var_t;
-  // y = x @ W, kept by the statistics' pass in training (dense NHWC: M x Cout).
-  const at::Tensor conv_out = pb.training
-                                  ? empty_nhwc({pb.N, pb.Cout, pb.H, pb.W}, x.options().dtype(acc))
-                                  : at::empty({0}, x.options().dtype(acc));
-  A* y = pb.training ? conv_out.data_ptr<A>() : nullptr;
+  // y = x @ W, kept by the statistics' pass in training (dense NHWC: M x Cout): in conv_out
+  // for the backward; else (no backward will read it) in fp32/fp64 output's own memory, or a
+  // temporary for fp16/bf16.
+  const bool keep = pb.training && keep_conv_out;
+  const at::Tensor conv_out = keep ? empty_nhwc({pb.N, pb.Cout, pb.H, pb.W}, x.options().dtype(acc))
+                                   : at::empty({0}, x.options().dtype(acc));
+  at::Tensor y_tmp;
+  A* y = nullptr;
+  if (keep) {
+    y = conv_out.data_ptr<A>();
+  } else if (pb.training) {
+    if constexpr (std::is_same_v<T, A>) {
+      y = out.data_ptr<A>();
+    } else {
+      y_tmp = at::empty({pb.M, pb.Cout}, x.options().dtype(acc));
+      y = y_tmp.data_ptr<A>();
+    }
+  }
   if (pb.training) {
     if (pb.M > 0) batch_stats<T, A>(pb, xr, weight, isa, mean, var, y);
     mean_t = stat_tensor(mean);
@@ -1146,12 +1160,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
-    c10::string_view act, bool training, double eps) {
+    c10::string_view act, bool training, double eps, bool keep_conv_out) {
   const Problem pb = check_pwconv_forward(kOp, x, weight, bn_weight, bn_bias, running_mean,
                                           running_var, residual, act, training, eps);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
     return forward_impl<scalar_t>(pb, x, weight, bn_weight, bn_bias, running_mean, running_var,
-                                  residual);
+                                  residual, keep_conv_out);
   });
 }
 

@@ -11,12 +11,13 @@
 namespace effkernels::cpu {
 
 // Returns (out, mean, var) as dwconv_bn_act does, out = act(bn(conv1x1(x)) + residual), and
-// conv_out: in training y = conv1x1(x) (acc dtype, NHWC) for the backward, else empty.
+// conv_out: in training with keep_conv_out, y = conv1x1(x) (acc dtype, NHWC) for the
+// backward, else empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
-    c10::string_view act, bool training, double eps);
+    c10::string_view act, bool training, double eps, bool keep_conv_out);
 
 // Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias, grad_residual); grad_residual is
 // an empty (0,) tensor when residual is None, else in residual's memory format. conv_out: the

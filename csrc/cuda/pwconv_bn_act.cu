@@ -274,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_act(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
-    c10::string_view act, bool training, double eps) {
+    c10::string_view act, bool training, double eps, bool /*keep_conv_out*/) {
   constexpr const char* op = "pwconv_bn_act";
   const PwProblem pb = check_pwconv_forward(op, x, weight, bn_weight, bn_bias, running_mean,
                                             running_var, residual, act, training, eps);

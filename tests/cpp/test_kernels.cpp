@@ -261,7 +261,8 @@ void test_pwconv() {
   // passes it.
   auto pw = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
-      const OptT&, const OptT&, c10::string_view, bool, double)>("effkernels::pwconv_bn_act");
+      const OptT&, const OptT&, c10::string_view, bool, double, bool)>(
+      "effkernels::pwconv_bn_act");
   auto pw_bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, c10::string_view,
@@ -276,7 +277,7 @@ void test_pwconv() {
   compare(
       "pwconv", leaves,
       [&](const std::vector<at::Tensor>& l, const std::string& act, bool tr) {
-        auto r = pw.call(l[0], l[1], l[2], l[3], rm, rv, l[4], act, tr, 1e-5);
+        auto r = pw.call(l[0], l[1], l[2], l[3], rm, rv, l[4], act, tr, 1e-5, true);
         conv_out = std::get<3>(r);
         if (conv_out.numel() != (tr ? l[0].size(0) * 19 * 7 * 5 : 0))
           throw std::runtime_error("pwconv: conv_out of " + std::to_string(conv_out.numel()) +
