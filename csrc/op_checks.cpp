@@ -4,6 +4,7 @@
 
 #include <c10/util/Exception.h>
 
+#include "cpu/cpu_common.h"
 #include "effkernels/checks.h"
 #include "effkernels/conv_geometry.h"
 
@@ -298,7 +299,7 @@ PwProblem check_pwconv_backward(const char* op, const at::Tensor& grad_out, cons
   pb.has_conv_out = conv_out.has_value() && conv_out->defined() && conv_out->numel() > 0;
   if (pb.has_conv_out) {
     const at::Tensor& y = *conv_out;
-    const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::ScalarType acc = cpu::stat_dtype(x);
     EFFK_CHECK(op, y.device() == x.device() && y.scalar_type() == acc &&
                        y.sizes() == at::IntArrayRef({pb.N, pb.Cout, pb.H, pb.W}) &&
                        y.is_contiguous(at::MemoryFormat::ChannelsLast),

@@ -102,11 +102,11 @@ def skip(op: str, x: torch.Tensor, cout: int, k: int, stride: int, padding: int,
                   f"{x.shape[2]}x{x.shape[3]}")
 
 
-def conv_out(op: str, y, x: torch.Tensor, cout: int) -> bool:
-    """pwconv_bn_act_backward's conv_out: None or empty (y is recomputed: False), or the
-    forward's y (True); csrc/op_checks.cpp has the C++ twin."""
+def conv_out(op: str, y, x: torch.Tensor, cout: int) -> None:
+    """pwconv_bn_act_backward's conv_out: None or empty (y is recomputed), or the forward's y;
+    csrc/op_checks.cpp has the C++ twin."""
     if y is None or y.numel() == 0:
-        return False
+        return
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     shape = (x.shape[0], cout, x.shape[2], x.shape[3])
     if (y.device != x.device or y.dtype != acc or tuple(y.shape) != shape
@@ -114,7 +114,6 @@ def conv_out(op: str, y, x: torch.Tensor, cout: int) -> bool:
         _fail(op, f"conv_out must be the forward's {shape} channels_last {acc} tensor on "
                   f"{x.device}, or None; got {y.dtype} of shape {tuple(y.shape)} and strides "
                   f"{y.stride()} on {y.device}")
-    return True
 
 
 def training_count(op: str, count: int, training: bool) -> None:

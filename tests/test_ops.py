@@ -12,6 +12,10 @@ from .opcase import check_op
 
 LAYOUTS = ["contiguous", "channels_last", "strided", "strided_cl"]
 CPU_BACKENDS = backends_for("cpu")
+# Tests that call the C++ CPU ops (torch.ops.effkernels) directly.
+needs_cpu_kernels = pytest.mark.skipif(
+    effkernels.available_backends("cpu")["cpu"] != "available",
+    reason="the C++ CPU backend is not available")
 
 # (N, C, H, W, k, stride, dilation, padding)
 DW_SHAPES = [
@@ -208,6 +212,7 @@ def test_pwconv_training_large_output(backend):
              backend, torch.float32)
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 24, 100, 56, 56, True), (3, 160, 96, 7, 7, False),
                                    (1, 3, 17, 5, 3, True), (1, 64, 48, 3, 6, True)], ids=str)
@@ -217,8 +222,6 @@ def test_pwconv_backward_from_conv_out(shape, dtype):
     (the same tiles and blocks: many tiles, a partial last panel here). dy is made inside the
     GEMMs, or stored first where the grad_x GEMM splits its columns over the threads (the
     18-pixel case on 2 threads)."""
-    if effkernels.available_backends("cpu")["cpu"] != "available":
-        pytest.skip("the C++ extension is not built")
     n, cin, cout, h, w, res = shape
     x = make_input((n, cin, h, w), dtype, "strided_cl")
     weight = conv_weight((cout, cin, 1, 1), dtype)
@@ -246,11 +249,10 @@ def test_pwconv_backward_from_conv_out(shape, dtype):
     assert torch.equal(out2, out) and torch.equal(mean2, mean) and torch.equal(var2, var)
 
 
+@needs_cpu_kernels
 def test_pwconv_keeps_conv_out_only_for_a_backward(monkeypatch):
     """effkernels.ops asks the CPU op for conv_out in training only where autograd will run a
     backward (grad mode on and a tensor that requires grad)."""
-    if effkernels.available_backends("cpu")["cpu"] != "available":
-        pytest.skip("the C++ extension is not built")
     seen = []
     real = ops._call
 
@@ -271,10 +273,9 @@ def test_pwconv_keeps_conv_out_only_for_a_backward(monkeypatch):
     assert seen == [False, True, False]
 
 
+@needs_cpu_kernels
 def test_pwconv_backward_conv_out_errors():
     """A conv_out that is not the forward's (format, dtype, shape) is refused, naming it."""
-    if effkernels.available_backends("cpu")["cpu"] != "available":
-        pytest.skip("the C++ extension is not built")
     x = make_input((2, 8, 5, 5), torch.float32)
     weight = conv_weight((4, 8, 1, 1), torch.float32)
     g, b, _, _ = bn_params(4)

@@ -542,20 +542,20 @@ struct BwdEpilogue {
   template <Isa>
   static void run(const Args& e) {
     const int64_t c0 = e.col0;
-    for (int64_t r = 0; r < e.rows; ++r) {
-      const int64_t p = e.row0 + r;
-      auto row = [&](auto store_xhat) {
+    auto rows = [&](auto store_xhat) {
+      for (int64_t r = 0; r < e.rows; ++r) {
+        const int64_t p = e.row0 + r;
         bwd_epilogue_row<ACT, RES, decltype(store_xhat)::value>(
             e.ncols, e.c + r * e.ldc, e.mean + c0, e.invstd + c0, e.gamma + c0, e.beta + c0,
             e.grad_out.row(p) + c0, RES ? e.res.row(p) + c0 : nullptr,
-            e.xhat ? e.xhat + p * e.ld + c0 : nullptr, RES ? e.grad_res.row(p) + c0 : nullptr,
-            e.sum_g + c0, e.sum_gx + c0);
-      };
-      if (e.xhat != nullptr) {
-        row(std::true_type{});
-      } else {
-        row(std::false_type{});
+            store_xhat ? e.xhat + p * e.ld + c0 : nullptr,
+            RES ? e.grad_res.row(p) + c0 : nullptr, e.sum_g + c0, e.sum_gx + c0);
       }
+    };
+    if (e.xhat != nullptr) {
+      rows(std::true_type{});
+    } else {
+      rows(std::false_type{});
     }
   }
 };
@@ -771,8 +771,8 @@ constexpr int64_t kGradWeightChunk = 256;  // pixel rows per grad_weight partial
 // grad_weight[co][ci] = sum_m dy[m][co] * x[m][ci]: a GEMM with the pixels as the reduction,
 // rows = output channels (dy^T of a chunk, transposed once per chunk), panels = x's input
 // channels (rows of x copied). Partials per fixed chunk of pixels are summed in chunk order.
-// dy_rows(m0, rows, scratch) -> the chunk's dense dy rows (row stride Cout): stored ones, or
-// made into scratch (DyRows).
+// dy_rows(m0, rows) -> the chunk's dense dy rows (row stride Cout): stored ones, or made into
+// the thread's scratch (DyRows).
 template <class T, class A, class DyRowsFn>
 void grad_weight_gemm(const Problem& pb, const Rows<const T>& xr, const DyRowsFn& dy_rows,
                       Isa isa, A* grad_w) {
@@ -794,7 +794,7 @@ void grad_weight_gemm(const Problem& pb, const Rows<const T>& xr, const DyRowsFn
       const int64_t ch = item / npanels, j = item % npanels;
       const int64_t m0 = ch * chunk, rows = std::min(chunk, pb.M - m0);
       if (ch != transposed) {
-        const A* dy = dy_rows(m0, rows, thread_scratch<A>(2, chunk * pb.Cout));
+        const A* dy = dy_rows(m0, rows);
         transpose({dy, pb.Cout, rows, pb.Cout, nullptr, dyt, ldt, rows, cout_pad});
         transposed = ch;
       }
@@ -980,13 +980,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   if (dy != nullptr) {
     tiled_gemm(tx, dense_rows<const A>(dy, pb.Cout), wt_panels, gx, prefetch_out, store_block);
     grad_weight_gemm<T, A>(
-        pb, xr, [&](int64_t m0, int64_t, A*) -> const A* { return dy + m0 * pb.Cout; }, isa,
+        pb, xr, [&](int64_t m0, int64_t) -> const A* { return dy + m0 * pb.Cout; }, isa,
         grad_w.data_ptr<A>());
   } else {
     tiled_gemm(tx, dy_rows, wt_panels, gx, prefetch_out, store_block);
     grad_weight_gemm<T, A>(
         pb, xr,
-        [&](int64_t m0, int64_t rows, A* scratch) -> const A* {
+        [&](int64_t m0, int64_t rows) -> const A* {
+          A* scratch = thread_scratch<A>(2, rows * pb.Cout);  // slots 0-1: grad_weight_gemm's
           dy_rows.fill(m0, rows, scratch, pb.Cout);
           return scratch;
         },
