@@ -146,8 +146,9 @@ def main(argv=None):
         backend = _backend(device)
         print(f"== {device}: {common.device_name(device)}; {common.versions()}; malloc: "
               f"{common.malloc_setting()}")
+        isa = f"; CPU kernels' ISA: {effkernels.cpu_isa()}" if device == "cpu" else ""
         print(f"   effkernels backend: {backend}; available: "
-              f"{effkernels.available_backends(device)}")
+              f"{effkernels.available_backends(device)}{isa}")
         ort = harness.ort_available() if device == "cpu" else "CPU only"
         todo = []
         for suite in suites:
@@ -164,8 +165,9 @@ def main(argv=None):
                                             else args.compile_budget) for s in SUITES}
         meta = {"timestamp": common.now(), "device": device,
                 "device_name": common.device_name(device),
-                "versions": common.versions() + (f", malloc {common.malloc_setting()}"
-                                                 if device == "cpu" else ""),
+                "versions": common.versions() + (
+                    f", malloc {common.malloc_setting()}, CPU kernels' ISA {effkernels.cpu_isa()}"
+                    if device == "cpu" else ""),
                 "threads": torch.get_num_threads(), "backend": backend, "dtype": args.dtype,
                 "command": " ".join(["python -m bench.run"] + list(sys.argv[1:] if argv is None
                                                                     else argv))}

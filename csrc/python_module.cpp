@@ -1,12 +1,19 @@
 // Makes `from effkernels import _C` load the library, which runs the TORCH_LIBRARY registrars.
-// No pybind: the ops are reached through torch.ops.effkernels.* only; the one Python function
-// here is the chained replay's check (effkernels.nn.blocks._State.unchanged). Built by setup.py
+// No pybind: the ops are reached through torch.ops.effkernels.* only; the Python functions here
+// are the chained replay's check (effkernels.nn.blocks._State.unchanged) and the CPU kernels'
+// instruction set (effkernels.cpu_isa). Built by setup.py
 // alone (the CMake library is for C++ users and has no Python entry point).
 #include <Python.h>
 
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "cpu/cpu_gemm.h"
+
 namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(effkernels::cpu::isa_name(effkernels::cpu::cpu_isa()));
+}
 
 // unchanged(same_in, same_key, same_obj, set_obj, set_attr, set_value, tensors, versions,
 //           sized, sizes):
@@ -87,6 +94,8 @@ PyObject* unchanged(PyObject*, PyObject* args) {
 }
 
 PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "The instruction set the CPU kernels run on in this process (effkernels.cpu_isa)."},
     {"unchanged", unchanged, METH_VARARGS,
      "effkernels.nn.blocks._State.unchanged's check over its lists (see python_module.cpp)."},
     {nullptr, nullptr, 0, nullptr}};

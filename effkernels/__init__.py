@@ -3,10 +3,12 @@ MixConv, squeeze-excite) behind PyTorch's dispatcher, with autograd and torch.co
 
     import effkernels
     effkernels.available_backends("cpu")    # {"cpu": "available", "cuda": "<why not>", ...}
+    effkernels.cpu_isa()                    # the CPU kernels' instruction set here, e.g. "amx"
     with effkernels.backend("reference"):   # or effkernels.set_backend(...)
         y = effkernels.ops.dwconv_bn_act(x, w, g, b, rm, rv, act="relu6")
 """
 from . import _extension
+from ._extension import cpu_isa
 from ._backend import available_backends, backend, get_backend, set_backend
 from . import ops, reference
 from ._convert import convert
@@ -19,7 +21,7 @@ if _extension.loaded():
 
 __version__ = "0.1.0"
 __all__ = ["ops", "reference", "convert", "profile", "Profile", "available_backends", "backend", "get_backend", "set_backend",
-           "extension_error"]
+           "cpu_isa", "extension_error"]
 
 
 def extension_error():

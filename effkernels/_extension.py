@@ -23,3 +23,10 @@ def loaded() -> bool:
 
 def built_with_cuda() -> bool:
     return bool(_C is not None and getattr(_C, "with_cuda", 0))
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the CPU kernels run on in this process: "amx" (AVX-512 with AMX-BF16
+    tiles for bf16 GEMMs), "avx512bf16" (AVX-512 with vdpbf16ps for bf16 GEMMs), "avx512",
+    "avx2" or "base" (SSE2); EFFK_CPU_ISA caps it. None when the extension is missing."""
+    return _C.cpu_isa() if _C is not None else None

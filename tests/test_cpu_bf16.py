@@ -1,11 +1,13 @@
-"""bf16 on the CPU: the bf16 pair GEMM (AVX-512 BF16's vdpbf16ps: two bf16 products summed into
-fp32 per instruction) of the pointwise conv and of the fused inverted-residual block: that it runs
-exactly on the CPUs that have the instructions, that the fp32-conversion path it replaces there
-stays correct (forced with EFFK_CPU_ISA=avx512), and that its bits depend on the data only (not
-on the thread count); and the depthwise kernel's bf16 fast path.
+"""bf16 on the CPU: the bf16 GEMMs of the pointwise conv and of the fused inverted-residual block,
+AMX's tile kernel (TDPBF16PS) or AVX-512 BF16's pair kernel (vdpbf16ps: two bf16 products
+summed into fp32 per instruction): that each runs exactly on the CPUs that have the
+instructions (effkernels.cpu_isa()), that the paths they replace there stay correct (forced with
+EFFK_CPU_ISA=avx512bf16 / avx512), that both compute every product of every row (to one bf16
+rounding of the float64 result, at every tail of rows and k), and that their bits depend on the
+data only (not on the thread count); and the depthwise kernel's bf16 fast path.
 
-Which path ran is observable: vdpbf16ps treats bf16 subnormal inputs as zero, the fp32 path
-does not."""
+Which GEMM ran is observable too: both bf16 kernels treat bf16 subnormal inputs as zero, the
+fp32 path does not."""
 import os
 import subprocess
 import sys
@@ -34,6 +36,32 @@ def _cpu_has_avx512_bf16():
     return "avx512_bf16" in flags and "avx512bw" in flags
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+# EFFK_CPU_ISA's levels, narrowest first (effkernels.cpu_isa() names the one in use).
+ISA_LEVELS = ("base", "avx2", "avx512", "avx512bf16", "amx")
+
+
+def _widest_isa(flags):
+    """The level this CPU supports, from /proc/cpuinfo (Linux grants AMX's state since 5.16)."""
+    level = "base"
+    if {"avx2", "fma"} <= flags:
+        level = "avx2"
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+            level = "avx512"
+            if "avx512_bf16" in flags:
+                level = "avx512bf16"
+                if {"amx_tile", "amx_bf16"} <= flags:
+                    level = "amx"
+    return level
+
+
 def _python(script, isa=None):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("EFFK_CPU_ISA", None)
@@ -56,6 +84,17 @@ _SUBNORMAL = """
     y = ops.pwconv_bn_act(x, w, one, zero, zero, one, act="identity", eps=0.0)
     print(float(y[0, 0, 0, 0]))
 """
+
+
+def test_cpu_isa_is_the_cpus_widest_under_the_cap():
+    """effkernels.cpu_isa() names the kernels that run: the widest level this CPU has, capped by
+    EFFK_CPU_ISA."""
+    widest = ISA_LEVELS.index(_widest_isa(_cpu_flags()))
+    script = "import effkernels; print(effkernels.cpu_isa())"
+    assert _python(script).strip() == ISA_LEVELS[widest]
+    for cap in ISA_LEVELS:
+        expected = ISA_LEVELS[min(widest, ISA_LEVELS.index(cap))]
+        assert _python(script, isa=cap).strip() == expected, cap
 
 
 def test_pair_kernel_runs_exactly_where_the_cpu_has_avx512_bf16():
@@ -84,6 +123,8 @@ _FP32_PATH = """
     for case in ("mbv2_s1_skip", "no_expand_se_skip", "odd_7x11_s2_se", "dil2_k5_s2_se"):
         check_block_bf16(case)
     check_rounded_like_fp32()
+    from tests.test_cpu_bf16 import check_gemm_to_one_rounding
+    check_gemm_to_one_rounding()
     print("ok")
 """
 
@@ -120,6 +161,75 @@ def check_rounded_like_fp32():
         xb, block = x64.bfloat16(), _cast(block64, torch.bfloat16)
         assert_fp32_rounded(_fused(xb, block, kw),
                   _fused(xb.float(), _cast(block, torch.float32), kw), case)
+
+
+def check_gemm_to_one_rounding():
+    """y = x @ w^T through pwconv_bn_act with an identity BatchNorm (scale exactly 1, shift 0)
+    and activation: the fp32 sum of the bf16 products, rounded once to bf16. Against the float64
+    product: within half a bf16 ulp plus the fp32 summation's error (bounded by 2^-16 of
+    |x| @ |w| for these K), so a lost product (~1/K of that sum), a lost row, an unwritten or a
+    doubly counted element fails. At every tail the GEMM kernels have: K below, at and past a
+    multiple of 32 (AMX's tile) and of 2 (the pairs), odd K; 1 to 135 pixel rows (16-row tiles,
+    12-row blocks); 16 to 130 output channels (16/32/48-column panels); in-place NHWC rows,
+    strided rows and NCHW input (copied tiles). An Inf and a NaN in the last k and the last
+    pixel reach their outputs as in float64."""
+    torch.manual_seed(3)
+    for cin in (1, 2, 13, 31, 32, 33, 64, 95, 96, 200):
+        for cout in (16, 24, 48, 96, 130):
+            w = conv_weight((cout, cin, 1, 1), torch.bfloat16)
+            one, zero = torch.ones(cout), torch.zeros(cout)
+            for i, (n, h, wd) in enumerate(((1, 1, 1), (1, 7, 11), (2, 16, 3), (3, 5, 9))):
+                layout = ("channels_last", "strided_cl", "contiguous")[(cin + cout + i) % 3]
+                x = make_input((n, cin, h, wd), torch.bfloat16, layout)
+                if i == 3:
+                    x[0, cin - 1, 0, 0] = float("inf")
+                    x[n - 1, 0, h - 1, wd - 1] = float("nan")
+                with torch.no_grad():
+                    y = ops.pwconv_bn_act(x, w, one, zero, zero, one, act="identity", eps=0.0)
+                xd, wd2 = x.double().permute(0, 2, 3, 1), w.double()[:, :, 0, 0]
+                ref = (xd @ wd2.T).permute(0, 3, 1, 2)
+                bound = 2.0 ** -8 * ref.abs() + 2.0 ** -16 * (xd.abs() @ wd2.abs().T).permute(
+                    0, 3, 1, 2)
+                what = f"Cin {cin} Cout {cout} x {tuple(x.shape)} {layout}"
+                yd = y.double()
+                assert torch.equal(yd.isnan(), ref.isnan()), what
+                finite = ref.isfinite()
+                assert torch.equal(yd[~finite & ~ref.isnan()], ref[~finite & ~ref.isnan()]), what
+                err = (yd - ref).abs()[finite]
+                worst = (err - bound[finite]).max().item()
+                assert worst <= 0, f"{what}: error exceeds the bound by {worst:.3g}"
+
+
+def test_bf16_gemm_to_one_rounding():
+    """The bf16 GEMM this CPU runs (AMX's, the pair kernel or the fp32 path)."""
+    check_gemm_to_one_rounding()
+
+
+_PAIR_PATH = """
+    import torch
+    import effkernels
+    assert effkernels.cpu_isa() == "avx512bf16", effkernels.cpu_isa()
+    from tests.opcase import check_op
+    from tests.test_ops import PW_SHAPES, pw_case
+    from tests.test_cpu_bf16 import check_block_bf16, check_gemm_to_one_rounding
+    torch.manual_seed(0)
+    for shape in PW_SHAPES:
+        for training in (True, False):
+            check_op("pwconv_bn_act", *pw_case(shape, torch.bfloat16, "channels_last",
+                                               training=training), "cpu", torch.bfloat16)
+    for case in ("mbv2_s1_skip", "no_expand_se_skip", "odd_7x11_s2_se", "dil2_k5_s2_se"):
+        check_block_bf16(case)
+    check_gemm_to_one_rounding()
+    print("ok")
+"""
+
+
+@pytest.mark.skipif(_widest_isa(_cpu_flags()) != "amx",
+                    reason="only an AMX CPU runs another bf16 GEMM than the pair kernel")
+def test_bf16_pair_kernel_on_an_amx_cpu():
+    """On a CPU with AMX the tile kernel runs by default; the pair kernel (forced with
+    EFFK_CPU_ISA=avx512bf16) stays correct there too."""
+    assert _python(_PAIR_PATH, isa="avx512bf16").strip().endswith("ok")
 
 
 def test_bf16_on_the_fp32_path():

@@ -1,8 +1,9 @@
 // The CPU GEMM machinery shared by pwconv_bn_act and the fused inverted-residual block:
 // run-time ISA dispatch (Isa, cpu_isa, select_kernel), scratch buffers, the register-blocked
 // FMA micro-kernel over packed weight panels and the panel packing (design notes in
-// pwconv_bn_act.cpp), and the bf16 pair kernel for CPUs with AVX-512 BF16 (bf16_micro_kernel,
-// Bf16PairPanels, with_gemm_operand). Everything is inline or a template, so each translation
+// pwconv_bn_act.cpp), the bf16 pair kernel for CPUs with AVX-512 BF16 (bf16_micro_kernel,
+// Bf16PairPanels, with_gemm_operand) and the AMX tile kernel that reads the same bf16 panels
+// (AmxGemmKernel). Everything is inline or a template, so each translation
 // unit instantiates what it uses, compiled for each ISA by the `flatten` wrappers.
 #pragma once
 
@@ -25,7 +26,12 @@
 #include "effkernels/macros.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
 #include <immintrin.h>
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace effkernels::cpu {
@@ -36,8 +42,10 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // ---- run-time ISA dispatch -------------------------------------------------------------------
 
 // Avx512Bf16 adds AVX-512 BF16's vdpbf16ps (bf16 pair products summed into fp32) to AVX-512:
-// only the bf16 GEMM kernel uses it; every other kernel runs its AVX-512 build there.
-enum class Isa : int { Base = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+// only the bf16 GEMM kernel uses it; every other kernel runs its AVX-512 build there. Amx adds
+// AMX tiles (TDPBF16PS, with the kernel's permission to use their state): the bf16 GEMMs run
+// the tile kernel there.
+enum class Isa : int { Base = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Amx = 4 };
 
 // Vector width in bytes and number of vector registers the micro-kernel may plan for.
 constexpr int isa_bytes(Isa isa) { return isa >= Isa::Avx512 ? 64 : isa == Isa::Avx2 ? 32 : 16; }
@@ -54,6 +62,21 @@ constexpr int isa_regs(Isa isa) { return isa >= Isa::Avx512 ? 32 : 16; }
 #define EFFK_PW_X86 0
 #endif
 
+// Whether this process may use AMX's bf16 tiles: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7,
+// EDX bits 24 and 22) and Linux grants the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA, Linux 5.16+; without it the first tile instruction raises SIGILL).
+inline bool amx_bf16_usable() {
+#if defined(__linux__) && defined(__x86_64__) && defined(__GNUC__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if (!((edx >> 24) & 1) || !((edx >> 22) & 1)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 inline Isa detect_isa() {
   Isa isa = Isa::Base;
 #if EFFK_PW_X86
@@ -65,22 +88,31 @@ inline Isa detect_isa() {
     isa = Isa::Avx512;
   if (isa == Isa::Avx512 && __builtin_cpu_supports("avx512bf16")) isa = Isa::Avx512Bf16;
 #endif
-  // EFFK_CPU_ISA=base|avx2|avx512|avx512bf16 caps the choice, so that tests can cover the
-  // narrower paths.
+  // EFFK_CPU_ISA=base|avx2|avx512|avx512bf16|amx caps the choice, so that tests can cover the
+  // narrower paths (AMX's permission is asked for only where it may be used).
+  Isa cap = Isa::Amx;
   if (const char* env = std::getenv("EFFK_CPU_ISA")) {
     const std::string_view want(env);
-    const Isa cap = want == "base"     ? Isa::Base
-                    : want == "avx2"   ? Isa::Avx2
-                    : want == "avx512" ? Isa::Avx512
-                                       : Isa::Avx512Bf16;
+    cap = want == "base"         ? Isa::Base
+          : want == "avx2"       ? Isa::Avx2
+          : want == "avx512"     ? Isa::Avx512
+          : want == "avx512bf16" ? Isa::Avx512Bf16
+                                 : Isa::Amx;
     isa = std::min(isa, cap);
   }
+  if (isa == Isa::Avx512Bf16 && cap == Isa::Amx && amx_bf16_usable()) isa = Isa::Amx;
   return isa;
 }
 
 inline Isa cpu_isa() {
   static const Isa isa = detect_isa();
   return isa;
+}
+
+// EFFK_CPU_ISA's spelling of an Isa (effkernels.cpu_isa()).
+constexpr const char* isa_name(Isa isa) {
+  constexpr const char* kNames[] = {"base", "avx2", "avx512", "avx512bf16", "amx"};
+  return kNames[static_cast<int>(isa)];
 }
 
 // A kernel K is a struct with `using Args = ...;` and `template <Isa> static void run(const
@@ -103,6 +135,10 @@ template <class K>
 EFFK_BF16_TARGET __attribute__((flatten)) void run_avx512bf16(const typename K::Args& args) {
   K::template run<Isa::Avx512Bf16>(args);
 }
+template <class K>
+EFFK_BF16_TARGET __attribute__((flatten)) void run_amx(const typename K::Args& args) {
+  K::template run<Isa::Amx>(args);
+}
 #endif
 template <class K>
 __attribute__((flatten)) void run_base(const typename K::Args& args) {
@@ -113,7 +149,9 @@ __attribute__((flatten)) void run_base(const typename K::Args& args) {
 template <Isa I, class K>
 KernelFn<K> isa_entry() {
 #if EFFK_PW_X86
-  if constexpr (I == Isa::Avx512Bf16)
+  if constexpr (I == Isa::Amx)
+    return &run_amx<K>;
+  else if constexpr (I == Isa::Avx512Bf16)
     return &run_avx512bf16<K>;
   else if constexpr (I == Isa::Avx512)
     return &run_avx512<K>;
@@ -156,8 +194,9 @@ class Scratch {
 // Per-thread scratch memory, grown on demand and kept across calls: a fresh large buffer per
 // call is a fresh mmap, whose page faults cost as much as a small layer's GEMM. kScratchSlots
 // slots, one per concurrent use inside a parallel region (pwconv uses 0-2, the fused
-// inverted-residual block 3-10).
-constexpr int kScratchSlots = 12;
+// inverted-residual block 3-11, the GEMM kernels 12).
+constexpr int kScratchSlots = 13;
+constexpr int kGemmKernelSlot = 12;  // a GEMM kernel's own copies (it calls nothing that uses one)
 
 template <class A>
 A* thread_scratch(int slot, int64_t n) {
@@ -393,6 +432,185 @@ struct Bf16GemmKernel {
   }
 };
 
+#if EFFK_PW_X86
+// ---- the AMX tile kernel ---------------------------------------------------------------------
+// The same product as the pair kernel, c[rows][16 NV] = (a[rows][K] @ b) * scale on the same
+// panels b[k / 2][n][k % 2], in AMX tiles: every tile is 16 rows of 64 bytes, so an A tile is
+// 16 x rows by 32 k (bf16), a B tile 16 k pairs by 16 columns (rows NR * 4 bytes apart in the
+// panel: loaded in place), a C tile 16 x 16 fp32 accumulators; one TDPBF16PS does 8192
+// multiply-adds. A block of MT row tiles x NV column tiles keeps MT * NV C tiles, MT A and NV B
+// tiles in the 8 tile registers. x rows are loaded in place, 32 k at a time; the last K % 32 k
+// (A and B) and the last rows % 16 rows (A and C) go through small zero-padded copies, so the
+// kernel reads and writes exactly rows x K of a and rows x NR of c and needs no padding from
+// its callers (MR 1). Each output is one chain over k in the same order wherever its row lies
+// (tiles of 32 k, then the tail): the bits depend on the data only. Like vdpbf16ps, TDPBF16PS
+// treats bf16 subnormal inputs as zero.
+// The tile instructions are written as inline assembly (GCC's intrinsics stringify the tile
+// number, which a template parameter cannot be), so no AMX target attribute is needed.
+namespace amx {
+
+constexpr int kTileRows = 16;
+constexpr int kTileK = 32;  // bf16 k per A tile row (64 bytes)
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline const TileConfig& all_tiles_16x64() {
+  static const TileConfig cfg = [] {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) {
+      c.colsb[t] = 64;
+      c.rows[t] = kTileRows;
+    }
+    return c;
+  }();
+  return cfg;
+}
+
+EFFK_INLINE void configure(const TileConfig& cfg) {
+  __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
+}
+EFFK_INLINE void release() { __asm__ volatile("tilerelease" ::); }
+template <int T>
+EFFK_INLINE void zero() {
+  __asm__ volatile("tilezero %%tmm%c0" ::"n"(T));
+}
+template <int T>
+EFFK_INLINE void load(const void* p, int64_t stride_bytes) {
+  __asm__ volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(p), "r"(stride_bytes), "n"(T)
+                   : "memory");
+}
+template <int T>
+EFFK_INLINE void store(void* p, int64_t stride_bytes) {
+  __asm__ volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(p), "r"(stride_bytes), "n"(T)
+                   : "memory");
+}
+template <int C, int A, int B>  // tmm C += tmm A (rows x k) @ tmm B (k pairs x columns)
+EFFK_INLINE void dot() {
+  __asm__ volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
+}
+
+// Calls f(integral_constant<i>) for i in [0, N).
+template <int N, class F, int... I>
+EFFK_INLINE void unrolled(const F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+EFFK_INLINE void unrolled(const F& f) {
+  unrolled<N>(f, std::make_integer_sequence<int, N>{});
+}
+
+// One block of MT row tiles x NV column tiles: tiles [0, MT NV) hold C (row tile i, column tile
+// j at i NV + j), then MT A tiles, then NV B tiles. a: the rows' first K32 * 32 k (row stride
+// lda); tail: their last k, zero-padded to 32 (row stride ldt; null when K % 32 == 0); b: the
+// panel (NR columns), btail: its last k pairs per column tile, zero-padded ([NV][16][32]).
+template <int MT, int NV>
+EFFK_INLINE void block(int64_t K32, const uint16_t* a, int64_t lda, const uint16_t* tail,
+                       int64_t ldt, const uint16_t* b, const uint16_t* btail, float* c,
+                       int64_t ldc) {
+  constexpr int kA = MT * NV, kB = kA + MT;
+  constexpr int64_t NR = 16 * NV;
+  static_assert(kB + NV <= 8, "8 tile registers");
+  unrolled<MT * NV>([&](auto t) { zero<t>(); });
+  auto step = [&](const uint16_t* ak, int64_t lda_k, const uint16_t* bk, int64_t ldb_bytes,
+                  int64_t b_tile_step) {
+    unrolled<MT>([&](auto i) { load<kA + i>(ak + i * kTileRows * lda_k, lda_k * 2); });
+    unrolled<NV>([&](auto j) { load<kB + j>(bk + j * b_tile_step, ldb_bytes); });
+    unrolled<MT>([&](auto i) {
+      unrolled<NV>([&](auto j) { dot<i * NV + j, kA + i, kB + j>(); });
+    });
+  };
+  for (int64_t kc = 0; kc < K32; ++kc)
+    step(a + kc * kTileK, lda, b + kc * kTileRows * NR * 2, NR * 4, 32);
+  if (tail) step(tail, ldt, btail, 64, kTileRows * kTileK);
+  const int64_t ldc_bytes = ldc * static_cast<int64_t>(sizeof(float));
+  unrolled<MT>([&](auto i) {
+    unrolled<NV>([&](auto j) { store<i * NV + j>(c + i * kTileRows * ldc + j * 16, ldc_bytes); });
+  });
+}
+
+// Copies rows [0, rows) of k [k0, k0 + n) (n <= 32) of a (row stride lda) to dst[r][32], zero
+// past n and for rows [rows, rows_pad): one masked 64-byte load and one store per row.
+EFFK_BF16_TARGET inline void copy_k32(const uint16_t* a, int64_t lda, int64_t rows,
+                                      int64_t rows_pad, int64_t k0, int64_t n, uint16_t* dst,
+                                      int64_t ldd) {
+  const __mmask32 mask = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+  for (int64_t r = 0; r < rows_pad; ++r)
+    _mm512_store_si512(dst + r * ldd, r < rows ? _mm512_maskz_loadu_epi16(mask, a + r * lda + k0)
+                                               : _mm512_setzero_si512());
+}
+
+}  // namespace amx
+
+template <int NV>
+struct AmxGemmKernel {
+  using Args = GemmArgs<float, c10::BFloat16>;
+  // Row tiles per block: MT NV C tiles, MT A and NV B tiles fit the 8 tile registers.
+  static constexpr int MT = NV == 1 ? 3 : NV == 2 ? 2 : 1;
+  static constexpr int64_t NR = 16 * NV;
+
+  template <Isa I>
+  static void run(const Args& g) {
+    if constexpr (I == Isa::Amx) {
+      using namespace amx;
+      const auto* a = reinterpret_cast<const uint16_t*>(g.a);
+      const auto* b = reinterpret_cast<const uint16_t*>(g.b);
+      const int64_t K32 = g.K / kTileK, kt = g.K % kTileK, k_main = K32 * kTileK;
+      const int64_t full = g.rows / kTileRows * kTileRows, m = g.rows - full;
+      // The copies are made before the first tile load, so that no tile load waits for the
+      // stores that made its data (AMX loads do not take data forwarded from pending stores).
+      // B's last kt k (ceil(kt / 2) pairs, the packing's zero after an odd K), zero-padded.
+      alignas(64) uint16_t btail[NV][kTileRows * kTileK];
+      if (kt) {
+        const int64_t pairs = ceil_div(kt, 2);
+        for (int j = 0; j < NV; ++j)
+          copy_k32(b + (K32 * kTileRows * NR + j * 16) * 2, NR * 2, pairs, kTileRows, 0, 32,
+                   btail[j], kTileK);
+      }
+      // x's last kt k of every row ([rows up to a whole tile][32]), and the first k_main k of
+      // the last m rows ([16][k_main]), zero-padded.
+      const int64_t rows_pad = full + (m ? kTileRows : 0);
+      const int64_t tail_elems = kt ? rows_pad * kTileK : 0;
+      uint16_t* buf = thread_scratch<uint16_t>(
+          kGemmKernelSlot, tail_elems + (m && K32 ? kTileRows * k_main : 0));
+      uint16_t* tail = kt ? buf : nullptr;
+      uint16_t* last_rows = buf + tail_elems;
+      if (kt) copy_k32(a, g.lda, g.rows, rows_pad, k_main, kt, tail, kTileK);
+      if (m)
+        for (int64_t kc = 0; kc < K32; ++kc)
+          copy_k32(a + full * g.lda, g.lda, m, kTileRows, kc * kTileK, kTileK,
+                   last_rows + kc * kTileK, k_main);
+      alignas(64) float out[kTileRows * NR];  // the last m rows' results
+      auto tail_at = [&](int64_t r) { return kt ? tail + r * kTileK : nullptr; };
+      configure(all_tiles_16x64());
+      int64_t r = 0;
+      for (; r + MT * kTileRows <= full; r += MT * kTileRows)
+        block<MT, NV>(K32, a + r * g.lda, g.lda, tail_at(r), kTileK, b, btail[0],
+                      g.c + r * g.ldc, g.ldc);
+      for (; r < full; r += kTileRows)
+        block<1, NV>(K32, a + r * g.lda, g.lda, tail_at(r), kTileK, b, btail[0], g.c + r * g.ldc,
+                     g.ldc);
+      if (m) block<1, NV>(K32, last_rows, k_main, tail_at(full), kTileK, b, btail[0], out, NR);
+      release();
+      for (int64_t i = 0; i < m; ++i)
+        std::memcpy(g.c + (full + i) * g.ldc, out + i * NR, NR * sizeof(float));
+      if (g.col_scale) {
+        for (int64_t i = 0; i < g.rows; ++i) {
+          float* __restrict ci = g.c + i * g.ldc;
+          for (int64_t n = 0; n < NR; ++n) ci[n] *= g.col_scale[n];
+        }
+      }
+      return;
+    }
+    TORCH_INTERNAL_ASSERT(false, "the AMX GEMM kernel needs AMX-BF16");
+  }
+};
+#endif
+
 template <class A, class In = A>
 struct GemmPlan {
   using Fn = void (*)(const GemmArgs<A, In>&);
@@ -412,11 +630,12 @@ struct GemmPlan {
   }
 };
 
-// Whether data of type T runs the bf16 pair kernel on this CPU (bf16 data, AVX-512 BF16);
-// otherwise its x tiles and packed weights are converted to the accumulation type.
+// Whether data of type T runs a bf16 GEMM kernel on this CPU (bf16 data; AVX-512 BF16's pair
+// kernel, or AMX's tile kernel); otherwise its x tiles and packed weights are converted to the
+// accumulation type.
 template <class T>
 bool bf16_gemm(Isa isa) {
-  return std::is_same_v<T, c10::BFloat16> && isa == Isa::Avx512Bf16;
+  return std::is_same_v<T, c10::BFloat16> && isa >= Isa::Avx512Bf16;
 }
 
 // Runs f(In{}) with the operand type In of the GEMMs over data of type T on this CPU: bf16
@@ -444,6 +663,12 @@ template <int NV>
 GemmPlan<float, c10::BFloat16> make_bf16_plan(double cost) {
   return {isa_entry<Isa::Avx512Bf16, Bf16GemmKernel<NV>>(), micro_rows(32, NV), 16 * NV, cost};
 }
+#if EFFK_PW_X86
+template <int NV>
+GemmPlan<float, c10::BFloat16> make_amx_plan(double cost) {
+  return {isa_entry<Isa::Amx, AmxGemmKernel<NV>>(), 1, 16 * NV, cost};
+}
+#endif
 
 // Candidate panel shapes, used where they pad less than they cost. Every shape gives the same
 // bits: each output is one FMA chain over k. Equal costs go to the earlier shape. On AVX-512:
@@ -484,12 +709,17 @@ std::array<GemmPlan<A>, kPanelShapes> shapes_for() {
   }
 }
 
-// In == A: the FMA kernels of the CPU's ISA; In == bf16 (only where bf16_gemm): the pair kernel
-// at 16, 32 and 48 columns (the last entry repeated).
+// In == A: the FMA kernels of the CPU's ISA; In == bf16 (only where bf16_gemm): the AMX tile
+// kernel or the pair kernel at 16, 32 and 48 columns (the last entry repeated).
 template <class A, class In = A>
 std::array<GemmPlan<A, In>, kPanelShapes> panel_shapes(Isa isa) {
   if constexpr (!std::is_same_v<A, In>) {
-    TORCH_INTERNAL_ASSERT(isa == Isa::Avx512Bf16);
+    TORCH_INTERNAL_ASSERT(isa >= Isa::Avx512Bf16);
+#if EFFK_PW_X86
+    if (isa == Isa::Amx)
+      return {make_amx_plan<2>(1.0), make_amx_plan<3>(1.1), make_amx_plan<1>(1.2),
+              make_amx_plan<2>(1.0), make_amx_plan<2>(1.0)};
+#endif
     return {make_bf16_plan<2>(1.0), make_bf16_plan<3>(1.0), make_bf16_plan<1>(1.3),
             make_bf16_plan<2>(1.0), make_bf16_plan<2>(1.0)};
   } else {

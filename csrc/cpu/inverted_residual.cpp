@@ -103,8 +103,8 @@ constexpr int64_t kStepPixels = 48;   // output pixels per depthwise + project s
 constexpr int64_t kPackGrainElems = 16384;  // weight elements per packing task, at least
 constexpr int64_t kGrainMacs = 16384;       // SE multiply-adds / gated panel elements per task
 
-// Per-thread scratch slots (cpu_gemm.h's thread_scratch; pwconv uses 0-2): 3-6, 9 and 11 in
-// the tasks, 7, 8 and 10 on the calling thread.
+// Per-thread scratch slots (cpu_gemm.h's thread_scratch; pwconv uses 0-2, the GEMM kernels
+// 12): 3-6, 9 and 11 in the tasks, 7, 8 and 10 on the calling thread.
 enum Slot : int {
   kRing = 3, kTileA = 4, kBlock = 5, kDwRows = 6,
   kImages = 7, kPacked = 8, kStemStrip = 9, kGatedPanels = 10, kProjectRows = 11

@@ -12,8 +12,9 @@
 // for AVX-512, AVX2+FMA and the baseline (SSE2) by `flatten` wrappers carrying a target
 // attribute; the ISA is chosen at run time (cpu_isa()). No -march flag is needed.
 // bf16 on CPUs with AVX-512 BF16: the x @ W GEMMs (forward, training statistics, the backward's
-// recompute) run cpu_gemm.h's pair kernel instead, bf16 x rows read in place and W packed as bf16
-// k pairs (vdpbf16ps: twice the multiply-adds per instruction, half the bytes), the BN scale
+// recompute) run cpu_gemm.h's bf16 kernels instead (AMX tiles where the CPU has AMX, else the
+// vdpbf16ps pair kernel), bf16 x rows read in place and W packed as bf16 k pairs (twice the
+// multiply-adds per instruction of an fp32 FMA for the pair kernel, half the bytes), the BN scale
 // applied to the fp32 results. Elsewhere bf16 is converted to fp32 per tile. The backward's
 // dx and grad_weight GEMMs read the fp32 dy and stay fp32.
 //
