@@ -261,6 +261,39 @@ def test_bf16_bitwise_independent_of_threads(cin, training):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cin,cout,res", [(40, 72, False), (96, 24, True), (13, 33, False)])
+def test_bf16_backward_has_the_fp32_ops_precision(cin, cout, res):
+    """The bf16 backward keeps fp32's precision (its dx and dweight GEMMs take the fp32 dy): the
+    gradients of x, W, gamma, beta and the residual are those of the fp32 op on the same values,
+    rounded once to bf16 (a rounding tie may flip: one bf16 ulp). The guard for moving those
+    GEMMs to bf16 kernels: a dy rounded to bf16 is 2^-9 off, a split into hi + lo ~2^-17."""
+    torch.manual_seed(cin + cout)
+    x = make_input((4, cin, 13, 15), torch.bfloat16, "channels_last")
+    w = conv_weight((cout, cin, 1, 1), torch.bfloat16)
+    bn = [t.bfloat16() for t in bn_params(cout)]
+    r = make_input((4, cout, 13, 15), torch.bfloat16, "channels_last") if res else None
+    go = make_input((4, cout, 13, 15), torch.bfloat16, "channels_last")
+
+    def grads(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_()
+                  for t in [x, w, bn[0], bn[1]] + ([r] if res else [])]
+        rm, rv = (t.to(dtype) for t in bn[2:])
+        y = ops.pwconv_bn_act(leaves[0], leaves[1], leaves[2], leaves[3], rm, rv, act="hswish",
+                              residual=leaves[4] if res else None, training=True)
+        y.backward(go.to(dtype))
+        return [t.grad for t in leaves]
+
+    names = ["x", "weight", "bn_weight", "bn_bias", "residual"]
+    for name, got, exact in zip(names, grads(torch.bfloat16), grads(torch.float32)):
+        assert got.dtype == torch.bfloat16
+        exact = exact.double()
+        mag = exact.abs().clamp_min(1e-30)
+        one_ulp = 2.0 ** (torch.floor(torch.log2(mag)) - 7) + 1e-6 * exact.abs().max()
+        err = (got.double() - exact).abs()
+        worst = (err / one_ulp).max().item()
+        assert worst <= 1.0, f"{name}: {worst:.2f} bf16 ulps from the fp32 op's gradient"
+
+
 def test_bf16_nan_reaches_its_pixel_with_block_diagonal_weight():
     """The pair kernel skips zero weights in k pairs: a NaN in x still reaches every output
     channel of its pixel, as with the fp32 kernel (0 * NaN = NaN)."""
