@@ -27,15 +27,6 @@ pytestmark = pytest.mark.skipif(not effkernels._extension.loaded(),
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cpu_has_avx512_bf16():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags and "avx512bw" in flags
-
-
 def _cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
@@ -60,6 +51,10 @@ def _widest_isa(flags):
                 if {"amx_tile", "amx_bf16"} <= flags:
                     level = "amx"
     return level
+
+
+def _cpu_has_avx512_bf16():
+    return ISA_LEVELS.index(_widest_isa(_cpu_flags())) >= ISA_LEVELS.index("avx512bf16")
 
 
 def _python(script, isa=None):
@@ -186,9 +181,9 @@ def check_gemm_to_one_rounding():
                     x[n - 1, 0, h - 1, wd - 1] = float("nan")
                 with torch.no_grad():
                     y = ops.pwconv_bn_act(x, w, one, zero, zero, one, act="identity", eps=0.0)
-                xd, wd2 = x.double().permute(0, 2, 3, 1), w.double()[:, :, 0, 0]
-                ref = (xd @ wd2.T).permute(0, 3, 1, 2)
-                bound = 2.0 ** -8 * ref.abs() + 2.0 ** -16 * (xd.abs() @ wd2.abs().T).permute(
+                xd, wm = x.double().permute(0, 2, 3, 1), w.double()[:, :, 0, 0]
+                ref = (xd @ wm.T).permute(0, 3, 1, 2)
+                bound = 2.0 ** -8 * ref.abs() + 2.0 ** -16 * (xd.abs() @ wm.abs().T).permute(
                     0, 3, 1, 2)
                 what = f"Cin {cin} Cout {cout} x {tuple(x.shape)} {layout}"
                 yd = y.double()
